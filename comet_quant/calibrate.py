@@ -1,0 +1,199 @@
+"""Calibration: run the model layer by layer on sample text and record what FMPQ needs.
+
+Per decoder layer and per linear input site (see ``models.SITES``): per-channel absmax and
+mean square of the activation, optionally the GPTQ Hessian ``E[x x^T]``, and per-channel
+absmax of the K and V projections. Output: ``manifest.json`` plus ``layer_NNN.safetensors``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from .errors import CometError
+from .layerwise import capture_inputs, run_layer
+from .models import SITES, ModelRef, decoder_layers, describe, fingerprint, load_model, resolve_model
+from .outputs import atomic_output_dir, read_json, versions, write_json
+
+CALIB_FORMAT = "comet-quant-calibration"
+CALIB_VERSION = 1
+DEFAULT_NSAMPLES = 128
+DEFAULT_SEQLEN = 512
+DEFAULT_SEED = 0
+DEFAULT_BATCH = 8
+
+
+@dataclass
+class CalibrationConfig:
+    """What to calibrate on. ``dataset`` is a name or file (see :mod:`comet_quant.data`)."""
+
+    dataset: str = "calib"
+    nsamples: int = DEFAULT_NSAMPLES
+    seqlen: int = DEFAULT_SEQLEN
+    seed: int = DEFAULT_SEED
+    hessians: bool = False
+    batch_size: int = DEFAULT_BATCH
+    device: str = "auto"
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CometError("--device cuda was requested but CUDA is not available here; "
+                         "use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise CometError(f"unknown device '{device}'; use cpu, cuda or auto")
+    return device
+
+
+class _SiteStats:
+    """Running statistics of one linear input: float32 accumulators on the compute device."""
+
+    def __init__(self, hessian: bool):
+        self.hessian = hessian
+        self.n = 0
+        self.absmax = self.sumsq = self.xtx = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise CometError("non-finite activations during calibration: the model overflows "
+                             "in this dtype; calibrate with --device cpu (float32)")
+        amax, ssq = x.abs().amax(0), x.square().sum(0)
+        if self.absmax is None:
+            self.absmax, self.sumsq = amax, ssq
+            if self.hessian:
+                self.xtx = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        else:
+            self.absmax = torch.maximum(self.absmax, amax)
+            self.sumsq += ssq
+        if self.hessian:
+            self.xtx.addmm_(x.t(), x)
+        self.n += x.shape[0]
+
+    def tensors(self, site: str) -> dict[str, torch.Tensor]:
+        out = {f"{site}.absmax": self.absmax.cpu(), f"{site}.sqmean": (self.sumsq / self.n).cpu()}
+        if self.hessian:
+            out[f"{site}.hessian"] = (self.xtx / self.n).cpu()
+        return out
+
+
+def _layer_stats(layer, inputs, device: str, hessians: bool) -> dict[str, torch.Tensor]:
+    stats = {site: _SiteStats(hessians) for site in SITES}
+    kv = {}
+    handles = []
+    for site, linears in SITES.items():
+        mod = layer.get_submodule(linears[0])
+        handles.append(mod.register_forward_pre_hook(lambda m, a, s=site: stats[s].add(a[0])))
+    for name in ("k", "v"):
+        mod = layer.get_submodule(f"self_attn.{name}_proj")
+
+        def kv_hook(_m, _a, out, name=name):
+            amax = out.detach().reshape(-1, out.shape[-1]).abs().amax(0).float()
+            kv[name] = amax if name not in kv else torch.maximum(kv[name], amax)
+        handles.append(mod.register_forward_hook(kv_hook))
+    try:
+        run_layer(layer, inputs, device, update=True)
+    finally:
+        for h in handles:
+            h.remove()
+    tensors = {}
+    for site, st in stats.items():
+        tensors.update(st.tensors(site))
+    tensors["k_proj.absmax"] = kv["k"].cpu()
+    tensors["v_proj.absmax"] = kv["v"].cpu()
+    return tensors
+
+
+def calibrate(model: str | ModelRef | None = None, out: str | Path | None = None,
+              config: CalibrationConfig | None = None, overwrite: bool = False,
+              loaded=None) -> Path:
+    """Calibrate ``model`` and write statistics to ``out``; returns the output directory.
+
+    ``loaded`` optionally passes an already-loaded ``(model, tokenizer)`` for ``model``.
+    """
+    cfg = config or CalibrationConfig()
+    ref = model if isinstance(model, ModelRef) else resolve_model(model)
+    out = Path(out) if out is not None else default_calib_dir(ref)
+    device = resolve_device(cfg.device)
+    with atomic_output_dir(out, overwrite) as tmp:
+        t0 = time.time()
+        hf_model, tokenizer = loaded if loaded is not None else load_model(ref)
+        src = data_mod.load_text(cfg.dataset, "calibration")
+        ids = data_mod.tokenize(tokenizer, src.text)
+        samples = data_mod.calibration_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+        overlap = cfg.nsamples * cfg.seqlen > ids.numel()
+        print(f"Calibrating {ref.name} on {src.spec['name']}: {cfg.nsamples} x {cfg.seqlen} "
+              f"tokens from {ids.numel()} ({'overlapping windows' if overlap else 'random windows'})"
+              f", device {device}{', with Hessians' if cfg.hessians else ''}")
+        inputs = capture_inputs(hf_model, samples, cfg.batch_size, device)
+        layers = decoder_layers(hf_model)
+        for i in tqdm(range(len(layers)), desc="calibrate", unit="layer"):
+            layer = layers[i].to(device)
+            save_file(_layer_stats(layer, inputs, device, cfg.hessians), tmp / layer_file(i))
+            layers[i].to("cpu")
+        manifest = {
+            "format": CALIB_FORMAT, "version": CALIB_VERSION,
+            "model": ref.to_dict(), "model_fingerprint": fingerprint(ref),
+            "model_config": describe(hf_model.config),
+            "data": {**src.spec, "purpose": "calibration", "tokens": int(ids.numel()),
+                     "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed,
+                     "overlapping": overlap},
+            "hessians": cfg.hessians, "num_layers": len(layers), "device": device,
+            "seconds": round(time.time() - t0, 1), "versions": versions(),
+        }
+        write_json(tmp / "manifest.json", manifest)
+    print(f"Calibration written to {out}")
+    return out
+
+
+def layer_file(i: int) -> str:
+    return f"layer_{i:03d}.safetensors"
+
+
+def default_calib_dir(ref: ModelRef) -> Path:
+    return Path("comet_quant_out") / f"{ref.name}-calib"
+
+
+@dataclass
+class Calibration:
+    """A calibration directory, read lazily one layer at a time."""
+
+    path: Path
+    manifest: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Calibration":
+        path = Path(path)
+        if not path.is_dir():
+            raise CometError(f"calibration directory {path} does not exist; run "
+                             "`comet-quant calibrate --out DIR` first")
+        manifest = read_json(path / "manifest.json", f"calibration {path}")
+        if manifest.get("format") != CALIB_FORMAT:
+            raise CometError(f"{path} is not a comet-quant calibration directory")
+        if manifest.get("version") != CALIB_VERSION:
+            raise CometError(f"{path} has calibration format version {manifest.get('version')}, "
+                             f"this comet-quant reads {CALIB_VERSION}; re-run calibrate")
+        return cls(path, manifest)
+
+    def check_model(self, ref: ModelRef) -> None:
+        if self.manifest.get("model_fingerprint") != fingerprint(ref):
+            raise CometError(f"calibration {self.path} was made for model "
+                             f"'{self.manifest['model']['name']}', not '{ref.name}'; calibrate "
+                             "this model or pass the matching --model")
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        f = self.path / layer_file(i)
+        if not f.is_file():
+            raise CometError(f"{f} is missing: the calibration is incomplete; re-run calibrate")
+        try:
+            return load_file(f)
+        except (SafetensorError, OSError) as exc:
+            raise CometError(f"{f} is corrupt ({exc}); re-run calibrate") from None

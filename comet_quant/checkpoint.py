@@ -1,0 +1,192 @@
+"""The quantized checkpoint: tensor naming, writing, opening and validation.
+
+Layout (docs/FORMAT.md is the reference): a directory with ``config.json`` (the model config
+plus ``quantization_config``), ``model.safetensors``, the tokenizer files, and
+``comet_manifest.json`` holding the sha256 of every file.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import CometError
+from .models import SITES, ModelRef, check_architecture, fingerprint
+from .outputs import read_json, versions, write_json
+from .primitives import pack_int4
+from .scheme import FORMAT_VERSION, QuantScheme
+
+QUANT_METHOD = "comet"
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "comet_manifest.json"
+LINEAR_KEYS = ("qweight", "wscale", "wzero", "act_perm", "act_groups8", "bias")
+
+
+def linear_tensors(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                   perm: torch.Tensor, groups8: int, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The stored tensors of one quantized linear (names without the module prefix).
+
+    Args:
+        q: int8 [N, K_pad] int4 codes in permuted column order.
+        scale: float [N, K_pad/g]; zero: uint8 [N, K_pad/g] or None; perm: int [K_pad].
+    """
+    out = {
+        "qweight": pack_int4(q).contiguous(),
+        "wscale": scale.to(torch.float16).contiguous(),
+        "act_perm": perm.to(torch.int32).clone(),  # per linear: each one self-contained
+        "act_groups8": torch.tensor([groups8], dtype=torch.int32),
+    }
+    if zero is not None:
+        out["wzero"] = zero.to(torch.uint8).contiguous()
+    if bias is not None:
+        out["bias"] = bias.detach().to(torch.float16).contiguous()
+    return out
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(out: Path, tensors: dict[str, torch.Tensor], config, tokenizer,
+                    scheme: QuantScheme, ref: ModelRef, calib_manifest: dict, layers: dict) -> None:
+    """Write a complete checkpoint into the (temporary) directory ``out``."""
+    save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt", "quant_method": QUANT_METHOD})
+    cfg = config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = "float16"
+    n_lin = sum(len(v) for v in SITES.values())
+    groups = [(s["groups8"], s["k_padded"] // scheme.group_size, len(SITES[site]))
+              for layer in layers.values() for site, s in layer.items()]
+    total = sum(ng * nl for _, ng, nl in groups)
+    g8 = sum(g * nl for g, _, nl in groups)
+    frac8 = g8 / total if total else 0.0
+    cfg["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "scheme": scheme.to_dict(),
+        "source_model": ref.to_dict(),
+        "source_fingerprint": fingerprint(ref),
+        "calibration": calib_manifest.get("data", {}),
+        "layers": layers,
+        "summary": {
+            "linears": n_lin * len(layers),
+            "activation_groups": total,
+            "groups8": g8,
+            "fraction_8bit_groups": round(frac8, 6),
+            "effective_activation_bits": (
+                round(scheme.a_high_bits * frac8 + scheme.a_bits * (1 - frac8), 4)
+                if scheme.quantizes_activations else 16),
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tool": versions(),
+    }
+    write_json(out / "config.json", cfg)
+    tokenizer.save_pretrained(out)
+    files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}
+    write_json(out / MANIFEST_FILE, {"format_version": FORMAT_VERSION, "sha256": files})
+
+
+@dataclass
+class QuantizedCheckpoint:
+    """An opened, validated checkpoint. Tensors are read on demand."""
+
+    path: Path
+    config: dict
+    qconfig: dict
+    scheme: QuantScheme
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    def hf_config(self):
+        from transformers import AutoConfig
+
+        cfg = {k: v for k, v in self.config.items() if k != "quantization_config"}
+        return AutoConfig.for_model(**cfg)
+
+    def tensors(self, device: str = "cpu") -> dict[str, torch.Tensor]:
+        f = self.path / WEIGHTS_FILE
+        try:
+            with safe_open(f, framework="pt", device=device) as st:
+                return {k: st.get_tensor(k) for k in st.keys()}
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CometError(f"{f} is corrupt or truncated ({str(exc).splitlines()[0]}); "
+                             "re-export the checkpoint") from None
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return read_json(cfg, "").get("quantization_config", {}).get("quant_method") == QUANT_METHOD
+    except CometError:
+        return False
+
+
+def open_checkpoint(path: str | Path, verify_hashes: bool = True) -> QuantizedCheckpoint:
+    """Open a checkpoint, checking that it is complete, unmodified and self-consistent."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CometError(f"checkpoint {path} does not exist; run `comet-quant export` first")
+    config = read_json(path / "config.json", f"checkpoint {path}")
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise CometError(f"{path} is not a comet-quant checkpoint (no comet quantization_config)")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise CometError(f"{path} has format version {qc.get('format_version')}; this "
+                         f"comet-quant reads version {FORMAT_VERSION}: upgrade or re-export")
+    scheme = QuantScheme.from_dict(qc.get("scheme", {}))
+    manifest = read_json(path / MANIFEST_FILE, f"checkpoint {path}")
+    for name, digest in manifest.get("sha256", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CometError(f"checkpoint file {f} is missing; re-export the checkpoint")
+        if verify_hashes and sha256_file(f) != digest:
+            raise CometError(f"checkpoint file {f} does not match its recorded sha256 (truncated "
+                             "or edited); re-export the checkpoint")
+    ckpt = QuantizedCheckpoint(path, config, qc, scheme)
+    check_architecture(ckpt.hf_config())
+    _check_shapes(ckpt)
+    return ckpt
+
+
+def _check_shapes(ckpt: QuantizedCheckpoint) -> None:
+    """Every linear's stored tensors agree with the config and the recorded plans."""
+    f = ckpt.path / WEIGHTS_FILE
+    try:
+        with safe_open(f, framework="pt") as st:
+            keys = set(st.keys())
+            g = ckpt.scheme.group_size
+            for i in range(ckpt.num_layers):
+                meta = ckpt.qconfig["layers"][str(i)]
+                for site, linears in SITES.items():
+                    kp = meta[site]["k_padded"]
+                    for lin in linears:
+                        p = f"model.layers.{i}.{lin}"
+                        for key in ("qweight", "wscale", "act_perm", "act_groups8"):
+                            if f"{p}.{key}" not in keys:
+                                raise CometError(f"checkpoint {ckpt.path} lacks tensor {p}.{key}; "
+                                                 "re-export it")
+                        qshape = st.get_slice(f"{p}.qweight").get_shape()
+                        sshape = st.get_slice(f"{p}.wscale").get_shape()
+                        pshape = st.get_slice(f"{p}.act_perm").get_shape()
+                        if qshape[1] * 2 != kp or sshape != [qshape[0], kp // g] or pshape != [kp]:
+                            raise CometError(f"tensor shapes of {p} do not match the checkpoint "
+                                             f"config (K_pad={kp}, group {g}); the checkpoint is "
+                                             "mismatched, re-export it")
+    except (SafetensorError, OSError) as exc:
+        raise CometError(f"{f} is corrupt or truncated ({exc}); re-export the checkpoint") from None
+    except KeyError as exc:
+        raise CometError(f"checkpoint config of {ckpt.path} lacks layer entry {exc}; the config "
+                         "was edited or truncated, re-export") from None

@@ -1,0 +1,150 @@
+"""The ``comet-quant`` command line: click parses options and calls one library function each."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .errors import CometError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Group(click.Group):
+    """Turns CometError into one ``error:`` line with exit status 2 (no traceback)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CometError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was written under its final name", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+model_opt = click.option("--model", default=None, metavar="MODEL",
+                         help="Hugging Face directory, hub id, or .gguf file "
+                              "[default: SmolLM2-135M-Instruct, fetched and cached]")
+device_opt = click.option("--device", default="auto", show_default=True,
+                          help="cpu, cuda, or auto (cuda when available)")
+overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+
+
+def _calib_options(fn):
+    from .calibrate import DEFAULT_BATCH, DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN
+
+    opts = [
+        click.option("--dataset", default="calib", show_default=True,
+                     help="calib (bundled), wikitext2, c4, pile, or a .txt/.raw/.jsonl/.parquet file"),
+        click.option("--nsamples", type=int, default=DEFAULT_NSAMPLES, show_default=True),
+        click.option("--seqlen", type=int, default=DEFAULT_SEQLEN, show_default=True),
+        click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True),
+        click.option("--batch-size", type=int, default=DEFAULT_BATCH, show_default=True),
+        device_opt,
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _calib_config(dataset, nsamples, seqlen, seed, batch_size, device, hessians=False):
+    from .calibrate import CalibrationConfig
+
+    if batch_size < 1:
+        raise CometError("--batch-size must be positive")
+    return CalibrationConfig(dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                             hessians=hessians, batch_size=batch_size, device=device)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="comet-quant")
+def main():
+    """FMPQ W4Ax + KV4 quantization of LLaMA-family models."""
+
+
+@main.command()
+@model_opt
+@_calib_options
+@click.option("--hessians/--no-hessians", default=False, show_default=True,
+              help="Also save GPTQ Hessians E[x x^T] of every linear input.")
+@click.option("--out", default=None, help="Output directory [default: comet_quant_out/MODEL-calib]")
+@overwrite_opt
+def calibrate(model, dataset, nsamples, seqlen, seed, batch_size, device, hessians, out, overwrite):
+    """Record activation, K/V statistics (and Hessians) layer by layer."""
+    from .calibrate import calibrate as run
+
+    run(model, out, _calib_config(dataset, nsamples, seqlen, seed, batch_size, device, hessians),
+        overwrite=overwrite)
+
+
+@main.command()
+@model_opt
+@click.option("--calib", default=None, help="Calibration directory [default: calibrate first]")
+@click.option("--scheme", default="w4ax-kv4", show_default=True, help="Preset (see `schemes`).")
+@click.option("--a8-budget", type=float, default=None, help="Largest fraction of 8-bit groups.")
+@click.option("--a8-select", type=click.Choice(["budget", "threshold"]), default=None,
+              help="How 8-bit groups are chosen (see docs/SCHEME.md).")
+@click.option("--a8-threshold", type=float, default=None, help="Outlier ratio for threshold mode.")
+@click.option("--group-size", type=int, default=None, help="Channels per group [default: 128].")
+@click.option("--w-method", type=click.Choice(["rtn", "gptq"]), default=None)
+@click.option("--asymmetric", is_flag=True, default=None, help="Asymmetric int4 weights.")
+@click.option("--kv-bits", type=click.Choice(["4", "8", "16"]), default=None)
+@_calib_options
+@click.option("--out", default=None, help="Output directory [default: comet_quant_out/MODEL-SCHEME]")
+@overwrite_opt
+def export(model, calib, scheme, a8_budget, a8_select, a8_threshold, group_size, w_method,
+           asymmetric, kv_bits, dataset, nsamples, seqlen, seed, batch_size, device, out, overwrite):
+    """Run FMPQ and write a quantized checkpoint."""
+    from .export import export as run
+    from .scheme import get_scheme
+
+    chosen = get_scheme(scheme, a8_budget=a8_budget, a8_select=a8_select,
+                        a8_threshold=a8_threshold, group_size=group_size, w_method=w_method,
+                        w_symmetric=(False if asymmetric else None),
+                        kv_bits=int(kv_bits) if kv_bits else None)
+    run(model, calib, chosen, out, overwrite,
+        _calib_config(dataset, nsamples, seqlen, seed, batch_size, device))
+
+
+@main.command()
+def schemes():
+    """List the scheme presets."""
+    from .scheme import PRESETS
+
+    for name, s in PRESETS.items():
+        a = "a16" if s.a_bits >= 16 else (f"a{s.a_bits}" + (f"/a8<= {s.a8_budget:.0%}" if s.a8_budget else ""))
+        click.echo(f"{name:<14} w4 {s.w_method:<4} {'sym ' if s.w_symmetric else 'asym'} "
+                   f"{a:<12} kv{s.kv_bits:<3} group {s.group_size}")
+
+
+@main.group(name="eval")
+def eval_group():
+    """Evaluate models and checkpoints."""
+
+
+@eval_group.command()
+@click.argument("target", required=False)
+@click.option("--dataset", default=None,
+              help="wikitext2, c4, pile, calib-heldout, or a local file "
+                   "[default: wikitext2 test, or the bundled held-out text when offline]")
+@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--max-windows", type=int, default=None, help="Evaluate at most N windows.")
+@device_opt
+@click.option("--reference", default=None, help="FP model to compare a checkpoint against "
+                                                 "[default: the checkpoint's source model].")
+@click.option("--no-reference", is_flag=True, help="Skip the FP model.")
+@click.option("--output", default=None, help="JSON result path.")
+def perplexity(target, dataset, seqlen, max_windows, device, reference, no_reference, output):
+    """Perplexity of MODEL_OR_CHECKPOINT (a checkpoint: FP reference and quantized side by side)."""
+    from .evaluate import eval_perplexity
+
+    if max_windows is not None and max_windows < 1:
+        raise CometError("--max-windows must be at least 1")
+    eval_perplexity(target, dataset, seqlen, max_windows, device, reference, output, no_reference)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Export: FMPQ plans + int4 weights packed in permuted order -> a quantized checkpoint."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .calibrate import Calibration, CalibrationConfig, calibrate, default_calib_dir
+from .checkpoint import linear_tensors, save_checkpoint
+from .errors import CometError
+from .fmpq import InputPlan, plan_input, select_groups8
+from .gptq import gptq_quantize
+from .models import SITES, ModelRef, decoder_layers, load_model, resolve_model
+from .outputs import atomic_output_dir, check_output_dir
+from .primitives import pad_channels, quantize_weight_rtn
+from .scheme import DEFAULT_PRESET, QuantScheme, get_scheme
+
+
+def default_export_dir(ref: ModelRef, scheme: QuantScheme) -> Path:
+    return Path("comet_quant_out") / f"{ref.name}-{scheme.name}"
+
+
+def _site_key(layer: int, site: str) -> str:
+    return f"{layer}.{site}"
+
+
+def plan_model(calib: Calibration, scheme: QuantScheme) -> dict[str, InputPlan]:
+    """FMPQ plans of every input site, with the 8-bit groups chosen under the global budget."""
+    plans = {}
+    for i in range(calib.manifest["num_layers"]):
+        stats = calib.layer(i)
+        for site in SITES:
+            plans[_site_key(i, site)] = plan_input(stats[f"{site}.absmax"], scheme,
+                                                   what=f"layer {i} {site}")
+    return select_groups8(plans, scheme) if scheme.quantizes_activations else plans
+
+
+def plan_summary(plan: InputPlan) -> dict:
+    return {"k": plan.k, "k_padded": plan.k_padded, "groups8": plan.groups8}
+
+
+def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, plan: InputPlan,
+                    scheme: QuantScheme, hessian: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Permute, quantize and pack one linear layer's weight [N, K] under ``plan``.
+
+    Returns the checkpoint tensors of the layer without name prefix (see docs/FORMAT.md).
+    """
+    perm = plan.perm.long()
+    w = pad_channels(weight.float(), plan.k_padded)[:, perm]
+    if scheme.w_method == "gptq":
+        if hessian is None:
+            raise CometError("GPTQ needs calibration Hessians")
+        hp = torch.zeros(plan.k_padded, plan.k_padded)
+        hp[: plan.k, : plan.k] = hessian.float()
+        hp = hp[perm][:, perm]
+        q, scale, zero = gptq_quantize(w, hp, scheme.group_size, scheme.w_symmetric,
+                                       scheme.gptq_damp, scheme.gptq_block)
+    else:
+        q, scale, zero = quantize_weight_rtn(w, scheme.group_size, scheme.w_symmetric)
+    return linear_tensors(q, scale, zero, plan.perm, plan.groups8, bias)
+
+
+def _open_or_make_calibration(ref: ModelRef, calib: str | Path | None, scheme: QuantScheme,
+                              calib_config: CalibrationConfig | None, loaded) -> Calibration:
+    if calib is not None:
+        c = Calibration.open(calib)
+        c.check_model(ref)
+        if scheme.needs_hessians and not c.manifest.get("hessians"):
+            raise CometError(f"scheme '{scheme.name}' uses GPTQ but calibration {calib} has no "
+                             "Hessians; re-run `comet-quant calibrate --hessians` or choose an "
+                             "RTN scheme (e.g. w4ax-kv4-rtn)")
+        return c
+    default = default_calib_dir(ref)
+    cfg = calib_config or CalibrationConfig()
+    cfg.hessians = cfg.hessians or scheme.needs_hessians
+    if (default / "manifest.json").is_file():
+        try:
+            c = Calibration.open(default)
+            c.check_model(ref)
+            same_data = all(c.manifest["data"].get(k) == getattr(cfg, k)
+                            for k in ("nsamples", "seqlen", "seed"))
+            if same_data and (c.manifest.get("hessians") or not cfg.hessians):
+                print(f"Using existing calibration {default}")
+                return c
+        except CometError:
+            pass
+    calibrate(ref, default, cfg, overwrite=True, loaded=loaded)
+    return Calibration.open(default)
+
+
+def export(model: str | ModelRef | None = None, calib: str | Path | None = None,
+           scheme: QuantScheme | str = DEFAULT_PRESET, out: str | Path | None = None,
+           overwrite: bool = False, calib_config: CalibrationConfig | None = None) -> Path:
+    """Quantize ``model`` with ``scheme`` and write a checkpoint; returns its directory.
+
+    Without ``calib`` the default calibration directory is reused when it matches, else made.
+    """
+    scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    ref = model if isinstance(model, ModelRef) else resolve_model(model)
+    out = Path(out) if out is not None else default_export_dir(ref, scheme)
+    check_output_dir(out, overwrite)
+    t0 = time.time()
+    loaded = load_model(ref)
+    hf_model, tokenizer = loaded
+    cal = _open_or_make_calibration(ref, calib, scheme, calib_config, loaded)
+    plans = plan_model(cal, scheme)
+    layers = decoder_layers(hf_model)
+    padded = sorted({(p.k, p.k_padded) for p in plans.values() if p.k != p.k_padded})
+    for k, kp in padded:
+        print(f"note: K={k} is not a multiple of group size {scheme.group_size}: padding with "
+              f"{kp - k} zero channels to {kp} (k_policy='pad')")
+    with atomic_output_dir(out, overwrite) as tmp:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, p in hf_model.named_parameters():
+            if ".layers." not in name or "layernorm" in name:
+                tensors[name] = p.detach().to(torch.float16)
+        if hf_model.config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        for i in tqdm(range(len(layers)), desc=f"export {scheme.name}", unit="layer"):
+            stats = cal.layer(i) if scheme.needs_hessians else {}
+            for site, linears in SITES.items():
+                plan = plans[_site_key(i, site)]
+                for lin in linears:
+                    mod = layers[i].get_submodule(lin)
+                    qt = quantize_linear(mod.weight, mod.bias, plan, scheme,
+                                         stats.get(f"{site}.hessian"))
+                    prefix = f"model.layers.{i}.{lin}"
+                    tensors.update({f"{prefix}.{k}": v for k, v in qt.items()})
+        layer_meta = {str(i): {site: plan_summary(plans[_site_key(i, site)]) for site in SITES}
+                      for i in range(len(layers))}
+        save_checkpoint(tmp, tensors, hf_model.config, tokenizer, scheme, ref,
+                        cal.manifest, layer_meta)
+    print(f"Quantized checkpoint written to {out} ({time.time() - t0:.0f} s)")
+    return out

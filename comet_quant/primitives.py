@@ -1,0 +1,259 @@
+"""Reference quantization primitives in pure PyTorch.
+
+These functions define the numerics of the checkpoint format. They are the CPU path, the
+fallback where no kernel is built, and the oracle the CUDA kernels are tested against.
+Integers are returned as int8/uint8 tensors holding the quantized values; "packed" int4 means
+two values per uint8, the even index in the low nibble.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import CometError
+
+INT4_MIN, INT4_MAX = -8, 7
+UINT4_MAX = 15
+INT8_MAX = 127
+#: Smallest scale used for an all-zero group, so that dequantization stays finite and exact.
+MIN_SCALE = 1e-8
+
+
+def qmax_for_bits(bits: int) -> int:
+    """Largest magnitude of a symmetric signed integer code of ``bits`` bits (7 or 127)."""
+    if bits not in (4, 8):
+        raise ValueError(f"only 4- and 8-bit codes are supported, got {bits}")
+    return (1 << (bits - 1)) - 1
+
+
+def _check_groups(k: int, group_size: int) -> int:
+    if group_size <= 0 or k % group_size != 0:
+        raise CometError(
+            f"dimension {k} is not a multiple of the group size {group_size}; "
+            "pad to the group boundary (k_policy='pad') or choose a group size that divides it"
+        )
+    return k // group_size
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        raise CometError(f"{what} contain NaN or inf values; check the model weights / inputs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Symmetric per-group quantization (activations, symmetric weights)
+# ---------------------------------------------------------------------------------------------
+
+def quantize_symmetric(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest quantization with one scale per row and group.
+
+    Args:
+        x: float [R, K], K a multiple of ``group_size``.
+    Returns:
+        q: int8 [R, K], values in [-qmax, qmax] (qmax = 7 for 4 bits, 127 for 8 bits).
+        scale: float32 [R, K // group_size], ``x ~= q * scale`` group-wise.
+    """
+    r, k = x.shape
+    g = _check_groups(k, group_size)
+    qmax = qmax_for_bits(bits)
+    xg = x.float().reshape(r, g, group_size)
+    scale = (xg.abs().amax(dim=-1) / qmax).clamp_min(MIN_SCALE)
+    q = torch.round(xg / scale[..., None]).clamp_(-qmax, qmax).to(torch.int8)
+    return q.reshape(r, k), scale
+
+
+def dequantize_symmetric(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_symmetric`: int8 [R, K] x float [R, K/g] -> float32 [R, K]."""
+    r, k = q.shape
+    g = _check_groups(k, group_size)
+    return (q.float().reshape(r, g, group_size) * scale.float()[..., None]).reshape(r, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: int4 per output channel and K group, symmetric or asymmetric
+# ---------------------------------------------------------------------------------------------
+
+def weight_qparams(w: torch.Tensor, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (and zero points) of int4 weight quantization.
+
+    Args:
+        w: float [N, K].
+    Returns:
+        scale: float32 [N, K/g]; zero: uint8 [N, K/g] in [0, 15] for asymmetric, else None.
+    """
+    n, k = w.shape
+    g = _check_groups(k, group_size)
+    wg = w.float().reshape(n, g, group_size)
+    if symmetric:
+        return (wg.abs().amax(-1) / INT4_MAX).clamp_min(MIN_SCALE), None
+    wmin = wg.amin(-1).clamp(max=0.0)
+    wmax = wg.amax(-1).clamp(min=0.0)
+    scale = ((wmax - wmin) / UINT4_MAX).clamp_min(MIN_SCALE)
+    zero = torch.round(-wmin / scale).clamp_(0, UINT4_MAX).to(torch.uint8)
+    return scale, zero
+
+
+def quantize_weight_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                         group_size: int) -> torch.Tensor:
+    """Round ``w`` [N, K] with given per-group params.
+
+    Returns int8 [N, K]: signed codes in [-8, 7] when ``zero`` is None, else unsigned codes in
+    [0, 15] (stored in int8; dequantize as ``(q - zero) * scale``).
+    """
+    n, k = w.shape
+    g = _check_groups(k, group_size)
+    wg = w.float().reshape(n, g, group_size) / scale.float()[..., None]
+    if zero is None:
+        q = torch.round(wg).clamp_(INT4_MIN, INT4_MAX)
+    else:
+        q = (torch.round(wg) + zero.float()[..., None]).clamp_(0, UINT4_MAX)
+    return q.to(torch.int8).reshape(n, k)
+
+
+def quantize_weight_rtn(w: torch.Tensor, group_size: int, symmetric: bool):
+    """Round-to-nearest int4 weights. Returns (q int8 [N, K], scale f32 [N, K/g], zero|None)."""
+    _check_finite(w, "weights")
+    scale, zero = weight_qparams(w, group_size, symmetric)
+    return quantize_weight_with(w, scale, zero, group_size), scale, zero
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                      group_size: int) -> torch.Tensor:
+    """int4 codes [N, K] (int8/uint8) -> float32 [N, K]."""
+    n, k = q.shape
+    g = _check_groups(k, group_size)
+    qg = q.to(torch.int16).float().reshape(n, g, group_size)
+    if zero is not None:
+        qg = qg - zero.float()[..., None]
+    return (qg * scale.float()[..., None]).reshape(n, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# int4 packing: two codes per byte, even column in the low nibble
+# ---------------------------------------------------------------------------------------------
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int4 codes [R, K] (signed [-8, 7] or unsigned [0, 15]) into uint8 [R, K/2].
+
+    The low nibble holds column 2j, the high nibble column 2j+1; signed codes are stored in
+    two's complement, which is what int4 tensor cores (s4) read.
+    """
+    r, k = q.shape
+    if k % 2:
+        raise CometError(f"cannot pack an odd number of int4 columns ({k})")
+    if q.min() < INT4_MIN or q.max() > UINT4_MAX:
+        raise ValueError("values do not fit in 4 bits")
+    nib = (q.to(torch.int16) & 0xF).to(torch.uint8).reshape(r, k // 2, 2)
+    return nib[..., 0] | (nib[..., 1] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: uint8 [R, K/2] -> int8 [R, K] (sign-extended if signed)."""
+    lo = (packed & 0xF).to(torch.int8)
+    hi = (packed >> 4).to(torch.int8)
+    q = torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
+    if signed:
+        q = torch.where(q > INT4_MAX, q - 16, q)
+    return q
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: permute, then per-token groups, 8-bit leading groups and 4-bit rest
+# ---------------------------------------------------------------------------------------------
+
+def pad_channels(x: torch.Tensor, k_padded: int) -> torch.Tensor:
+    """Zero-pad the last dimension of ``x`` to ``k_padded`` channels."""
+    k = x.shape[-1]
+    if k == k_padded:
+        return x
+    return torch.nn.functional.pad(x, (0, k_padded - k))
+
+
+def quantize_activation(x: torch.Tensor, perm: torch.Tensor, groups8: int, group_size: int,
+                        low_bits: int = 4, high_bits: int = 8):
+    """Reference of the fused activation-quantization kernel.
+
+    Args:
+        x: float [M, K] activations in the layer's original channel order.
+        perm: int [K_pad]; channel ``j`` of the permuted input is ``pad(x)[:, perm[j]]``.
+        groups8: number of leading permuted groups quantized with ``high_bits``.
+    Returns:
+        q8: int8 [M, groups8 * g] codes of the high-precision groups.
+        q4: int8 [M, K_pad - groups8 * g] codes in [-7, 7] of the low-precision groups
+            (unpacked; see :func:`pack_int4`).
+        scale: float32 [M, K_pad / g] per token and group.
+    """
+    xp = pad_channels(x, perm.numel()).index_select(-1, perm.long())
+    k8 = groups8 * group_size
+    q8, s8 = quantize_symmetric(xp[:, :k8], high_bits, group_size)
+    q4, s4 = quantize_symmetric(xp[:, k8:], low_bits, group_size)
+    return q8, q4, torch.cat((s8, s4), dim=1)
+
+
+def fake_quantize_activation(x: torch.Tensor, perm: torch.Tensor, groups8: int, group_size: int,
+                             low_bits: int = 4, high_bits: int = 8) -> torch.Tensor:
+    """Permuted, padded activations after quantize -> dequantize: float [..., K_pad]."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    q8, q4, scale = quantize_activation(x2, perm, groups8, group_size, low_bits, high_bits)
+    g8 = groups8
+    parts = []
+    if q8.shape[1]:
+        parts.append(dequantize_symmetric(q8, scale[:, :g8], group_size))
+    if q4.shape[1]:
+        parts.append(dequantize_symmetric(q4, scale[:, g8:], group_size))
+    return torch.cat(parts, dim=1).reshape(*shape[:-1], perm.numel()).to(x.dtype)
+
+
+def w4ax_linear_reference(x: torch.Tensor, perm: torch.Tensor, groups8: int, qweight: torch.Tensor,
+                          wscale: torch.Tensor, wzero: torch.Tensor | None, group_size: int,
+                          bias: torch.Tensor | None = None, low_bits: int = 4) -> torch.Tensor:
+    """Reference of the W4Ax GEMM with fused activation quantization.
+
+    Args:
+        x: float [M, K] activations (original channel order).
+        perm: int [K_pad] activation permutation; the weight columns are already permuted.
+        qweight: uint8 [N, K_pad/2] packed int4 weights (permuted column order).
+        wscale: float [N, K_pad/g]; wzero: uint8 [N, K_pad/g] or None (symmetric).
+    Returns:
+        float [M, N] in ``x``'s dtype.
+    """
+    xq = fake_quantize_activation(x.float(), perm, groups8, group_size, low_bits)
+    w = dequantize_weight(unpack_int4(qweight, signed=wzero is None), wscale, wzero, group_size)
+    y = xq @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache: asymmetric per token per head (group = head_dim)
+# ---------------------------------------------------------------------------------------------
+
+def quantize_kv(x: torch.Tensor, bits: int):
+    """Asymmetric quantization over the last dim (head_dim) of K or V.
+
+    Args:
+        x: float [..., head_dim].
+    Returns:
+        q: uint8 [..., head_dim] codes in [0, 2^bits - 1];
+        scale, zero: float32 [..., 1]; ``x ~= (q - zero) * scale``.
+    """
+    levels = (1 << bits) - 1
+    xf = x.float()
+    lo = xf.amin(-1, keepdim=True)
+    hi = xf.amax(-1, keepdim=True)
+    scale = ((hi - lo) / levels).clamp_min(MIN_SCALE)
+    zero = torch.round(-lo / scale)
+    q = (torch.round(xf / scale) + zero).clamp_(0, levels).to(torch.uint8)
+    return q, scale, zero
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q.float() - zero) * scale
+
+
+def fake_quantize_kv(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """K or V after asymmetric ``bits``-bit quantize -> dequantize, in ``x``'s dtype."""
+    if bits >= 16:
+        return x
+    return dequantize_kv(*quantize_kv(x, bits)).to(x.dtype)

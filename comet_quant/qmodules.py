@@ -1,0 +1,135 @@
+"""nn.Module glue: a transformers LLaMA whose linears and KV cache follow a checkpoint.
+
+This is the simulated (reference) backend: every quantization step runs in PyTorch with the
+numerics of :mod:`comet_quant.primitives`, on any device.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .checkpoint import QuantizedCheckpoint, open_checkpoint
+from .models import SITES, decoder_layers
+from .primitives import dequantize_weight, fake_quantize_activation, fake_quantize_kv, pad_channels, unpack_int4
+from .scheme import QuantScheme
+
+KV_ATTENTION = "comet_kv_quant"
+
+
+class W4AxLinear(nn.Module):
+    """A linear layer with packed int4 weights and FMPQ-quantized activations (simulated).
+
+    Buffers (see docs/FORMAT.md): qweight uint8 [N, K_pad/2], wscale fp16 [N, K_pad/g],
+    wzero uint8 [N, K_pad/g] (asymmetric only), act_perm int32 [K_pad], bias [N] (optional).
+    Input float [..., K] in the original channel order; output [..., N] in the input dtype.
+    """
+
+    def __init__(self, in_features: int, tensors: dict[str, torch.Tensor], scheme: QuantScheme):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = tensors["qweight"].shape[0]
+        self.group_size = scheme.group_size
+        self.a_bits, self.a_high_bits = scheme.a_bits, scheme.a_high_bits
+        self.groups8 = int(tensors["act_groups8"][0])
+        for key in ("qweight", "wscale", "wzero", "act_perm", "bias"):
+            self.register_buffer(key, tensors.get(key))
+        self._weight_cache: torch.Tensor | None = None
+
+    @property
+    def k_padded(self) -> int:
+        return self.act_perm.numel()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 [N, K_pad] weight in permuted column order (cached after the first call)."""
+        if self._weight_cache is None or self._weight_cache.device != self.qweight.device:
+            q = unpack_int4(self.qweight, signed=self.wzero is None)
+            self._weight_cache = dequantize_weight(q, self.wscale, self.wzero, self.group_size)
+        return self._weight_cache
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation the GEMM sees: padded, permuted, fake-quantized, float32 [M, K_pad]."""
+        x = x.reshape(-1, self.in_features).float()
+        if self.a_bits >= 16:
+            return pad_channels(x, self.k_padded).index_select(-1, self.act_perm.long())
+        return fake_quantize_activation(x, self.act_perm, self.groups8, self.group_size,
+                                        self.a_bits, self.a_high_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.quantized_input(x) @ self.dequantized_weight().t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, K_pad={self.k_padded}, "
+                f"groups8={self.groups8}, a_bits={self.a_bits}")
+
+
+def kv_quant_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA over K/V after ``module.comet_kv_bits`` asymmetric per-token per-head quantization.
+
+    ``key``/``value``: [B, H_kv, T, head_dim], after RoPE (and after any cache update).
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bits = getattr(module, "comet_kv_bits", 16)
+    return sdpa_attention_forward(module, query, fake_quantize_kv(key, bits),
+                                  fake_quantize_kv(value, bits), attention_mask, **kwargs)
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(KV_ATTENTION, kv_quant_attention)
+    AttentionMaskInterface.register(KV_ATTENTION, sdpa_mask)
+
+
+def enable_kv_quant(model, bits: int) -> None:
+    """Quantize K/V (after RoPE) to ``bits`` in every attention layer of ``model``."""
+    if bits >= 16:
+        return
+    _register_attention()
+    for layer in decoder_layers(model):
+        layer.self_attn.comet_kv_bits = bits
+    model.set_attn_implementation(KV_ATTENTION)
+
+
+def build_quantized_model(ckpt: QuantizedCheckpoint, device: str = "cpu",
+                          dtype: torch.dtype = torch.float32):
+    """A ``LlamaForCausalLM`` running ``ckpt`` with the simulated backend."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = ckpt.hf_config()
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = ckpt.tensors()
+    for i, layer in enumerate(decoder_layers(model)):
+        for lin in (lin for lins in SITES.values() for lin in lins):
+            prefix = f"model.layers.{i}.{lin}."
+            parts = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+            old = layer.get_submodule(lin)
+            parent_name, _, child = lin.rpartition(".")
+            setattr(layer.get_submodule(parent_name), child,
+                    W4AxLinear(old.in_features, parts, ckpt.scheme))
+    state = {k: v.to(dtype) for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if unexpected or any(".layers." not in m or "layernorm" in m for m in missing):
+        from .errors import CometError
+        raise CometError(f"checkpoint {ckpt.path} does not match its config (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}); re-export it")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    enable_kv_quant(model, ckpt.scheme.kv_bits)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load an exported checkpoint as a transformers model (simulated backend) plus tokenizer."""
+    from transformers import AutoTokenizer
+
+    ckpt = open_checkpoint(path)
+    model = build_quantized_model(ckpt, device, dtype)
+    return model, AutoTokenizer.from_pretrained(str(ckpt.path))

@@ -1,0 +1,159 @@
+"""The quantization scheme as data: a frozen, validated dataclass with named presets.
+
+The scheme is written into a checkpoint's ``config.json`` under ``quantization_config.scheme``
+and read back with :meth:`QuantScheme.from_dict`, which rejects unknown keys and bad values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CometError
+
+#: Bumped whenever the checkpoint layout or the meaning of a scheme field changes.
+FORMAT_VERSION = 1
+
+#: The kernels' K tile: activation and weight groups of this many channels.
+DEFAULT_GROUP_SIZE = 128
+
+WEIGHT_METHODS = ("rtn", "gptq")
+SELECT_MODES = ("budget", "threshold")
+K_POLICIES = ("pad", "error")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How every linear layer and the KV cache are quantized.
+
+    Attributes:
+        name: preset name or a user label.
+        group_size: channels per group along K, shared by weights (one scale per output row
+            and group) and activations (one scale per token and group). The kernels' K tile.
+        w_bits: weight bits; the format stores int4 weights, so 4.
+        w_symmetric: symmetric int4 weights (two's complement nibbles, no zero point); else
+            asymmetric with a uint4 zero point per group.
+        w_method: ``rtn`` (round to nearest) or ``gptq`` (needs calibration Hessians).
+        gptq_damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
+        gptq_block: GPTQ columns processed per lazy-update block.
+        a_bits: activation bits of the ordinary groups: 4, 8, or 16 (activations unquantized).
+        a_high_bits: activation bits of the outlier groups chosen by FMPQ (8; kernels take int8).
+        a8_select: ``budget`` (a fixed fraction of groups per linear input) or ``threshold``
+            (groups that hold a channel whose calibration absmax exceeds
+            ``a8_threshold`` x the median channel absmax), capped by ``a8_budget``.
+        a8_budget: the largest fraction of groups in ``a_high_bits`` (0 to 1).
+        a8_threshold: outlier ratio for ``threshold`` selection.
+        permute: reorder input channels so outlier channels share groups (FMPQ); when False
+            the identity order is kept (8-bit groups are then the leading groups by position).
+        kv_bits: KV-cache bits: 4, 8, or 16 (unquantized); asymmetric per token per head.
+        k_policy: what to do when a linear's K is not a multiple of ``group_size``: ``pad``
+            with zero channels up to the next multiple (stated in the export log and recorded
+            per layer), or ``error``.
+    """
+
+    name: str = "custom"
+    group_size: int = DEFAULT_GROUP_SIZE
+    w_bits: int = 4
+    w_symmetric: bool = True
+    w_method: str = "gptq"
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
+    a_bits: int = 4
+    a_high_bits: int = 8
+    a8_select: str = "budget"
+    a8_budget: float = 0.10
+    a8_threshold: float = 8.0
+    permute: bool = True
+    kv_bits: int = 4
+    k_policy: str = "pad"
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> CometError:
+            return CometError(f"invalid quantization scheme '{self.name}': {msg}")
+
+        gs = self.group_size
+        if not isinstance(gs, int) or gs < 16 or gs % 16 != 0:
+            raise bad(f"group_size must be a positive multiple of 16 (got {gs!r}); use 128")
+        if self.w_bits != 4:
+            raise bad(f"w_bits must be 4 (got {self.w_bits!r}); the format stores int4 weights")
+        if self.w_method not in WEIGHT_METHODS:
+            raise bad(f"w_method must be one of {WEIGHT_METHODS} (got {self.w_method!r})")
+        if not 0.0 < self.gptq_damp < 1.0:
+            raise bad(f"gptq_damp must be in (0, 1) (got {self.gptq_damp!r})")
+        if self.gptq_block < 1:
+            raise bad(f"gptq_block must be positive (got {self.gptq_block!r})")
+        if self.a_bits not in (4, 8, 16) or self.a_high_bits != 8:
+            raise bad("a_bits must be 4, 8 or 16, and a_high_bits 8")
+        if self.a8_select not in SELECT_MODES:
+            raise bad(f"a8_select must be one of {SELECT_MODES} (got {self.a8_select!r})")
+        if not 0.0 <= self.a8_budget <= 1.0:
+            raise bad(f"a8_budget is a fraction of groups in [0, 1] (got {self.a8_budget!r})")
+        if not self.a8_threshold > 1.0:
+            raise bad(f"a8_threshold must be > 1 (got {self.a8_threshold!r})")
+        if self.kv_bits not in (4, 8, 16):
+            raise bad(f"kv_bits must be 4, 8 or 16 (got {self.kv_bits!r})")
+        if self.k_policy not in K_POLICIES:
+            raise bad(f"k_policy must be one of {K_POLICIES} (got {self.k_policy!r})")
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.a_bits < 16
+
+    @property
+    def needs_hessians(self) -> bool:
+        return self.w_method == "gptq"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantScheme":
+        """Build a scheme from a dict, refusing unknown keys (a newer or edited config)."""
+        if not isinstance(data, dict):
+            raise CometError("quantization scheme must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CometError(
+                f"unknown quantization scheme field(s) {unknown}: the checkpoint was written by "
+                "a newer comet-quant or edited by hand; upgrade comet-quant or re-export"
+            )
+        for f in dataclasses.fields(cls):
+            if f.name in data and f.type in ("int", "float", "bool"):
+                v = data[f.name]
+                ok = {"int": isinstance(v, int) and not isinstance(v, bool),
+                      "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+                      "bool": isinstance(v, bool)}[f.type]
+                if not ok:
+                    raise CometError(f"scheme field '{f.name}' must be {f.type} (got {v!r})")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "QuantScheme":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, QuantScheme] = {}
+
+
+def register_preset(scheme: QuantScheme) -> QuantScheme:
+    PRESETS[scheme.name] = scheme
+    return scheme
+
+
+register_preset(QuantScheme(name="w4ax-kv4"))
+register_preset(QuantScheme(name="w4ax-kv4-rtn", w_method="rtn"))
+register_preset(QuantScheme(name="w4a8-kv4", a_bits=8, a8_budget=0.0, permute=False))
+register_preset(QuantScheme(name="w4a4-rtn", w_method="rtn", a8_budget=0.0, permute=False))
+register_preset(QuantScheme(name="w4a16", a_bits=16, a8_budget=0.0, permute=False, kv_bits=16))
+register_preset(QuantScheme(name="w4a16-rtn", w_method="rtn", a_bits=16, a8_budget=0.0,
+                            permute=False, kv_bits=16))
+
+DEFAULT_PRESET = "w4ax-kv4"
+
+
+def get_scheme(name: str, **overrides: Any) -> QuantScheme:
+    """The preset called ``name`` with ``overrides`` applied (None values are ignored)."""
+    if name not in PRESETS:
+        raise CometError(f"unknown scheme '{name}'; choose one of: {', '.join(PRESETS)}")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return PRESETS[name].replace(**changes) if changes else PRESETS[name]
