@@ -63,11 +63,10 @@ def save_checkpoint(out: Path, tensors: dict[str, torch.Tensor], config, tokeniz
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["dtype"] = "float16"
-    n_lin = sum(len(v) for v in SITES.values())
-    groups = [(s["groups8"], s["k_padded"] // scheme.group_size, len(SITES[site]))
-              for layer in layers.values() for site, s in layer.items()]
-    total = sum(ng * nl for _, ng, nl in groups)
-    g8 = sum(g * nl for g, _, nl in groups)
+    # Counted per activation tensor (input site), as the FMPQ budget is.
+    sites = [s for layer in layers.values() for s in layer.values()]
+    total = sum(s["k_padded"] // scheme.group_size for s in sites)
+    g8 = sum(s["groups8"] for s in sites)
     frac8 = g8 / total if total else 0.0
     cfg["quantization_config"] = {
         "quant_method": QUANT_METHOD,
@@ -78,7 +77,7 @@ def save_checkpoint(out: Path, tensors: dict[str, torch.Tensor], config, tokeniz
         "calibration": calib_manifest.get("data", {}),
         "layers": layers,
         "summary": {
-            "linears": n_lin * len(layers),
+            "linears": sum(len(v) for v in SITES.values()) * len(layers),
             "activation_groups": total,
             "groups8": g8,
             "fraction_8bit_groups": round(frac8, 6),
