@@ -143,7 +143,7 @@ def calibrate(model: str | ModelRef | None = None, out: str | Path | None = None
             "format": CALIB_FORMAT, "version": CALIB_VERSION,
             "model": ref.to_dict(), "model_fingerprint": fingerprint(ref),
             "model_config": describe(hf_model.config),
-            "data": {**src.spec, "purpose": "calibration", "tokens": int(ids.numel()),
+            "data": {**src.spec, "arg": cfg.dataset, "purpose": "calibration", "tokens": int(ids.numel()),
                      "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed,
                      "overlapping": overlap},
             "hessians": cfg.hessians, "num_layers": len(layers), "device": device,
@@ -188,6 +188,15 @@ class Calibration:
             raise CometError(f"calibration {self.path} was made for model "
                              f"'{self.manifest['model']['name']}', not '{ref.name}'; calibrate "
                              "this model or pass the matching --model")
+
+    def matches(self, cfg: CalibrationConfig) -> bool:
+        """Whether this calibration used the data ``cfg`` asks for (and has what it needs)."""
+        d = self.manifest["data"]
+        if any(d.get(k) != getattr(cfg, k) for k in ("nsamples", "seqlen", "seed")):
+            return False
+        if d.get("arg") != cfg.dataset or (cfg.hessians and not self.manifest.get("hessians")):
+            return False
+        return d.get("sha256") == data_mod.load_text(cfg.dataset, "calibration").spec["sha256"]
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         f = self.path / layer_file(i)

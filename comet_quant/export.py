@@ -79,9 +79,7 @@ def _open_or_make_calibration(ref: ModelRef, calib: str | Path | None, scheme: Q
         try:
             c = Calibration.open(default)
             c.check_model(ref)
-            same_data = all(c.manifest["data"].get(k) == getattr(cfg, k)
-                            for k in ("nsamples", "seqlen", "seed"))
-            if same_data and (c.manifest.get("hessians") or not cfg.hessians):
+            if c.matches(cfg):
                 print(f"Using existing calibration {default}")
                 return c
         except CometError:

