@@ -37,3 +37,17 @@ def test_default_model_end_to_end(tmp_path, monkeypatch):
     # the quantized one is worse but still a language model.
     assert 5 < fp < 80, fp
     assert fp < q < 20 * fp, (fp, q)
+
+
+@pytest.mark.slow
+def test_bundled_calibration_text_fills_default_windows(monkeypatch):
+    """The bundled text holds at least 128 x 512 tokens of the default model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from comet_quant import data
+    from comet_quant.models import default_model
+
+    monkeypatch.setenv("COMET_QUANT_CACHE", str(Path.home() / ".cache" / "comet-quant"))
+    tok = AutoTokenizer.from_pretrained(default_model().path)
+    assert data.tokenize(tok, data.load_text("calib").text).numel() >= 128 * 512
+    assert data.tokenize(tok, data.load_text("calib-heldout").text).numel() >= 2 * 2048

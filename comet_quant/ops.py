@@ -1,0 +1,169 @@
+"""The W4Ax kernels as torch custom ops (``torch.ops.comet.*``), with PyTorch references.
+
+The CUDA sources ship in ``comet_quant.kernels`` and are JIT-built on first use for the
+current device's architecture into ``$COMET_QUANT_CACHE/kernels/<tag>`` (``comet-quant
+build-kernels`` precompiles). Every op has a reference in :mod:`comet_quant.primitives`
+terms that runs anywhere; :func:`kernels_available` says whether the CUDA path is usable.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import CometError
+from .primitives import pack_int4, quantize_activation, unpack_int4
+
+GROUP = 128  # kernels/w4ax.h kGroup
+SOURCES = ("binding.cpp", "w4ax_kernels.cu")
+HEADERS = ("w4ax.h",)
+_state: dict = {"loaded": False, "error": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# References (the CPU path and the test oracle)
+# ---------------------------------------------------------------------------------------------
+
+def quantize_act_reference(x: torch.Tensor, perm: torch.Tensor, groups8: int):
+    """Reference of ``comet::quantize_act``.
+
+    Args:
+        x: float16/bfloat16 [M, K]; perm: int32 [K_pad]; groups8: leading 8-bit groups.
+    Returns:
+        q8 int8 [M, groups8*128], q4 uint8 [M, (K_pad - groups8*128)/2] packed, scales f32 [M, G].
+    """
+    q8, q4, scales = quantize_activation(x.float(), perm, groups8, GROUP)
+    return q8, pack_int4(q4), scales
+
+
+def w4ax_gemm_reference(q8, q4, ascale, qweight, wscale, groups8: int,
+                        out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Reference of ``comet::w4ax_gemm``: per-group integer dot products, rescaled, summed.
+
+    Args:
+        q8 int8 [M, K8]; q4 uint8 [M, K4/2]; ascale f32 [M, G]; qweight uint8 [N, K/2];
+        wscale f16 [N, G]. Returns out_dtype [M, N].
+    """
+    # float64 holds every integer dot product exactly (|dot| < 2^53) and runs on any device.
+    qa = torch.cat((q8.double(), unpack_int4(q4, signed=True).double()), dim=1)
+    qw = unpack_int4(qweight, signed=True).double()
+    m, k = qa.shape
+    g = k // GROUP
+    dots = torch.einsum("mgk,ngk->mng", qa.reshape(m, g, GROUP), qw.reshape(-1, g, GROUP))
+    y = (dots * ascale.double()[:, None, :] * wscale.double()[None]).sum(-1)
+    return y.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Build and load
+# ---------------------------------------------------------------------------------------------
+
+def _arch_flags() -> tuple[str, list[str]]:
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
+    return arch, [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+
+
+def _source_dir() -> Path:
+    """The installed kernel sources; a plain source checkout on PYTHONPATH uses ./kernels."""
+    try:
+        return Path(str(resources.files("comet_quant.kernels")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "kernels"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile and load the kernels for the current GPU; returns the build directory."""
+    if not torch.cuda.is_available():
+        raise CometError("CUDA is not available: the W4Ax kernels need an NVIDIA GPU "
+                         "(the PyTorch reference path runs everywhere else)")
+    from torch.utils.cpp_extension import load
+
+    from .models import cache_dir
+
+    src = _source_dir()
+    digest = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        digest.update((src / name).read_bytes())
+    arch, flags = _arch_flags()
+    tag = f"sm{arch}-{digest.hexdigest()[:12]}"
+    build_dir = cache_dir() / "kernels" / tag
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        load(name=f"comet_w4ax_{tag.replace('-', '_')}", sources=[str(src / s) for s in SOURCES],
+             extra_include_paths=[str(src)], extra_cflags=["-O3", "-std=c++17"],
+             extra_cuda_cflags=["-O3", "-std=c++17", *flags], build_directory=str(build_dir),
+             is_python_module=False, verbose=verbose)
+    except Exception as exc:  # compiler missing or failing: say so in one line
+        _state["error"] = str(exc).strip().splitlines()[-1][:300]
+        raise CometError(f"could not build the W4Ax kernels ({_state['error']}); check that nvcc "
+                         "and ninja are installed, or use the reference path") from None
+    _register_fakes()
+    _state["loaded"] = True
+    return build_dir
+
+
+def kernels_available() -> bool:
+    """True when the CUDA ops are loaded (building them on first call if possible)."""
+    if _state["loaded"]:
+        return True
+    if not torch.cuda.is_available() or _state["error"] or os.environ.get("COMET_QUANT_NO_KERNELS"):
+        return False
+    try:
+        build()
+    except CometError:
+        return False
+    return True
+
+
+def _register_fakes() -> None:
+    if _state.get("fakes"):
+        return
+
+    @torch.library.register_fake("comet::quantize_act")
+    def _(x, perm, groups8):
+        m, kp = x.shape[0], perm.shape[0]
+        k8 = groups8 * GROUP
+        return (x.new_empty(m, k8, dtype=torch.int8), x.new_empty(m, (kp - k8) // 2, dtype=torch.uint8),
+                x.new_empty(m, kp // GROUP, dtype=torch.float32))
+
+    @torch.library.register_fake("comet::w4ax_gemm")
+    def _(q8, q4, ascale, qweight, wscale, groups8, split_k, int4_mma, out_dtype):
+        return qweight.new_empty(ascale.shape[0], qweight.shape[0], dtype=out_dtype)
+
+    _state["fakes"] = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Public wrappers
+# ---------------------------------------------------------------------------------------------
+
+def default_int4_mma() -> bool:
+    """int4 tensor cores exist on sm_80/86/89; Hopper emulates them, so it uses int8 there."""
+    return torch.cuda.get_device_capability()[0] == 8
+
+
+def quantize_act(x: torch.Tensor, perm: torch.Tensor, groups8: int):
+    """Fused permute + per-token per-group quantization (see :func:`quantize_act_reference`)."""
+    if x.is_cuda and kernels_available():
+        return torch.ops.comet.quantize_act(x.contiguous(), perm, groups8)
+    return quantize_act_reference(x, perm, groups8)
+
+
+def w4ax_gemm(q8, q4, ascale, qweight, wscale, groups8: int, out_dtype=torch.float16,
+              split_k: int = 0, int4_mma: bool | None = None) -> torch.Tensor:
+    """Mixed W4A8/W4A4 GEMM (see :func:`w4ax_gemm_reference`); split_k=0 picks automatically."""
+    if qweight.is_cuda and kernels_available():
+        use4 = default_int4_mma() if int4_mma is None else int4_mma
+        return torch.ops.comet.w4ax_gemm(q8, q4, ascale, qweight, wscale, groups8, split_k, use4, out_dtype)
+    return w4ax_gemm_reference(q8, q4, ascale, qweight, wscale, groups8, out_dtype)
+
+
+def w4ax_linear(x: torch.Tensor, perm: torch.Tensor, groups8: int, qweight: torch.Tensor,
+                wscale: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """y = W4Ax(x): x float16/bfloat16 [M, K] (original channel order) -> [M, N]."""
+    q8, q4, s = quantize_act(x, perm, groups8)
+    return w4ax_gemm(q8, q4, s, qweight, wscale, groups8, out_dtype or x.dtype)

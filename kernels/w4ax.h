@@ -1,0 +1,41 @@
+// Host API of the W4Ax kernels. Plain pointers and sizes only: no torch types, so the CUDA
+// sources compile with nvcc alone (scripts/check_kernels_compile.sh) and the torch binding in
+// binding.cpp stays a thin checker.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace comet {
+
+// Channels per quantization group; the GEMM's K tile. The format allows other group sizes,
+// the kernels take this one (the Python wrapper falls back to the reference otherwise).
+constexpr int kGroup = 128;
+
+enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };
+
+// Fused activation quantization (permute + per-token per-group scales + int8/packed int4).
+//   x       [M, K] fp16/bf16, row-major, original channel order
+//   perm    [Kpad] int32; permuted channel j reads x[:, perm[j]] (perm[j] >= K reads 0)
+//   q8      [M, groups8 * kGroup] int8
+//   q4      [M, (Kpad - groups8 * kGroup) / 2] uint8, two's complement nibbles, even k low
+//   scales  [M, Kpad / kGroup] float32
+cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm, int M, int K,
+                              int Kpad, int groups8, int8_t* q8, uint8_t* q4, float* scales,
+                              cudaStream_t stream);
+
+// Mixed-precision GEMM: out[M, N] = sum_g ascale[m, g] * wscale[n, g] * <a[m, g], w[n, g]>,
+// where a is int8 (g < groups8) or int4 (g >= groups8) and w is int4 (checkpoint layout:
+// qweight [N, Kpad / 2] uint8, even k in the low nibble; wscale [N, Kpad / kGroup] fp16).
+// split_k > 1 splits the K groups over blocks and reduces through `workspace`
+// (float32 [M, N], zeroed by the callee) for shapes whose tiles do not fill the GPU.
+// use_int4_mma selects int4 tensor cores for A4 groups (sm_80/86/89; emulated on sm_90).
+cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* ascale,
+                           const uint8_t* qweight, const void* wscale, void* out, DType out_dtype,
+                           int M, int N, int Kpad, int groups8, int split_k, bool use_int4_mma,
+                           float* workspace, cudaStream_t stream);
+
+// A split_k that fills `num_sms` multiprocessors for this shape (1 when the tiles already do).
+int choose_split_k(int M, int N, int Kpad, int num_sms);
+
+}  // namespace comet

@@ -1,0 +1,344 @@
+// W4Ax kernels: fused activation quantization and the mixed int8/int4 x int4 GEMM.
+// Numerics are defined by comet_quant/primitives.py; comments say why, not what.
+#include "w4ax.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+namespace comet {
+namespace {
+
+constexpr int kThreads = 128;            // 4 warps per block in both kernels
+constexpr float kMinScale = 1e-8f;       // primitives.MIN_SCALE: all-zero groups stay finite
+constexpr int kPackedGroupBytes = kGroup / 2;
+// Smem row strides padded by 16 B so the 8 rows one fragment load touches hit distinct banks.
+constexpr int kStrideA8 = kGroup + 16;
+constexpr int kStrideP = kPackedGroupBytes + 16;
+
+__device__ __forceinline__ float load_x(const void* x, DType dt, size_t i) {
+  if (dt == DType::kHalf) return __half2float(static_cast<const __half*>(x)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(x)[i]);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// One block per token; warp w handles groups w, w+4, ...; lane l owns channels 4l..4l+3 of a
+// group, so a group's absmax is one warp reduction and its 4-bit codes pack into 2 bytes.
+__global__ void quantize_act_kernel(const void* __restrict__ x, DType dt,
+                                    const int32_t* __restrict__ perm, int K, int Kpad,
+                                    int groups8, int8_t* __restrict__ q8,
+                                    uint8_t* __restrict__ q4, float* __restrict__ scales) {
+  const int row = blockIdx.x;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
+  const size_t xrow = static_cast<size_t>(row) * K;
+  for (int g = warp; g < G; g += kThreads / 32) {
+    const int c0 = g * kGroup + lane * 4;
+    const int4 p = *reinterpret_cast<const int4*>(perm + c0);
+    const int idx[4] = {p.x, p.y, p.z, p.w};
+    float v[4];
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[i] = idx[i] < K ? load_x(x, dt, xrow + idx[i]) : 0.f;
+      amax = fmaxf(amax, fabsf(v[i]));
+    }
+    amax = warp_max(amax);
+    const bool high = g < groups8;
+    const float qmax = high ? 127.f : 7.f;
+    // IEEE division and round-half-even, as torch does, so codes match the reference bitwise.
+    const float s = fmaxf(__fdiv_rn(amax, qmax), kMinScale);
+    int q[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) q[i] = static_cast<int>(fminf(fmaxf(rintf(__fdiv_rn(v[i], s)), -qmax), qmax));
+    if (lane == 0) scales[static_cast<size_t>(row) * G + g] = s;
+    if (high) {
+      char4 out = make_char4(q[0], q[1], q[2], q[3]);
+      *reinterpret_cast<char4*>(q8 + static_cast<size_t>(row) * K8 + c0) = out;
+    } else {
+      const uint16_t packed = static_cast<uint16_t>((q[0] & 0xF) | ((q[1] & 0xF) << 4) |
+                                                    ((q[2] & 0xF) << 8) | ((q[3] & 0xF) << 12));
+      *reinterpret_cast<uint16_t*>(q4 + static_cast<size_t>(row) * (K4 / 2) + (c0 - K8) / 2) = packed;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM
+// ---------------------------------------------------------------------------------------------
+
+// 4 packed int4 codes (16 bits, first code lowest) -> 4 int8 bytes holding code * 16. Placing
+// the nibble in the high half of the byte makes sign extension free; the 16x goes into the
+// float rescale, which is exact (a power of two).
+__device__ __forceinline__ uint32_t expand4(uint32_t w16) {
+  const uint32_t lo = (w16 << 4) & 0x0000F0F0u;
+  const uint32_t hi = w16 & 0x0000F0F0u;
+  return __byte_perm(lo, hi, 0x5140);
+}
+
+__device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void mma_s4(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int bytes = valid ? 16 : 0;  // zero-fill rows past M or N
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+template <int BM, int BN>
+struct Stage {
+  // A holds either an int8 group (BM x 128) or a packed int4 group (BM x 64): raw global bytes,
+  // so the copy engine fills it asynchronously; expansion happens at fragment load time.
+  alignas(16) uint8_t a[BM * kStrideA8];
+  alignas(16) uint8_t b[BN * kStrideP];
+};
+
+template <int BM, int BN>
+__device__ __forceinline__ void load_group(Stage<BM, BN>& st, int g, int groups8, int m0, int n0,
+                                           int M, int N, int Kpad, const int8_t* q8,
+                                           const uint8_t* q4, const uint8_t* qw) {
+  const int K8 = groups8 * kGroup, K4 = Kpad - K8;
+  if (g < groups8) {
+    for (int i = threadIdx.x; i < BM * (kGroup / 16); i += kThreads) {
+      const int r = i / (kGroup / 16), c = (i % (kGroup / 16)) * 16;
+      const int m = min(m0 + r, M - 1);
+      cp_async16(st.a + r * kStrideA8 + c, q8 + static_cast<size_t>(m) * K8 + g * kGroup + c, m0 + r < M);
+    }
+  } else {
+    for (int i = threadIdx.x; i < BM * (kPackedGroupBytes / 16); i += kThreads) {
+      const int r = i / (kPackedGroupBytes / 16), c = (i % (kPackedGroupBytes / 16)) * 16;
+      const int m = min(m0 + r, M - 1);
+      cp_async16(st.a + r * kStrideP + c,
+                 q4 + static_cast<size_t>(m) * (K4 / 2) + (g - groups8) * kPackedGroupBytes + c,
+                 m0 + r < M);
+    }
+  }
+  for (int i = threadIdx.x; i < BN * (kPackedGroupBytes / 16); i += kThreads) {
+    const int r = i / (kPackedGroupBytes / 16), c = (i % (kPackedGroupBytes / 16)) * 16;
+    const int n = min(n0 + r, N - 1);
+    cp_async16(st.b + r * kStrideP + c, qw + static_cast<size_t>(n) * (Kpad / 2) + g * kPackedGroupBytes + c,
+               n0 + r < N);
+  }
+  cp_async_commit();
+}
+
+__device__ __forceinline__ void store_out(void* out, DType dt, size_t i, float v) {
+  if (dt == DType::kHalf) static_cast<__half*>(out)[i] = __float2half_rn(v);
+  else if (dt == DType::kBFloat16) static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v);
+  else static_cast<float*>(out)[i] = v;
+}
+
+// Block tile BM x BN, 4 warps as WARPS_M x (4 / WARPS_M); each warp owns MT x NT mma tiles.
+// Per K group: int32 accumulation on tensor cores, then one float rescale per tile element by
+// ascale[m, g] * wscale[n, g] (the per-group rescale the format's scales require).
+template <int BM, int BN, int WARPS_M, bool INT4MMA>
+__global__ void __launch_bounds__(kThreads)
+w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
+                 const float* __restrict__ ascale, const uint8_t* __restrict__ qw,
+                 const __half* __restrict__ wscale, void* __restrict__ out, DType out_dtype,
+                 float* __restrict__ workspace, int M, int N, int Kpad, int groups8, int split_k) {
+  constexpr int WARPS_N = 4 / WARPS_M;
+  constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
+  constexpr int MT = WM / 16, NT = WN / 8;
+  static_assert(MT >= 1 && NT >= 1, "tile too small for the warp layout");
+  __shared__ Stage<BM, BN> stages[2];
+
+  const int G = Kpad / kGroup;
+  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int per = (G + split_k - 1) / split_k;
+  const int g_begin = blockIdx.z * per, g_end = min(G, g_begin + per);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
+  const int gid = lane >> 2, tig = lane & 3;
+
+  float acc[MT][NT][4] = {};
+  if (g_begin < g_end) load_group(stages[0], g_begin, groups8, m0, n0, M, N, Kpad, q8, q4, qw);
+  for (int g = g_begin; g < g_end; ++g) {
+    const int s = (g - g_begin) & 1;
+    cp_async_wait_all();
+    __syncthreads();
+    // Prefetch the next group into the other stage while this one computes.
+    if (g + 1 < g_end) load_group(stages[s ^ 1], g + 1, groups8, m0, n0, M, N, Kpad, q8, q4, qw);
+    const Stage<BM, BN>& st = stages[s];
+    const bool a8 = g < groups8;
+    int iacc[MT][NT][4] = {};
+    if (INT4MMA && !a8) {
+#pragma unroll
+      for (int kk = 0; kk < kPackedGroupBytes; kk += 32) {  // k64 steps on packed bytes
+        uint32_t bf[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint8_t* p = st.b + (wn + nt * 8 + gid) * kStrideP + kk + tig * 4;
+          bf[nt][0] = *reinterpret_cast<const uint32_t*>(p);
+          bf[nt][1] = *reinterpret_cast<const uint32_t*>(p + 16);
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint8_t* p = st.a + (wm + mt * 16 + gid) * kStrideP + kk + tig * 4;
+          const uint32_t af[4] = {*reinterpret_cast<const uint32_t*>(p),
+                                  *reinterpret_cast<const uint32_t*>(p + 8 * kStrideP),
+                                  *reinterpret_cast<const uint32_t*>(p + 16),
+                                  *reinterpret_cast<const uint32_t*>(p + 8 * kStrideP + 16)};
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_s4(iacc[mt][nt], af, bf[nt]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < kGroup; kk += 32) {  // k32 steps in int8 elements
+        uint32_t bf[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint8_t* p = st.b + (wn + nt * 8 + gid) * kStrideP + (kk + tig * 4) / 2;
+          bf[nt][0] = expand4(*reinterpret_cast<const uint16_t*>(p));
+          bf[nt][1] = expand4(*reinterpret_cast<const uint16_t*>(p + 8));
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          uint32_t af[4];
+          const int r = wm + mt * 16 + gid;
+          if (a8) {
+            const uint8_t* p = st.a + r * kStrideA8 + kk + tig * 4;
+            af[0] = *reinterpret_cast<const uint32_t*>(p);
+            af[1] = *reinterpret_cast<const uint32_t*>(p + 8 * kStrideA8);
+            af[2] = *reinterpret_cast<const uint32_t*>(p + 16);
+            af[3] = *reinterpret_cast<const uint32_t*>(p + 8 * kStrideA8 + 16);
+          } else {
+            const uint8_t* p = st.a + r * kStrideP + (kk + tig * 4) / 2;
+            af[0] = expand4(*reinterpret_cast<const uint16_t*>(p));
+            af[1] = expand4(*reinterpret_cast<const uint16_t*>(p + 8 * kStrideP));
+            af[2] = expand4(*reinterpret_cast<const uint16_t*>(p + 8));
+            af[3] = expand4(*reinterpret_cast<const uint16_t*>(p + 8 * kStrideP + 8));
+          }
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_s8(iacc[mt][nt], af, bf[nt]);
+        }
+      }
+    }
+    // Undo the x16 of each expanded int4 operand (weights always; A only on the int8 path).
+    const float unscale = (INT4MMA && !a8) ? 1.f : (a8 ? 1.f / 16.f : 1.f / 256.f);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = m0 + wm + mt * 16 + gid + h * 8;
+        const float sa = m < M ? __ldg(ascale + static_cast<size_t>(m) * G + g) * unscale : 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int n = n0 + wn + nt * 8 + tig * 2 + j;
+            const float sw = n < N ? __half2float(wscale[static_cast<size_t>(n) * G + g]) : 0.f;
+            acc[mt][nt][h * 2 + j] += static_cast<float>(iacc[mt][nt][h * 2 + j]) * (sa * sw);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = m0 + wm + mt * 16 + gid + (e >> 1) * 8;
+        const int n = n0 + wn + nt * 8 + tig * 2 + (e & 1);
+        if (m >= M || n >= N) continue;
+        const size_t i = static_cast<size_t>(m) * N + n;
+        if (split_k > 1) atomicAdd(workspace + i, acc[mt][nt][e]);
+        else store_out(out, out_dtype, i, acc[mt][nt][e]);
+      }
+}
+
+__global__ void convert_kernel(const float* __restrict__ src, void* __restrict__ dst, DType dt, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    store_out(dst, dt, i, src[i]);
+}
+
+template <int BM, int BN, int WARPS_M>
+cudaError_t launch(bool int4mma, dim3 grid, const int8_t* q8, const uint8_t* q4, const float* as,
+                   const uint8_t* qw, const void* ws, void* out, DType dt, float* work, int M, int N,
+                   int Kpad, int groups8, int split_k, cudaStream_t stream) {
+  const __half* wsh = static_cast<const __half*>(ws);
+  if (int4mma)
+    w4ax_gemm_kernel<BM, BN, WARPS_M, true><<<grid, kThreads, 0, stream>>>(
+        q8, q4, as, qw, wsh, out, dt, work, M, N, Kpad, groups8, split_k);
+  else
+    w4ax_gemm_kernel<BM, BN, WARPS_M, false><<<grid, kThreads, 0, stream>>>(
+        q8, q4, as, qw, wsh, out, dt, work, M, N, Kpad, groups8, split_k);
+  return cudaGetLastError();
+}
+
+constexpr int kSmallM = 16;  // decode-sized batches get a 16-row tile
+constexpr int kBN = 128;
+
+int tile_m(int M) { return M <= kSmallM ? 16 : 64; }
+
+}  // namespace
+
+cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm, int M, int K,
+                              int Kpad, int groups8, int8_t* q8, uint8_t* q4, float* scales,
+                              cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  quantize_act_kernel<<<M, kThreads, 0, stream>>>(x, x_dtype, perm, K, Kpad, groups8, q8, q4, scales);
+  return cudaGetLastError();
+}
+
+int choose_split_k(int M, int N, int Kpad, int num_sms) {
+  const int tiles = ((M + tile_m(M) - 1) / tile_m(M)) * ((N + kBN - 1) / kBN);
+  const int G = Kpad / kGroup;
+  int split = 1;
+  // Split K until the tiles cover the SMs, keeping at least two groups per split so the
+  // double buffer has something to overlap.
+  while (tiles * split < num_sms && split * 2 <= G / 2) split *= 2;
+  return split;
+}
+
+cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* ascale,
+                           const uint8_t* qweight, const void* wscale, void* out, DType out_dtype,
+                           int M, int N, int Kpad, int groups8, int split_k, bool use_int4_mma,
+                           float* workspace, cudaStream_t stream) {
+  if (M == 0 || N == 0) return cudaSuccess;
+  const int bm = tile_m(M);
+  const int G = Kpad / kGroup;
+  split_k = std::max(1, std::min(split_k, G));
+  dim3 grid((N + kBN - 1) / kBN, (M + bm - 1) / bm, split_k);
+  if (split_k > 1) {
+    cudaError_t e = cudaMemsetAsync(workspace, 0, sizeof(float) * static_cast<size_t>(M) * N, stream);
+    if (e != cudaSuccess) return e;
+  }
+  cudaError_t e = bm == 16
+      ? launch<16, kBN, 1>(use_int4_mma, grid, q8, q4, ascale, qweight, wscale, out, out_dtype,
+                           workspace, M, N, Kpad, groups8, split_k, stream)
+      : launch<64, kBN, 2>(use_int4_mma, grid, q8, q4, ascale, qweight, wscale, out, out_dtype,
+                           workspace, M, N, Kpad, groups8, split_k, stream);
+  if (e != cudaSuccess || split_k == 1) return e;
+  const size_t n = static_cast<size_t>(M) * N;
+  const int blocks = static_cast<int>(std::min<size_t>((n + 255) / 256, 4096));
+  convert_kernel<<<blocks, 256, 0, stream>>>(workspace, out, out_dtype, n);
+  return cudaGetLastError();
+}
+
+}  // namespace comet

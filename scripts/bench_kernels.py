@@ -1,0 +1,154 @@
+"""Benchmark the W4Ax GEMM and activation quantization against cuBLAS fp16, fp8 and int8.
+
+Medians of CUDA-event timings; each timed call uses a different copy of its weights so the
+working set exceeds L2 and weights stream from HBM as they do in a real model. Prints a
+markdown table and writes it (plus JSON) to --out.
+
+    python scripts/bench_kernels.py --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from comet_quant import ops  # noqa: E402
+
+SHAPES = {  # name: (N, K)
+    "8B qkv": (6144, 4096), "8B o": (4096, 4096), "8B gate+up": (28672, 4096), "8B down": (4096, 14336),
+    "70B qkv": (10240, 8192), "70B o": (8192, 8192), "70B gate+up": (57344, 8192), "70B down": (8192, 28672),
+}
+MS = [1, 16, 64, 256, 1024, 4096]
+L2_FLUSH_BYTES = 256 << 20
+COPY_TBPS = 3.0       # measured device-to-device copy, read + write (DESIGN.md)
+INT8_MMA_TOPS = 1310  # measured mma.sync int8 rate (DESIGN.md)
+
+
+def timeit(fns, reps: int = 30, warmup: int = 5) -> float:
+    """Median milliseconds of calling fns[i % len(fns)]()."""
+    for i in range(warmup):
+        fns[i % len(fns)]()
+    times = []
+    for i in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fns[i % len(fns)]()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copies(nbytes: int) -> int:
+    return max(1, min(12, -(-L2_FLUSH_BYTES // max(nbytes, 1))))
+
+
+def bench_shape(name, n, k, m, results, split_k_off: bool):
+    g = k // ops.GROUP
+    dev = "cuda"
+    x = torch.randn(m, k, device=dev, dtype=torch.float16)
+    row = {"shape": name, "M": m, "N": n, "K": k}
+    # cuBLAS fp16
+    nc = copies(n * k * 2)
+    w16 = [torch.randn(n, k, device=dev, dtype=torch.float16) for _ in range(nc)]
+    row["fp16"] = timeit([lambda w=w: torch.nn.functional.linear(x, w) for w in w16])
+    del w16
+    # fp8 e4m3 with row-wise scales (Hopper wgmma); M padded to 16 as _scaled_mm requires.
+    mp = max(16, -(-m // 16) * 16)
+    xa = torch.randn(mp, k, device=dev).to(torch.float8_e4m3fn)
+    sa = torch.ones(mp, 1, device=dev)
+    nc = copies(n * k)
+    w8 = [torch.randn(n, k, device=dev).to(torch.float8_e4m3fn) for _ in range(nc)]
+    sb = torch.ones(1, n, device=dev)
+    try:
+        row["fp8"] = timeit([lambda w=w: torch._scaled_mm(xa, w.t(), scale_a=sa, scale_b=sb,
+                                                           out_dtype=torch.bfloat16) for w in w8])
+    except RuntimeError as exc:
+        row["fp8"] = None
+        row["fp8_error"] = str(exc).splitlines()[0][:120]
+    del w8
+    # int8 cuBLASLt
+    mi = max(17, m)
+    xi = torch.randint(-127, 127, (mi, k), device=dev, dtype=torch.int8)
+    wi = [torch.randint(-127, 127, (k, n), device=dev, dtype=torch.int8) for _ in range(copies(n * k))]
+    try:
+        row["int8"] = timeit([lambda w=w: torch._int_mm(xi, w) for w in wi])
+    except RuntimeError as exc:
+        row["int8"] = None
+        row["int8_error"] = str(exc).splitlines()[0][:120]
+    del wi
+    # ours: GEMM at 0 / 10 / 25 % 8-bit groups, and the activation quantization kernel
+    nc = copies(n * k // 2)
+    qws = [torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8) for _ in range(nc)]
+    wss = [torch.rand(n, g, device=dev, dtype=torch.float16) * 0.01 + 1e-3 for _ in range(nc)]
+    perm = torch.randperm(k, device=dev).to(torch.int32)
+    for pct in (0, 10, 25):
+        g8 = round(g * pct / 100)
+        q8, q4, s = ops.quantize_act(x, perm, g8)
+        row[f"ours{pct}"] = timeit([lambda i=i: torch.ops.comet.w4ax_gemm(
+            q8, q4, s, qws[i], wss[i], g8, 0, False, torch.float16) for i in range(nc)])
+        if pct == 10 and not split_k_off:
+            row["ours10_nosplit"] = timeit([lambda i=i: torch.ops.comet.w4ax_gemm(
+                q8, q4, s, qws[i], wss[i], g8, 1, False, torch.float16) for i in range(nc)])
+        if pct == 10:
+            row["actq"] = timeit([lambda: ops.quantize_act(x, perm, g8)])
+            act_bytes = m * k * 2 + q8.numel() + q4.numel() + s.numel() * 4 + perm.numel() * 4
+            row["actq_tbps"] = act_bytes / (row["actq"] * 1e-3) / 1e12
+    wbytes = n * k / 2 + n * g * 2
+    row["ours10_wbw_tbps"] = wbytes / (row["ours10"] * 1e-3) / 1e12
+    row["ours10_tops"] = 2 * m * n * k / (row["ours10"] * 1e-3) / 1e12
+    row["roofline_ms"] = wbytes / (COPY_TBPS / 2 * 1e12) * 1e3  # reads at half the r+w copy rate
+    results.append(row)
+    return row
+
+
+def fmt(v, digits=3):
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def table(results) -> str:
+    head = ("| shape | M | fp16 ms | fp8 ms | int8 ms | ours 0% | ours 10% | ours 25% | 10% no split-K |"
+            " x fp16 | x fp8 | weight TB/s | TOPS | act-quant TB/s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        fp8 = r.get("fp8")
+        lines.append(
+            f"| {r['shape']} | {r['M']} | {fmt(r['fp16'])} | {fmt(fp8)} | {fmt(r.get('int8'))} | "
+            f"{fmt(r['ours0'])} | {fmt(r['ours10'])} | {fmt(r['ours25'])} | {fmt(r.get('ours10_nosplit'))} | "
+            f"{r['fp16'] / r['ours10']:.2f} | {fmt(fp8 / r['ours10'] if fp8 else None, 2)} | "
+            f"{r['ours10_wbw_tbps']:.2f} | {r['ours10_tops']:.0f} | {r['actq_tbps']:.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    args = ap.parse_args()
+    if not ops.kernels_available():
+        sys.exit(f"kernels unavailable: {ops._state['error']}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    props = torch.cuda.get_device_properties(0)
+    print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}", flush=True)
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        for m in map(int, args.ms.split(",")):
+            r = bench_shape(name, n, k, m, results, split_k_off=False)
+            print(f"{name} M={m}: fp16 {r['fp16']:.3f} fp8 {fmt(r['fp8'])} ours10 {r['ours10']:.3f} ms", flush=True)
+            torch.cuda.empty_cache()
+    md = f"GPU: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}\n\n" + table(results)
+    (out / "bench_kernels.md").write_text(md + "\n")
+    (out / "bench_kernels.json").write_text(json.dumps(results, indent=1))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

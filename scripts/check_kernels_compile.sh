@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Compile every CUDA kernel source for sm_80 (int4 tensor-core path) and sm_90a (Hopper), with
+# nvcc only (no GPU and no torch needed: the CUDA core never includes torch headers). Fails on
+# any compiler error; ptxas reports spills. The torch binding is built by the JIT on a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NVCC=${NVCC:-nvcc}
+if ! command -v "$NVCC" >/dev/null; then
+  for d in /usr/local/cuda/bin /usr/local/cuda-13.0/bin; do [ -x "$d/nvcc" ] && NVCC="$d/nvcc"; done
+fi
+command -v "$NVCC" >/dev/null || { echo "check_kernels_compile: nvcc not found" >&2; exit 1; }
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+for src in kernels/*.cu; do
+  for arch in 80 90a; do
+    echo "nvcc sm_${arch}: ${src}"
+    "$NVCC" -std=c++17 -O3 -Ikernels "-gencode=arch=compute_${arch},code=sm_${arch}" \
+      -Xptxas -warn-spills -c "$src" -o "$out/$(basename "$src").sm${arch}.o"
+  done
+done
+echo "kernel sources compile"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One GPU session: build the kernels, record their resource usage, run the GPU tests, benchmark.
+# Usage (on a CUDA machine, from the repo root): OUT=results_dir bash scripts/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export COMET_QUANT_CACHE=${COMET_QUANT_CACHE:-/tmp/comet-quant-cache}
+if ! python3 -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+python3 - <<'PY' 2>&1 | tee "$OUT/build.txt"
+import time
+from comet_quant import ops
+t = time.time()
+print("built in", ops.build(), f"{time.time() - t:.0f} s")
+PY
+so=$(ls "$COMET_QUANT_CACHE"/kernels/*/*.so | head -1)
+cuobjdump -res-usage "$so" 2>&1 | grep -E "Function|REG|STACK" > "$OUT/resource_usage.txt" || true
+python3 -m pytest -q -x tests/test_kernels.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
+python3 scripts/bench_kernels.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tail -70

@@ -1,0 +1,137 @@
+"""Kernel references (CPU) and CUDA kernels against them (GPU, skipped without CUDA)."""
+import pytest
+import torch
+
+from comet_quant import ops
+from comet_quant.primitives import pack_int4, quantize_weight_rtn, w4ax_linear_reference
+
+GROUP = ops.GROUP
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make_case(m, k, n, groups8, seed=0, device="cpu", dtype=torch.float16, outliers=True):
+    g = torch.Generator().manual_seed(seed)
+    kp = -(-k // GROUP) * GROUP
+    x = torch.randn(m, k, generator=g)
+    if outliers:
+        x[:, torch.randperm(k, generator=g)[:8]] *= 40
+    perm = torch.randperm(kp, generator=g).to(torch.int32)
+    w = torch.randn(n, kp, generator=g) * 0.05
+    q, s, _ = quantize_weight_rtn(w, GROUP, True)
+    return (x.to(dtype).to(device), perm.to(device), groups8, pack_int4(q).to(device),
+            s.to(torch.float16).to(device))
+
+
+# --------------------------------------------------------------------------- CPU: references
+
+@pytest.mark.parametrize("groups8", [0, 1, 3])
+def test_gemm_reference_matches_linear_reference(groups8):
+    x, perm, g8, qw, ws = make_case(5, 300, 40, groups8)
+    q8, q4, s = ops.quantize_act_reference(x, perm, g8)
+    assert q8.shape == (5, g8 * GROUP) and q4.shape == (5, (384 - g8 * GROUP) // 2)
+    y = ops.w4ax_gemm_reference(q8, q4, s, qw, ws, g8, torch.float32)
+    ref = w4ax_linear_reference(x.float(), perm, g8, qw, ws.float(), None, GROUP)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_cpu_wrappers_fall_back_to_reference():
+    x, perm, g8, qw, ws = make_case(3, 256, 16, 1)
+    torch.testing.assert_close(ops.w4ax_linear(x, perm, g8, qw, ws, torch.float32),
+                               ops.w4ax_gemm_reference(*ops.quantize_act_reference(x, perm, g8), qw, ws, g8,
+                                                       torch.float32))
+
+
+# --------------------------------------------------------------------------- GPU: kernels
+
+@pytest.fixture(scope="module")
+def kernels():
+    if not ops.kernels_available():
+        pytest.fail(f"CUDA is present but the kernels did not build: {ops._state['error']}")
+    return ops
+
+
+M_SWEEP = [1, 2, 7, 16, 17, 64, 127, 128, 129, 1024, 4096]
+
+
+@gpu
+@pytest.mark.parametrize("m", M_SWEEP)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantize_act_bitwise(kernels, m, dtype):
+    x, perm, _, _, _ = make_case(m, 576, 8, 0, seed=m, device="cuda", dtype=dtype)
+    for g8 in (0, 1, 5):
+        got = torch.ops.comet.quantize_act(x, perm, g8)
+        want = ops.quantize_act_reference(x.cpu(), perm.cpu(), g8)
+        for a, b in zip(got, want):
+            assert torch.equal(a.cpu(), b)
+
+
+def unit_scales(m, n, g):
+    return torch.ones(m, g, device="cuda"), torch.ones(n, g, device="cuda", dtype=torch.float16)
+
+
+@gpu
+@pytest.mark.parametrize("int4_mma", [False, True])
+@pytest.mark.parametrize("m", M_SWEEP)
+@pytest.mark.parametrize("k8_frac", [0.0, "one", 0.5, 1.0])
+def test_gemm_integer_accumulation_exact(kernels, int4_mma, m, k8_frac):
+    """With unit scales every output is an integer sum below 2^24: float32 must match exactly."""
+    k, n = 1024, 200
+    g = k // GROUP
+    g8 = 1 if k8_frac == "one" else int(k8_frac * g)
+    x, perm, _, qw, _ = make_case(m, k, n, g8, seed=m + 1, device="cuda")
+    q8, q4, _ = torch.ops.comet.quantize_act(x, perm, g8)
+    sa, sw = unit_scales(m, n, g)
+    for split in (1, 4):
+        y = torch.ops.comet.w4ax_gemm(q8, q4, sa, qw, sw, g8, split, int4_mma, torch.float32)
+        ref = ops.w4ax_gemm_reference(q8.cpu(), q4.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), g8, torch.float32)
+        assert torch.equal(y.cpu(), ref), (m, g8, split, (y.cpu() - ref).abs().max())
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+SHAPES = {  # (N, K): LLaMA-3-8B and 70B linears, plus SmolLM2's padded and narrow ones
+    "8b-qkv": (6144, 4096), "8b-o": (4096, 4096), "8b-gateup": (28672, 4096), "8b-down": (4096, 14336),
+    "70b-qkv": (10240, 8192), "70b-down": (8192, 28672), "smol-k": (192, 576), "smol-down": (576, 1536),
+}
+
+
+@gpu
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("m", [1, 16, 129])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_gemm_scaled_matches_reference(kernels, shape, m, out_dtype):
+    n, k = SHAPES[shape]
+    g = -(-k // GROUP)
+    g8 = max(1, g // 10)
+    x, perm, _, qw, ws = make_case(m, k, n, g8, seed=3, device="cuda", dtype=out_dtype)
+    y = ops.w4ax_linear(x, perm, g8, qw, ws, out_dtype)
+    ref = ops.w4ax_gemm_reference(*ops.quantize_act_reference(x, perm, g8), qw, ws, g8, torch.float32)
+    tol = 2e-3 if out_dtype == torch.float16 else 1e-2
+    assert rel_err(y, ref) < tol
+
+
+@gpu
+def test_gemm_extreme_values(kernels):
+    m, k, n = 33, 512, 128
+    x = torch.full((m, k), 60000.0, device="cuda", dtype=torch.float16)
+    x[::2] *= -1
+    x[:, ::3] = 0.001
+    perm = torch.arange(k, device="cuda", dtype=torch.int32)
+    qw = torch.full((n, k // 2), 0x77, device="cuda", dtype=torch.uint8)   # all codes +7
+    ws = torch.full((n, k // GROUP), 1e-4, device="cuda", dtype=torch.float16)
+    for g8 in (0, 2, 4):
+        y = ops.w4ax_linear(x, perm, g8, qw, ws, torch.float32)
+        q8, q4, s = ops.quantize_act_reference(x.cpu(), perm.cpu(), g8)
+        ref = ops.w4ax_gemm_reference(q8, q4, s, qw.cpu(), ws.cpu(), g8, torch.float32)
+        assert torch.isfinite(y).all() and rel_err(y.cpu(), ref) < 1e-5
+
+
+@gpu
+def test_opcheck(kernels):
+    x, perm, g8, qw, ws = make_case(17, 512, 256, 1, device="cuda")
+    torch.library.opcheck(torch.ops.comet.quantize_act.default, (x, perm, g8))
+    q8, q4, s = torch.ops.comet.quantize_act(x, perm, g8)
+    torch.library.opcheck(torch.ops.comet.w4ax_gemm.default,
+                          (q8, q4, s, qw, ws, g8, 0, False, torch.float16))
