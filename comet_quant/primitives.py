@@ -140,7 +140,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     r, k = q.shape
     if k % 2:
         raise CometError(f"cannot pack an odd number of int4 columns ({k})")
-    if q.min() < INT4_MIN or q.max() > UINT4_MAX:
+    if q.numel() and (q.min() < INT4_MIN or q.max() > UINT4_MAX):
         raise ValueError("values do not fit in 4 bits")
     nib = (q.to(torch.int16) & 0xF).to(torch.uint8).reshape(r, k // 2, 2)
     return nib[..., 0] | (nib[..., 1] << 4)
