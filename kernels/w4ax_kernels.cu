@@ -10,7 +10,7 @@
 namespace comet {
 namespace {
 
-constexpr int kThreads = 128;            // 4 warps per block in both kernels
+constexpr int kThreads = 128;            // GEMM block: 4 warps
 constexpr float kMinScale = 1e-8f;       // primitives.MIN_SCALE: all-zero groups stay finite
 constexpr int kPackedGroupBytes = kGroup / 2;
 // Smem row strides padded by 16 B so the 8 rows one fragment load touches hit distinct banks.
@@ -28,25 +28,37 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// One block per token; warp w handles groups w, w+4, ...; lane l owns channels 4l..4l+3 of a
-// group, so a group's absmax is one warp reduction and its 4-bit codes pack into 2 bytes.
-__global__ void quantize_act_kernel(const void* __restrict__ x, DType dt,
-                                    const int32_t* __restrict__ perm, int K, int Kpad,
-                                    int groups8, int8_t* __restrict__ q8,
-                                    uint8_t* __restrict__ q4, float* __restrict__ scales) {
+constexpr int kActThreads = 256;  // 8 warps: one group per warp at a time
+
+// One block per token. The row is first copied into shared memory with coalesced 16-byte loads
+// (DRAM reads x once); the permutation then gathers from shared memory. Warp w handles groups
+// w, w+8, ...; lane l owns channels 4l..4l+3 of a group, so a group's absmax is one warp
+// reduction and its 4-bit codes pack into 2 bytes.
+__global__ void __launch_bounds__(kActThreads)
+quantize_act_kernel(const void* __restrict__ x, DType dt, const int32_t* __restrict__ perm, int K,
+                    int Kpad, int groups8, int8_t* __restrict__ q8, uint8_t* __restrict__ q4,
+                    float* __restrict__ scales) {
+  extern __shared__ uint16_t row_bits[];  // K raw fp16/bf16 values
   const int row = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
-  const size_t xrow = static_cast<size_t>(row) * K;
-  for (int g = warp; g < G; g += kThreads / 32) {
+  const uint16_t* xrow = static_cast<const uint16_t*>(x) + static_cast<size_t>(row) * K;
+  if (K % 8 == 0) {
+    for (int i = threadIdx.x; i < K / 8; i += kActThreads)
+      reinterpret_cast<uint4*>(row_bits)[i] = __ldg(reinterpret_cast<const uint4*>(xrow) + i);
+  } else {
+    for (int i = threadIdx.x; i < K; i += kActThreads) row_bits[i] = xrow[i];
+  }
+  __syncthreads();
+  for (int g = warp; g < G; g += kActThreads / 32) {
     const int c0 = g * kGroup + lane * 4;
-    const int4 p = *reinterpret_cast<const int4*>(perm + c0);
+    const int4 p = __ldg(reinterpret_cast<const int4*>(perm + c0));
     const int idx[4] = {p.x, p.y, p.z, p.w};
     float v[4];
     float amax = 0.f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      v[i] = idx[i] < K ? load_x(x, dt, xrow + idx[i]) : 0.f;
+      v[i] = idx[i] < K ? load_x(row_bits, dt, idx[i]) : 0.f;
       amax = fmaxf(amax, fabsf(v[i]));
     }
     amax = warp_max(amax);
@@ -59,8 +71,7 @@ __global__ void quantize_act_kernel(const void* __restrict__ x, DType dt,
     for (int i = 0; i < 4; ++i) q[i] = static_cast<int>(fminf(fmaxf(rintf(__fdiv_rn(v[i], s)), -qmax), qmax));
     if (lane == 0) scales[static_cast<size_t>(row) * G + g] = s;
     if (high) {
-      char4 out = make_char4(q[0], q[1], q[2], q[3]);
-      *reinterpret_cast<char4*>(q8 + static_cast<size_t>(row) * K8 + c0) = out;
+      *reinterpret_cast<char4*>(q8 + static_cast<size_t>(row) * K8 + c0) = make_char4(q[0], q[1], q[2], q[3]);
     } else {
       const uint16_t packed = static_cast<uint16_t>((q[0] & 0xF) | ((q[1] & 0xF) << 4) |
                                                     ((q[2] & 0xF) << 8) | ((q[3] & 0xF) << 12));
@@ -302,7 +313,13 @@ cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm,
                               int Kpad, int groups8, int8_t* q8, uint8_t* q4, float* scales,
                               cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
-  quantize_act_kernel<<<M, kThreads, 0, stream>>>(x, x_dtype, perm, K, Kpad, groups8, q8, q4, scales);
+  const size_t smem = sizeof(uint16_t) * static_cast<size_t>(K);
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(quantize_act_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  quantize_act_kernel<<<M, kActThreads, smem, stream>>>(x, x_dtype, perm, K, Kpad, groups8, q8, q4, scales);
   return cudaGetLastError();
 }
 
