@@ -109,6 +109,33 @@ def export(model, calib, scheme, a8_budget, a8_select, a8_threshold, group_size,
         _calib_config(dataset, nsamples, seqlen, seed, batch_size, device))
 
 
+@main.command(name="build-kernels")
+def build_kernels():
+    """Compile the W4Ax CUDA kernels for this GPU now (otherwise built on first use)."""
+    from . import ops
+
+    click.echo(f"Kernels built in {ops.build(verbose=True)}")
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--tolerance", type=float, default=1e-2, show_default=True,
+              help="Largest relative error allowed (kernels vs reference).")
+@click.option("--tokens", type=int, default=64, show_default=True)
+def verify(checkpoint, tolerance, tokens):
+    """Run every quantized linear of CHECKPOINT through the GPU kernels and the reference."""
+    from .verify import verify_checkpoint
+
+    result = verify_checkpoint(checkpoint, tolerance, tokens)
+    click.echo(f"{'layer type':<12} {'worst rel. error':>18}")
+    for kind, err in result["worst"].items():
+        click.echo(f"{kind:<12} {err:>18.3e}")
+    if not result["ok"]:
+        click.echo(f"error: kernel output differs from the reference by more than {tolerance}", err=True)
+        sys.exit(1)
+    click.echo(f"all linears within {tolerance}")
+
+
 @main.command()
 def schemes():
     """List the scheme presets."""

@@ -56,7 +56,10 @@ def quantize_symmetric(x: torch.Tensor, bits: int, group_size: int) -> tuple[tor
     g = _check_groups(k, group_size)
     qmax = qmax_for_bits(bits)
     xg = x.float().reshape(r, g, group_size)
-    scale = (xg.abs().amax(dim=-1) / qmax).clamp_min(MIN_SCALE)
+    amax = xg.abs().amax(dim=-1)
+    # A tensor divisor keeps true IEEE division on every device (CUDA turns a scalar divisor
+    # into a reciprocal multiply), so the reference and the kernels agree bitwise.
+    scale = (amax / torch.full_like(amax, qmax)).clamp_min(MIN_SCALE)
     q = torch.round(xg / scale[..., None]).clamp_(-qmax, qmax).to(torch.int8)
     return q.reshape(r, k), scale
 

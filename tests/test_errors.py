@@ -150,9 +150,11 @@ def test_gptq_needs_hessians(tiny_model, text_file, tmp_path):
                                "--out", str(tmp_path / "o")), "has no Hessians")
 
 
-def test_cuda_missing(tiny_model, text_file):
+def test_cuda_missing(tiny_model, text_file, exported):
     import torch
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     assert_one_line_error(*run("calibrate", "--model", str(tiny_model), "--device", "cuda"),
                           "CUDA is not available")
+    assert_one_line_error(*run("verify", str(exported)), "needs an NVIDIA GPU")
+    assert_one_line_error(*run("build-kernels"), "CUDA is not available")

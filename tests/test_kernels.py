@@ -111,7 +111,8 @@ def test_gemm_scaled_matches_reference(kernels, shape, m, out_dtype):
     g8 = max(1, g // 10)
     x, perm, _, qw, ws = make_case(m, k, n, g8, seed=3, device="cuda", dtype=out_dtype)
     y = ops.w4ax_linear(x, perm, g8, qw, ws, out_dtype)
-    ref = ops.w4ax_gemm_reference(*ops.quantize_act_reference(x, perm, g8), qw, ws, g8, torch.float32)
+    codes = [t.cuda() for t in ops.quantize_act_reference(x.cpu(), perm.cpu(), g8)]
+    ref = ops.w4ax_gemm_reference(*codes, qw, ws, g8, torch.float32)
     tol = 2e-3 if out_dtype == torch.float16 else 1e-2
     assert rel_err(y, ref) < tol
 
@@ -139,3 +140,18 @@ def test_opcheck(kernels):
     q8, q4, s = torch.ops.comet.quantize_act(x, perm, g8)
     torch.library.opcheck(torch.ops.comet.w4ax_gemm.default,
                           (q8, q4, s, qw, ws, g8, 0, False, torch.float16))
+
+
+@gpu
+def test_verify_exported_checkpoint(kernels, tiny_model, text_file, tmp_path):
+    from comet_quant.calibrate import CalibrationConfig
+    from comet_quant.export import export
+    from comet_quant.scheme import get_scheme
+    from comet_quant.verify import verify_checkpoint
+
+    ck = export(str(tiny_model), None, get_scheme("w4ax-kv4-rtn", a8_budget=0.25), tmp_path / "ck",
+                calib_config=CalibrationConfig(dataset=str(text_file), nsamples=4, seqlen=64, device="cpu"))
+    result = verify_checkpoint(ck)
+    assert result["ok"] and set(result["worst"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                     "gate_proj", "up_proj", "down_proj"}
+    assert all(0 < e < 1e-2 for e in result["worst"].values())
