@@ -77,6 +77,8 @@ def _source_dir() -> Path:
 
 def build(verbose: bool = False) -> Path:
     """Compile and load the kernels for the current GPU; returns the build directory."""
+    if _state["loaded"]:
+        return _state["build_dir"]
     if not torch.cuda.is_available():
         raise CometError("CUDA is not available: the W4Ax kernels need an NVIDIA GPU "
                          "(the PyTorch reference path runs everywhere else)")
@@ -102,7 +104,7 @@ def build(verbose: bool = False) -> Path:
         raise CometError(f"could not build the W4Ax kernels ({_state['error']}); check that nvcc "
                          "and ninja are installed, or use the reference path") from None
     _register_fakes()
-    _state["loaded"] = True
+    _state.update(loaded=True, build_dir=build_dir)
     return build_dir
 
 

@@ -60,7 +60,9 @@ def quantize_symmetric(x: torch.Tensor, bits: int, group_size: int) -> tuple[tor
     # A tensor divisor keeps true IEEE division on every device (CUDA turns a scalar divisor
     # into a reciprocal multiply), so the reference and the kernels agree bitwise.
     scale = (amax / torch.full_like(amax, qmax)).clamp_min(MIN_SCALE)
-    q = torch.round(xg / scale[..., None]).clamp_(-qmax, qmax).to(torch.int8)
+    # Codes are round(x * (1 / s)): one IEEE division per group, which is what the kernel does.
+    inv = torch.ones_like(scale) / scale
+    q = torch.round(xg * inv[..., None]).clamp_(-qmax, qmax).to(torch.int8)
     return q.reshape(r, k), scale
 
 

@@ -29,60 +29,54 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 constexpr int kActThreads = 256;  // 8 warps: one group per warp at a time
-constexpr int kActMaxRows = 4;
-constexpr size_t kActSmemBudget = 96 * 1024;
 
-// A block quantizes `rows` consecutive tokens. Their rows are first copied into shared memory
-// with coalesced 16-byte loads (DRAM reads x exactly once); the permutation then gathers from
-// shared memory, and each warp reads a group's slice of `perm` once for all rows. Lane l owns
+// One block per token. The row is first copied into shared memory with coalesced 16-byte loads
+// (DRAM reads x exactly once); the permutation then gathers from shared memory. Lane l owns
 // channels 4l..4l+3 of a group, so a group's absmax is one warp reduction and its 4-bit codes
-// pack into 2 bytes.
+// pack into 2 bytes. Codes are round(x * (1 / s)) with an IEEE reciprocal per group, exactly as
+// primitives.quantize_symmetric computes them: one division per group instead of per element.
 __global__ void __launch_bounds__(kActThreads)
-quantize_act_kernel(const void* __restrict__ x, DType dt, const int32_t* __restrict__ perm, int M,
-                    int K, int Kpad, int groups8, int rows, int8_t* __restrict__ q8,
-                    uint8_t* __restrict__ q4, float* __restrict__ scales) {
-  extern __shared__ uint16_t row_bits[];  // rows x K raw fp16/bf16 values
-  const int row0 = blockIdx.x * rows, nrows = min(rows, M - row0);
+quantize_act_kernel(const void* __restrict__ x, DType dt, const int32_t* __restrict__ perm, int K,
+                    int Kpad, int groups8, int8_t* __restrict__ q8, uint8_t* __restrict__ q4,
+                    float* __restrict__ scales) {
+  extern __shared__ uint16_t row_bits[];  // K raw fp16/bf16 values
+  const size_t row = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
-  const uint16_t* xrows = static_cast<const uint16_t*>(x) + static_cast<size_t>(row0) * K;
+  const uint16_t* xrow = static_cast<const uint16_t*>(x) + row * K;
   if (K % 8 == 0) {
-    for (int i = threadIdx.x; i < nrows * K / 8; i += kActThreads)
-      reinterpret_cast<uint4*>(row_bits)[i] = __ldg(reinterpret_cast<const uint4*>(xrows) + i);
+    for (int i = threadIdx.x; i < K / 8; i += kActThreads)
+      reinterpret_cast<uint4*>(row_bits)[i] = __ldg(reinterpret_cast<const uint4*>(xrow) + i);
   } else {
-    for (int i = threadIdx.x; i < nrows * K; i += kActThreads) row_bits[i] = xrows[i];
+    for (int i = threadIdx.x; i < K; i += kActThreads) row_bits[i] = xrow[i];
   }
   __syncthreads();
   for (int g = warp; g < G; g += kActThreads / 32) {
     const int c0 = g * kGroup + lane * 4;
     const int4 p = __ldg(reinterpret_cast<const int4*>(perm + c0));
     const int idx[4] = {p.x, p.y, p.z, p.w};
+    float v[4];
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[i] = idx[i] < K ? load_x(row_bits, dt, idx[i]) : 0.f;
+      amax = fmaxf(amax, fabsf(v[i]));
+    }
+    amax = warp_max(amax);
     const bool high = g < groups8;
     const float qmax = high ? 127.f : 7.f;
-    for (int r = 0; r < nrows; ++r) {
-      const uint16_t* xr = row_bits + static_cast<size_t>(r) * K;
-      const size_t row = static_cast<size_t>(row0 + r);
-      float v[4];
-      float amax = 0.f;
+    const float s = fmaxf(__fdiv_rn(amax, qmax), kMinScale);
+    const float inv = __fdiv_rn(1.f, s);
+    int q[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        v[i] = idx[i] < K ? load_x(xr, dt, idx[i]) : 0.f;
-        amax = fmaxf(amax, fabsf(v[i]));
-      }
-      amax = warp_max(amax);
-      // IEEE division and round-half-even, as torch does, so codes match the reference bitwise.
-      const float s = fmaxf(__fdiv_rn(amax, qmax), kMinScale);
-      int q[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) q[i] = static_cast<int>(fminf(fmaxf(rintf(__fdiv_rn(v[i], s)), -qmax), qmax));
-      if (lane == 0) scales[row * G + g] = s;
-      if (high) {
-        *reinterpret_cast<char4*>(q8 + row * K8 + c0) = make_char4(q[0], q[1], q[2], q[3]);
-      } else {
-        const uint16_t packed = static_cast<uint16_t>((q[0] & 0xF) | ((q[1] & 0xF) << 4) |
-                                                      ((q[2] & 0xF) << 8) | ((q[3] & 0xF) << 12));
-        *reinterpret_cast<uint16_t*>(q4 + row * (K4 / 2) + (c0 - K8) / 2) = packed;
-      }
+    for (int i = 0; i < 4; ++i) q[i] = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(v[i], inv)), -qmax), qmax));
+    if (lane == 0) scales[row * G + g] = s;
+    if (high) {
+      *reinterpret_cast<char4*>(q8 + row * K8 + c0) = make_char4(q[0], q[1], q[2], q[3]);
+    } else {
+      const uint16_t packed = static_cast<uint16_t>((q[0] & 0xF) | ((q[1] & 0xF) << 4) |
+                                                    ((q[2] & 0xF) << 8) | ((q[3] & 0xF) << 12));
+      *reinterpret_cast<uint16_t*>(q4 + row * (K4 / 2) + (c0 - K8) / 2) = packed;
     }
   }
 }
@@ -320,20 +314,13 @@ cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm,
                               int Kpad, int groups8, int8_t* q8, uint8_t* q4, float* scales,
                               cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
-  const size_t row_bytes = sizeof(uint16_t) * static_cast<size_t>(K);
-  // Several rows per block share the perm reads; small batches keep one row per block so the
-  // rows still spread over the SMs.
-  int rows = static_cast<int>(std::max<size_t>(1, std::min<size_t>(kActMaxRows, kActSmemBudget / row_bytes)));
-  if (M < 132 * rows) rows = 1;
-  const size_t smem = row_bytes * rows;
+  const size_t smem = sizeof(uint16_t) * static_cast<size_t>(K);
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(quantize_act_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  const int blocks = (M + rows - 1) / rows;
-  quantize_act_kernel<<<blocks, kActThreads, smem, stream>>>(x, x_dtype, perm, M, K, Kpad, groups8, rows,
-                                                             q8, q4, scales);
+  quantize_act_kernel<<<M, kActThreads, smem, stream>>>(x, x_dtype, perm, K, Kpad, groups8, q8, q4, scales);
   return cudaGetLastError();
 }
 
