@@ -164,13 +164,16 @@ def eval_group():
                                                  "[default: the checkpoint's source model].")
 @click.option("--no-reference", is_flag=True, help="Skip the FP model.")
 @click.option("--output", default=None, help="JSON result path.")
-def perplexity(target, dataset, seqlen, max_windows, device, reference, no_reference, output):
+@click.option("--backend", type=click.Choice(["simulated", "kernels"]), default="simulated",
+              show_default=True, help="Run the checkpoint in PyTorch or with the CUDA kernels.")
+def perplexity(target, dataset, seqlen, max_windows, device, reference, no_reference, output, backend):
     """Perplexity of MODEL_OR_CHECKPOINT (a checkpoint: FP reference and quantized side by side)."""
     from .evaluate import eval_perplexity
 
     if max_windows is not None and max_windows < 1:
         raise CometError("--max-windows must be at least 1")
-    eval_perplexity(target, dataset, seqlen, max_windows, device, reference, output, no_reference)
+    eval_perplexity(target, dataset, seqlen, max_windows, device, reference, output, no_reference,
+                    backend)
 
 
 if __name__ == "__main__":

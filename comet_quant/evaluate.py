@@ -53,7 +53,8 @@ def _reference_ref(ckpt) -> ModelRef | None:
 def eval_perplexity(target: str | None = None, dataset: str | None = None,
                     seqlen: int = DEFAULT_EVAL_SEQLEN, max_windows: int | None = None,
                     device: str = "auto", reference: str | None = None,
-                    output: str | Path | None = None, skip_reference: bool = False) -> dict:
+                    output: str | Path | None = None, skip_reference: bool = False,
+                    backend: str = "simulated") -> dict:
     """Evaluate a model, or a quantized checkpoint next to its FP reference; writes JSON.
 
     ``target``: a model (as for ``--model``) or a checkpoint directory; None picks the default
@@ -97,9 +98,10 @@ def eval_perplexity(target: str | None = None, dataset: str | None = None,
         qtok = AutoTokenizer.from_pretrained(str(ckpt.path))
         if windows is None:
             windows = _windows(qtok, src, seqlen, max_windows)
-        model = build_quantized_model(ckpt, device)
+        dtype = torch.float16 if backend == "kernels" else torch.float32
+        model = build_quantized_model(ckpt, device, dtype, backend)
         results["results"]["quantized"] = {
-            "checkpoint": str(ckpt.path), "scheme": ckpt.scheme.name, "backend": "simulated",
+            "checkpoint": str(ckpt.path), "scheme": ckpt.scheme.name, "backend": backend,
             "summary": ckpt.qconfig.get("summary", {}),
             **perplexity(model, windows, device, ckpt.scheme.name)}
     results["windows"] = int(windows.shape[0])

@@ -1,7 +1,8 @@
 """nn.Module glue: a transformers LLaMA whose linears and KV cache follow a checkpoint.
 
-This is the simulated (reference) backend: every quantization step runs in PyTorch with the
-numerics of :mod:`comet_quant.primitives`, on any device.
+Two backends with the same numerics: ``simulated`` runs every quantization step in PyTorch
+(:mod:`comet_quant.primitives`, any device); ``kernels`` runs the linears through the CUDA W4Ax
+ops (activation quantization fused with the permutation, then the mixed GEMM).
 """
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import torch
 from torch import nn
 
 from .checkpoint import QuantizedCheckpoint, open_checkpoint
+from .errors import CometError
 from .models import SITES, decoder_layers
 from .primitives import dequantize_weight, fake_quantize_activation, fake_quantize_kv, pad_channels, unpack_int4
 from .scheme import QuantScheme
 
 KV_ATTENTION = "comet_kv_quant"
+BACKENDS = ("auto", "simulated", "kernels")
 
 
 class W4AxLinear(nn.Module):
@@ -24,8 +27,10 @@ class W4AxLinear(nn.Module):
     Input float [..., K] in the original channel order; output [..., N] in the input dtype.
     """
 
-    def __init__(self, in_features: int, tensors: dict[str, torch.Tensor], scheme: QuantScheme):
+    def __init__(self, in_features: int, tensors: dict[str, torch.Tensor], scheme: QuantScheme,
+                 use_kernels: bool = False):
         super().__init__()
+        self.use_kernels = use_kernels
         self.in_features = in_features
         self.out_features = tensors["qweight"].shape[0]
         self.group_size = scheme.group_size
@@ -55,10 +60,24 @@ class W4AxLinear(nn.Module):
                                         self.a_bits, self.a_high_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels and x.is_cuda:
+            return self._forward_kernels(x)
         y = self.quantized_input(x) @ self.dequantized_weight().t()
         if self.bias is not None:
             y = y + self.bias.float()
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        from . import ops
+
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype not in (torch.float16, torch.bfloat16):
+            x2 = x2.to(torch.float16)
+        groups8 = self.k_padded // self.group_size if self.a_bits == 8 else self.groups8
+        y = ops.w4ax_linear(x2.contiguous(), self.act_perm, groups8, self.qweight, self.wscale, x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, K_pad={self.k_padded}, "
@@ -95,12 +114,35 @@ def enable_kv_quant(model, bits: int) -> None:
     model.set_attn_implementation(KV_ATTENTION)
 
 
+def resolve_backend(ckpt: QuantizedCheckpoint, backend: str, device: str) -> bool:
+    """Whether the linears use the CUDA kernels; ``auto`` uses them where they can run."""
+    if backend not in BACKENDS:
+        raise CometError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend == "simulated":
+        return False
+    s = ckpt.scheme
+    supported = s.group_size == 128 and s.w_symmetric and s.a_bits in (4, 8)
+    if backend == "auto":
+        from . import ops
+        return supported and device.startswith("cuda") and ops.kernels_available()
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise CometError("--backend kernels needs a CUDA GPU (use --device cuda on a GPU machine, "
+                         "or --backend simulated)")
+    if not supported:
+        raise CometError(f"the W4Ax kernels take group size 128, symmetric weights and 4/8-bit "
+                         f"activations; scheme '{s.name}' runs with --backend simulated only")
+    from . import ops
+    ops.build()
+    return True
+
+
 def build_quantized_model(ckpt: QuantizedCheckpoint, device: str = "cpu",
-                          dtype: torch.dtype = torch.float32):
-    """A ``LlamaForCausalLM`` running ``ckpt`` with the simulated backend."""
+                          dtype: torch.dtype = torch.float32, backend: str = "simulated"):
+    """A ``LlamaForCausalLM`` running ``ckpt`` (``backend``: simulated, kernels or auto)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    use_kernels = resolve_backend(ckpt, backend, device)
     config = ckpt.hf_config()
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -112,12 +154,11 @@ def build_quantized_model(ckpt: QuantizedCheckpoint, device: str = "cpu",
             old = layer.get_submodule(lin)
             parent_name, _, child = lin.rpartition(".")
             setattr(layer.get_submodule(parent_name), child,
-                    W4AxLinear(old.in_features, parts, ckpt.scheme))
+                    W4AxLinear(old.in_features, parts, ckpt.scheme, use_kernels))
     state = {k: v.to(dtype) for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if unexpected or any(".layers." not in m or "layernorm" in m for m in missing):
-        from .errors import CometError
         raise CometError(f"checkpoint {ckpt.path} does not match its config (missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]}); re-export it")
     if config.tie_word_embeddings:
@@ -126,10 +167,16 @@ def build_quantized_model(ckpt: QuantizedCheckpoint, device: str = "cpu",
     return model.eval().requires_grad_(False).to(device)
 
 
-def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load an exported checkpoint as a transformers model (simulated backend) plus tokenizer."""
+def load_quantized(path, device: str = "cpu", dtype: torch.dtype | None = None, backend: str = "auto"):
+    """Load an exported checkpoint as a transformers model plus its tokenizer.
+
+    On CUDA the linears run the W4Ax kernels (``backend='auto'``) in float16 by default; on CPU
+    the simulated backend runs in float32.
+    """
     from transformers import AutoTokenizer
 
     ckpt = open_checkpoint(path)
-    model = build_quantized_model(ckpt, device, dtype)
+    if dtype is None:
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    model = build_quantized_model(ckpt, device, dtype, backend)
     return model, AutoTokenizer.from_pretrained(str(ckpt.path))

@@ -115,19 +115,20 @@ def test_truncated_checkpoint(exported, text_file):
                           "does not match its recorded sha256")
 
 
+def edit_scheme(checkpoint, **fields):
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    cfg["quantization_config"]["scheme"].update(fields)
+    (checkpoint / "config.json").write_text(json.dumps(cfg))
+
+
 def test_edited_config(exported, text_file):
-    cfg = json.loads((exported / "config.json").read_text())
-    cfg["quantization_config"]["scheme"]["group_size"] = 64
-    (exported / "config.json").write_text(json.dumps(cfg))
+    edit_scheme(exported, group_size=64)
     assert_one_line_error(*run("eval", "perplexity", str(exported), "--dataset", str(text_file)),
                           "config.json does not match its recorded sha256")
 
 
 def test_unknown_scheme_field_in_checkpoint(exported, text_file):
-    cfg = json.loads((exported / "config.json").read_text())
-    cfg["quantization_config"]["scheme"]["w_bits_extra"] = 3
-    (exported / "config.json").write_text(json.dumps(cfg))
-    (exported / "comet_manifest.json").unlink()
+    edit_scheme(exported, w_bits_extra=3)
     assert_one_line_error(*run("eval", "perplexity", str(exported), "--dataset", str(text_file)),
                           "unknown quantization scheme field")
 
@@ -158,3 +159,5 @@ def test_cuda_missing(tiny_model, text_file, exported):
                           "CUDA is not available")
     assert_one_line_error(*run("verify", str(exported)), "needs an NVIDIA GPU")
     assert_one_line_error(*run("build-kernels"), "CUDA is not available")
+    assert_one_line_error(*run("eval", "perplexity", str(exported), "--dataset", str(text_file),
+                               "--backend", "kernels"), "needs a CUDA GPU")

@@ -155,3 +155,26 @@ def test_verify_exported_checkpoint(kernels, tiny_model, text_file, tmp_path):
     assert result["ok"] and set(result["worst"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
                                                      "gate_proj", "up_proj", "down_proj"}
     assert all(0 < e < 1e-2 for e in result["worst"].values())
+
+
+@gpu
+def test_kernel_backend_matches_simulated(kernels, tiny_model, text_file, tmp_path):
+    """The whole model on the kernels equals the simulated backend up to fp16 rounding."""
+    from comet_quant import data
+    from comet_quant.calibrate import CalibrationConfig
+    from comet_quant.evaluate import perplexity
+    from comet_quant.export import export
+    from comet_quant.qmodules import load_quantized
+    from comet_quant.scheme import get_scheme
+
+    ck = export(str(tiny_model), None, get_scheme("w4ax-kv4-rtn", a8_budget=0.25), tmp_path / "ck",
+                calib_config=CalibrationConfig(dataset=str(text_file), nsamples=4, seqlen=64, device="cpu"))
+    fast, tok = load_quantized(ck, device="cuda")
+    sim, _ = load_quantized(ck, device="cuda", dtype=torch.float16, backend="simulated")
+    assert fast.model.layers[0].self_attn.q_proj.use_kernels
+    assert not sim.model.layers[0].self_attn.q_proj.use_kernels
+    ids = data.eval_windows(data.tokenize(tok, text_file.read_text()), 128, 4)
+    a, b = perplexity(fast, ids, "cuda")["ppl"], perplexity(sim, ids, "cuda")["ppl"]
+    assert abs(a / b - 1) < 0.01, (a, b)
+    out = fast.generate(ids[:1, :8].cuda(), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 12)
