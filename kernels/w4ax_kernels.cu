@@ -124,6 +124,10 @@ struct Stage {
   // so the copy engine fills it asynchronously; expansion happens at fragment load time.
   alignas(16) uint8_t a[BM * kStrideA8];
   alignas(16) uint8_t b[BN * kStrideP];
+  // This group's activation scales (rows of the tile) and weight scales (columns of the tile),
+  // loaded one group ahead so the rescale reads shared memory, not scattered global memory.
+  float sa[BM];
+  float sw[BN];
 };
 
 template <int BM, int BN>
@@ -184,14 +188,26 @@ w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
   const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
   const int gid = lane >> 2, tig = lane & 3;
 
+  static_assert(BN == kThreads && BM <= kThreads, "one scale per thread per group");
+  const int t = threadIdx.x;
+  const bool t_n = n0 + t < N, t_m = t < BM && m0 + t < M;
   float acc[MT][NT][4] = {};
-  if (g_begin < g_end) load_group(stages[0], g_begin, groups8, m0, n0, M, N, Kpad, q8, q4, qw);
+  if (g_begin < g_end) {
+    load_group(stages[0], g_begin, groups8, m0, n0, M, N, Kpad, q8, q4, qw);
+    stages[0].sw[t] = t_n ? __half2float(wscale[static_cast<size_t>(n0 + t) * G + g_begin]) : 0.f;
+    if (t < BM) stages[0].sa[t] = t_m ? ascale[static_cast<size_t>(m0 + t) * G + g_begin] : 0.f;
+  }
   for (int g = g_begin; g < g_end; ++g) {
     const int s = (g - g_begin) & 1;
     cp_async_wait_all();
     __syncthreads();
     // Prefetch the next group into the other stage while this one computes.
-    if (g + 1 < g_end) load_group(stages[s ^ 1], g + 1, groups8, m0, n0, M, N, Kpad, q8, q4, qw);
+    float next_sw = 0.f, next_sa = 0.f;
+    if (g + 1 < g_end) {
+      load_group(stages[s ^ 1], g + 1, groups8, m0, n0, M, N, Kpad, q8, q4, qw);
+      if (t_n) next_sw = __half2float(wscale[static_cast<size_t>(n0 + t) * G + g + 1]);
+      if (t_m) next_sa = ascale[static_cast<size_t>(m0 + t) * G + g + 1];
+    }
     const Stage<BM, BN>& st = stages[s];
     const bool a8 = g < groups8;
     int iacc[MT][NT][4] = {};
@@ -254,18 +270,22 @@ w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int m = m0 + wm + mt * 16 + gid + h * 8;
-        const float sa = m < M ? __ldg(ascale + static_cast<size_t>(m) * G + g) * unscale : 0.f;
+        const float sa = st.sa[wm + mt * 16 + gid + h * 8] * unscale;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const int n = n0 + wn + nt * 8 + tig * 2 + j;
-            const float sw = n < N ? __half2float(wscale[static_cast<size_t>(n) * G + g]) : 0.f;
+            const float sw = st.sw[wn + nt * 8 + tig * 2 + j];
             acc[mt][nt][h * 2 + j] += static_cast<float>(iacc[mt][nt][h * 2 + j]) * (sa * sw);
           }
         }
       }
+    }
+    // The other stage was last read before this iteration's barrier; the next barrier orders
+    // these writes before the next group's rescale.
+    if (g + 1 < g_end) {
+      stages[s ^ 1].sw[t] = next_sw;
+      if (t < BM) stages[s ^ 1].sa[t] = next_sa;
     }
   }
 #pragma unroll
