@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .errors import CometError
 from .layerwise import capture_inputs, run_layer
-from .models import SITES, ModelRef, decoder_layers, describe, fingerprint, load_model, resolve_model
+from .lazy import LayerwiseModel
+from .models import SITES, ModelRef, decoder_layers, describe, fingerprint, resolve_model
 from .outputs import atomic_output_dir, read_json, versions, write_json
 
 CALIB_FORMAT = "comet-quant-calibration"
@@ -117,7 +118,8 @@ def calibrate(model: str | ModelRef | None = None, out: str | Path | None = None
               loaded=None) -> Path:
     """Calibrate ``model`` and write statistics to ``out``; returns the output directory.
 
-    ``loaded`` optionally passes an already-loaded ``(model, tokenizer)`` for ``model``.
+    ``loaded`` optionally passes an already-opened :class:`LayerwiseModel` for ``model``.
+    Decoder layers are loaded from disk one at a time and dropped after use.
     """
     cfg = config or CalibrationConfig()
     ref = model if isinstance(model, ModelRef) else resolve_model(model)
@@ -125,7 +127,8 @@ def calibrate(model: str | ModelRef | None = None, out: str | Path | None = None
     device = resolve_device(cfg.device)
     with atomic_output_dir(out, overwrite) as tmp:
         t0 = time.time()
-        hf_model, tokenizer = loaded if loaded is not None else load_model(ref)
+        lm = loaded if loaded is not None else LayerwiseModel(ref)
+        hf_model, tokenizer = lm.model, lm.tokenizer
         src = data_mod.load_text(cfg.dataset, "calibration")
         ids = data_mod.tokenize(tokenizer, src.text)
         samples = data_mod.calibration_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
@@ -136,9 +139,9 @@ def calibrate(model: str | ModelRef | None = None, out: str | Path | None = None
         inputs = capture_inputs(hf_model, samples, cfg.batch_size, device)
         layers = decoder_layers(hf_model)
         for i in tqdm(range(len(layers)), desc="calibrate", unit="layer"):
-            layer = layers[i].to(device)
+            layer = lm.materialize(i).to(device)
             save_file(_layer_stats(layer, inputs, device, cfg.hessians), tmp / layer_file(i))
-            layers[i].to("cpu")
+            lm.release(i)
         manifest = {
             "format": CALIB_FORMAT, "version": CALIB_VERSION,
             "model": ref.to_dict(), "model_fingerprint": fingerprint(ref),

@@ -1,7 +1,8 @@
 """The quantized checkpoint: tensor naming, writing, opening and validation.
 
 Layout (docs/FORMAT.md is the reference): a directory with ``config.json`` (the model config
-plus ``quantization_config``), ``model.safetensors``, the tokenizer files, and
+plus ``quantization_config``), safetensors shards (one for the embeddings and norms, one per
+decoder layer) listed in ``model.safetensors.index.json``, the tokenizer files, and
 ``comet_manifest.json`` holding the sha256 of every file.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .primitives import pack_int4
 from .scheme import FORMAT_VERSION, QuantScheme
 
 QUANT_METHOD = "comet"
-WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 MANIFEST_FILE = "comet_manifest.json"
 LINEAR_KEYS = ("qweight", "wscale", "wzero", "act_perm", "act_groups8", "bias")
 
@@ -56,10 +57,33 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(out: Path, tensors: dict[str, torch.Tensor], config, tokenizer,
-                    scheme: QuantScheme, ref: ModelRef, calib_manifest: dict, layers: dict) -> None:
-    """Write a complete checkpoint into the (temporary) directory ``out``."""
-    save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt", "quant_method": QUANT_METHOD})
+class ShardWriter:
+    """Writes the checkpoint one safetensors shard at a time (memory holds one shard)."""
+
+    def __init__(self, out: Path, total: int):
+        self.out, self.total = out, total
+        self.count = 0
+        self.size = 0
+        self.weight_map: dict[str, str] = {}
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.count += 1
+        name = f"model-{self.count:05d}-of-{self.total:05d}.safetensors"
+        save_file(tensors, self.out / name, metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        self.size += sum(t.numel() * t.element_size() for t in tensors.values())
+        self.weight_map.update(dict.fromkeys(tensors, name))
+
+    def finish(self) -> None:
+        if self.count != self.total:
+            raise RuntimeError(f"wrote {self.count} of {self.total} shards")
+        write_json(self.out / INDEX_FILE, {"metadata": {"total_size": self.size},
+                                           "weight_map": self.weight_map})
+
+
+def save_checkpoint(out: Path, writer: ShardWriter, config, tokenizer, scheme: QuantScheme,
+                    ref: ModelRef, calib_manifest: dict, layers: dict) -> None:
+    """Finish a checkpoint whose shards ``writer`` wrote into the (temporary) directory ``out``."""
+    writer.finish()
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["dtype"] = "float16"
@@ -113,14 +137,20 @@ class QuantizedCheckpoint:
         cfg = {k: v for k, v in self.config.items() if k != "quantization_config"}
         return AutoConfig.for_model(**cfg)
 
+    def shards(self) -> list[Path]:
+        index = read_json(self.path / INDEX_FILE, f"checkpoint {self.path}")
+        return [self.path / f for f in sorted(set(index.get("weight_map", {}).values()))]
+
     def tensors(self, device: str = "cpu") -> dict[str, torch.Tensor]:
-        f = self.path / WEIGHTS_FILE
-        try:
-            with safe_open(f, framework="pt", device=device) as st:
-                return {k: st.get_tensor(k) for k in st.keys()}
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CometError(f"{f} is corrupt or truncated ({str(exc).splitlines()[0]}); "
-                             "re-export the checkpoint") from None
+        out = {}
+        for f in self.shards():
+            try:
+                with safe_open(f, framework="pt", device=device) as st:
+                    out.update({k: st.get_tensor(k) for k in st.keys()})
+            except (SafetensorError, OSError, RuntimeError) as exc:
+                raise CometError(f"{f} is corrupt or truncated ({str(exc).splitlines()[0]}); "
+                                 "re-export the checkpoint") from None
+        return out
 
 
 def is_quantized_checkpoint(path: str | Path) -> bool:
@@ -162,30 +192,28 @@ def open_checkpoint(path: str | Path, verify_hashes: bool = True) -> QuantizedCh
 
 def _check_shapes(ckpt: QuantizedCheckpoint) -> None:
     """Every linear's stored tensors agree with the config and the recorded plans."""
-    f = ckpt.path / WEIGHTS_FILE
+    shapes: dict[str, list[int]] = {}
+    for f in ckpt.shards():
+        try:
+            with safe_open(f, framework="pt") as st:
+                shapes.update({k: st.get_slice(k).get_shape() for k in st.keys()})
+        except (SafetensorError, OSError) as exc:
+            raise CometError(f"{f} is corrupt or truncated ({exc}); re-export the checkpoint") from None
+    g = ckpt.scheme.group_size
     try:
-        with safe_open(f, framework="pt") as st:
-            keys = set(st.keys())
-            g = ckpt.scheme.group_size
-            for i in range(ckpt.num_layers):
-                meta = ckpt.qconfig["layers"][str(i)]
-                for site, linears in SITES.items():
-                    kp = meta[site]["k_padded"]
-                    for lin in linears:
-                        p = f"model.layers.{i}.{lin}"
-                        for key in ("qweight", "wscale", "act_perm", "act_groups8"):
-                            if f"{p}.{key}" not in keys:
-                                raise CometError(f"checkpoint {ckpt.path} lacks tensor {p}.{key}; "
-                                                 "re-export it")
-                        qshape = st.get_slice(f"{p}.qweight").get_shape()
-                        sshape = st.get_slice(f"{p}.wscale").get_shape()
-                        pshape = st.get_slice(f"{p}.act_perm").get_shape()
-                        if qshape[1] * 2 != kp or sshape != [qshape[0], kp // g] or pshape != [kp]:
-                            raise CometError(f"tensor shapes of {p} do not match the checkpoint "
-                                             f"config (K_pad={kp}, group {g}); the checkpoint is "
-                                             "mismatched, re-export it")
-    except (SafetensorError, OSError) as exc:
-        raise CometError(f"{f} is corrupt or truncated ({exc}); re-export the checkpoint") from None
+        for i in range(ckpt.num_layers):
+            meta = ckpt.qconfig["layers"][str(i)]
+            for site, linears in SITES.items():
+                kp = meta[site]["k_padded"]
+                for lin in linears:
+                    p = f"model.layers.{i}.{lin}"
+                    for key in ("qweight", "wscale", "act_perm", "act_groups8"):
+                        if f"{p}.{key}" not in shapes:
+                            raise CometError(f"checkpoint {ckpt.path} lacks tensor {p}.{key}; re-export it")
+                    qshape, sshape = shapes[f"{p}.qweight"], shapes[f"{p}.wscale"]
+                    if qshape[1] * 2 != kp or sshape != [qshape[0], kp // g] or shapes[f"{p}.act_perm"] != [kp]:
+                        raise CometError(f"tensor shapes of {p} do not match the checkpoint config "
+                                         f"(K_pad={kp}, group {g}); the checkpoint is mismatched, re-export it")
     except KeyError as exc:
         raise CometError(f"checkpoint config of {ckpt.path} lacks layer entry {exc}; the config "
                          "was edited or truncated, re-export") from None

@@ -8,11 +8,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibrate import Calibration, CalibrationConfig, calibrate, default_calib_dir
-from .checkpoint import linear_tensors, save_checkpoint
+from .checkpoint import ShardWriter, linear_tensors, save_checkpoint
 from .errors import CometError
 from .fmpq import InputPlan, plan_input, select_groups8
 from .gptq import gptq_quantize
-from .models import SITES, ModelRef, decoder_layers, load_model, resolve_model
+from .lazy import LayerwiseModel
+from .models import SITES, ModelRef, resolve_model
 from .outputs import atomic_output_dir, check_output_dir
 from .primitives import pad_channels, quantize_weight_rtn
 from .scheme import DEFAULT_PRESET, QuantScheme, get_scheme
@@ -100,35 +101,36 @@ def export(model: str | ModelRef | None = None, calib: str | Path | None = None,
     out = Path(out) if out is not None else default_export_dir(ref, scheme)
     check_output_dir(out, overwrite)
     t0 = time.time()
-    loaded = load_model(ref)
-    hf_model, tokenizer = loaded
-    cal = _open_or_make_calibration(ref, calib, scheme, calib_config, loaded)
+    lm = LayerwiseModel(ref)
+    hf_model, tokenizer = lm.model, lm.tokenizer
+    cal = _open_or_make_calibration(ref, calib, scheme, calib_config, lm)
     plans = plan_model(cal, scheme)
-    layers = decoder_layers(hf_model)
+    num_layers = hf_model.config.num_hidden_layers
     padded = sorted({(p.k, p.k_padded) for p in plans.values() if p.k != p.k_padded})
     for k, kp in padded:
         print(f"note: K={k} is not a multiple of group size {scheme.group_size}: padding with "
               f"{kp - k} zero channels to {kp} (k_policy='pad')")
     with atomic_output_dir(out, overwrite) as tmp:
-        tensors: dict[str, torch.Tensor] = {}
-        for name, p in hf_model.named_parameters():
-            if ".layers." not in name or "layernorm" in name:
-                tensors[name] = p.detach().to(torch.float16)
-        if hf_model.config.tie_word_embeddings:
-            tensors.pop("lm_head.weight", None)
-        for i in tqdm(range(len(layers)), desc=f"export {scheme.name}", unit="layer"):
+        writer = ShardWriter(tmp, num_layers + 1)
+        writer.write({n: t.to(torch.float16) for n, t in lm.non_layer_tensors()
+                      if not (n == "lm_head.weight" and hf_model.config.tie_word_embeddings)})
+        for i in tqdm(range(num_layers), desc=f"export {scheme.name}", unit="layer"):
             stats = cal.layer(i) if scheme.needs_hessians else {}
+            layer = lm.materialize(i)
+            shard: dict[str, torch.Tensor] = {
+                f"model.layers.{i}.{n}": p.detach().to(torch.float16)
+                for n, p in layer.named_parameters() if "layernorm" in n}
             for site, linears in SITES.items():
                 plan = plans[_site_key(i, site)]
                 for lin in linears:
-                    mod = layers[i].get_submodule(lin)
+                    mod = layer.get_submodule(lin)
                     qt = quantize_linear(mod.weight, mod.bias, plan, scheme,
                                          stats.get(f"{site}.hessian"))
-                    prefix = f"model.layers.{i}.{lin}"
-                    tensors.update({f"{prefix}.{k}": v for k, v in qt.items()})
+                    shard.update({f"model.layers.{i}.{lin}.{k}": v for k, v in qt.items()})
+            lm.release(i)
+            writer.write(shard)
         layer_meta = {str(i): {site: plan_summary(plans[_site_key(i, site)]) for site in SITES}
-                      for i in range(len(layers))}
-        save_checkpoint(tmp, tensors, hf_model.config, tokenizer, scheme, ref,
-                        cal.manifest, layer_meta)
+                      for i in range(num_layers)}
+        save_checkpoint(tmp, writer, hf_model.config, tokenizer, scheme, ref, cal.manifest, layer_meta)
     print(f"Quantized checkpoint written to {out} ({time.time() - t0:.0f} s)")
     return out

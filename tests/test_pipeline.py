@@ -105,6 +105,23 @@ def test_kv4_changes_attention_inputs(checkpoint):
     assert not torch.equal(with_kv4, model(ids).logits)
 
 
+def test_layers_load_lazily(tiny_model):
+    """Decoder layers stay on the meta device until materialized, and go back after release."""
+    from comet_quant.lazy import LayerwiseModel
+
+    lm = LayerwiseModel(resolve_model(str(tiny_model)))
+    assert lm.lazy
+    q = lambda i: lm.model.model.layers[i].self_attn.q_proj.weight  # noqa: E731
+    assert q(0).is_meta and q(1).is_meta and not lm.model.model.embed_tokens.weight.is_meta
+    fp, _ = load_model(resolve_model(str(tiny_model)))
+    lm.materialize(1)
+    assert torch.equal(q(1), fp.model.layers[1].self_attn.q_proj.weight) and q(0).is_meta
+    lm.release(1)
+    assert q(1).is_meta
+    names = dict(lm.non_layer_tensors())
+    assert set(names) == {"model.embed_tokens.weight", "model.norm.weight"}
+
+
 def test_cli_end_to_end(tiny_model, text_file, tmp_path):
     r = CliRunner()
     cal, ck, res = tmp_path / "cal", tmp_path / "ck", tmp_path / "res.json"
