@@ -136,7 +136,9 @@ def calibrate(model: str | ModelRef | None = None, out: str | Path | None = None
         print(f"Calibrating {ref.name} on {src.spec['name']}: {cfg.nsamples} x {cfg.seqlen} "
               f"tokens from {ids.numel()} ({'overlapping windows' if overlap else 'random windows'})"
               f", device {device}{', with Hessians' if cfg.hessians else ''}")
-        inputs = capture_inputs(hf_model, samples, cfg.batch_size, device)
+        inputs = capture_inputs(hf_model, samples, cfg.batch_size, device, lm.dtype)
+        if loaded is None:
+            lm.drop_embeddings()
         layers = decoder_layers(hf_model)
         for i in tqdm(range(len(layers)), desc="calibrate", unit="layer"):
             layer = lm.materialize(i).to(device)

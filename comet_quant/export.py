@@ -104,6 +104,7 @@ def export(model: str | ModelRef | None = None, calib: str | Path | None = None,
     lm = LayerwiseModel(ref)
     hf_model, tokenizer = lm.model, lm.tokenizer
     cal = _open_or_make_calibration(ref, calib, scheme, calib_config, lm)
+    lm.drop_embeddings()  # export reads them from disk when it writes them
     plans = plan_model(cal, scheme)
     num_layers = hf_model.config.num_hidden_layers
     padded = sorted({(p.k, p.k_padded) for p in plans.values() if p.k != p.k_padded})
@@ -111,9 +112,13 @@ def export(model: str | ModelRef | None = None, calib: str | Path | None = None,
         print(f"note: K={k} is not a multiple of group size {scheme.group_size}: padding with "
               f"{kp - k} zero channels to {kp} (k_policy='pad')")
     with atomic_output_dir(out, overwrite) as tmp:
-        writer = ShardWriter(tmp, num_layers + 1)
-        writer.write({n: t.to(torch.float16) for n, t in lm.non_layer_tensors()
-                      if not (n == "lm_head.weight" and hf_model.config.tie_word_embeddings)})
+        # Shards: embeddings + final norm, then lm_head when untied, then one per layer, so
+        # memory holds one of them at a time.
+        tied = hf_model.config.tie_word_embeddings
+        writer = ShardWriter(tmp, num_layers + (1 if tied else 2))
+        writer.write({n: t.to(torch.float16) for n, t in lm.non_layer_tensors()})
+        if not tied:
+            writer.write({n: t.to(torch.float16) for n, t in lm.non_layer_tensors(head=True)})
         for i in tqdm(range(num_layers), desc=f"export {scheme.name}", unit="layer"):
             stats = cal.layer(i) if scheme.needs_hessians else {}
             layer = lm.materialize(i)

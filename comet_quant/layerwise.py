@@ -34,9 +34,22 @@ def _to(obj, device):
     return obj
 
 
+def _cast(obj, dtype):
+    if isinstance(obj, torch.Tensor) and obj.is_floating_point():
+        return obj.to(dtype)
+    if isinstance(obj, tuple):
+        return tuple(_cast(o, dtype) for o in obj)
+    return obj
+
+
 @torch.no_grad()
-def capture_inputs(model, samples: torch.Tensor, batch_size: int, device: str) -> LayerInputs:
-    """Embed ``samples`` (int64 [S, T]) and capture what enters the first decoder layer."""
+def capture_inputs(model, samples: torch.Tensor, batch_size: int, device: str,
+                   dtype: torch.dtype = torch.float32) -> LayerInputs:
+    """Embed ``samples`` (int64 [S, T]) and capture what enters the first decoder layer.
+
+    Hidden states and floating-point keyword arguments are cast to ``dtype``, the dtype the
+    decoder layers compute in (embeddings may be stored narrower).
+    """
     layers = decoder_layers(model)
     inner = model.model
     moved = [inner.embed_tokens, inner.rotary_emb]
@@ -46,10 +59,10 @@ def capture_inputs(model, samples: torch.Tensor, batch_size: int, device: str) -
 
     def hook(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden.detach().to("cpu"))
+        captured.hidden.append(hidden.detach().to("cpu", dtype))
         kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
         kw["use_cache"] = False
-        captured.kwargs.append(_to(kw, "cpu"))
+        captured.kwargs.append(_cast(_to(kw, "cpu"), dtype))
         raise _StopForward
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)

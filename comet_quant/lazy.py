@@ -71,15 +71,18 @@ class LayerwiseModel:
             self.tokenizer = AutoTokenizer.from_pretrained(ref.path)
         except Exception as exc:
             raise CometError(f"could not load the tokenizer of '{ref.path}': {exc}") from None
-        keep = {n: t for n, t in self._read(n for n in self.files
-                                             if not n.startswith(LAYER_PREFIX) and n != "lm_head.weight")}
+        # Embeddings stay in their stored dtype (a 128k-token vocabulary is 2 GB in float32);
+        # layer inputs are cast to the compute dtype when captured. lm_head is never needed.
+        keep = dict(self._read((n for n in self.files
+                                if not n.startswith(LAYER_PREFIX) and n != "lm_head.weight"),
+                               convert=False))
         self.model.load_state_dict(keep, strict=False, assign=True)
         if config.tie_word_embeddings:
             self.model.tie_weights()
         self.model.eval().requires_grad_(False)
         self.lazy = True
 
-    def _read(self, names) -> Iterator[tuple[str, torch.Tensor]]:
+    def _read(self, names, convert: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self.files[n], []).append(n)
@@ -87,7 +90,8 @@ class LayerwiseModel:
             try:
                 with safe_open(f, framework="pt") as st:
                     for n in ns:
-                        yield n, st.get_tensor(n).to(self.dtype)
+                        t = st.get_tensor(n)
+                        yield n, t.to(self.dtype) if convert else t
             except (SafetensorError, OSError) as exc:
                 raise CometError(f"{f} is corrupt or truncated ({exc}); re-download the model") from None
 
@@ -108,11 +112,21 @@ class LayerwiseModel:
         layer = decoder_layers(self.model)[i]
         layer.to("meta" if self.lazy else "cpu")
 
-    def non_layer_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every parameter outside the decoder layers (embeddings, final norm, lm_head)."""
+    def non_layer_tensors(self, head: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Parameters outside the decoder layers in their stored dtype: the embeddings and final
+        norm, or with ``head`` only ``lm_head.weight`` (absent when tied), so that callers
+        can hold one of the two large vocabulary matrices at a time."""
+        def wanted(n: str) -> bool:
+            return not n.startswith(LAYER_PREFIX) and (n == "lm_head.weight") == head
+
         if not self.lazy:
             for n, p in self.model.named_parameters():
-                if not n.startswith(LAYER_PREFIX):
+                if wanted(n):
                     yield n, p.detach()
             return
-        yield from self._read(n for n in self.files if not n.startswith(LAYER_PREFIX))
+        yield from self._read((n for n in self.files if wanted(n)), convert=False)
+
+    def drop_embeddings(self) -> None:
+        """Free the input embeddings once the first layer's inputs are captured (lazy only)."""
+        if self.lazy:
+            self.model.get_input_embeddings().to("meta")

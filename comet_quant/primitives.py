@@ -54,6 +54,7 @@ def quantize_symmetric(x: torch.Tensor, bits: int, group_size: int) -> tuple[tor
     """
     r, k = x.shape
     g = _check_groups(k, group_size)
+    _check_finite(x, "activations")
     qmax = qmax_for_bits(bits)
     xg = x.float().reshape(r, g, group_size)
     amax = xg.abs().amax(dim=-1)

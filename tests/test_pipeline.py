@@ -118,8 +118,8 @@ def test_layers_load_lazily(tiny_model):
     assert torch.equal(q(1), fp.model.layers[1].self_attn.q_proj.weight) and q(0).is_meta
     lm.release(1)
     assert q(1).is_meta
-    names = dict(lm.non_layer_tensors())
-    assert set(names) == {"model.embed_tokens.weight", "model.norm.weight"}
+    assert set(dict(lm.non_layer_tensors())) == {"model.embed_tokens.weight", "model.norm.weight"}
+    assert not dict(lm.non_layer_tensors(head=True))  # tied: no separate lm_head
 
 
 def test_cli_end_to_end(tiny_model, text_file, tmp_path):
