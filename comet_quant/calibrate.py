@@ -6,6 +6,8 @@ absmax of the K and V projections. Output: ``manifest.json`` plus ``layer_NNN.sa
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ from .errors import CometError
 from .layerwise import capture_inputs, run_layer
 from .lazy import LayerwiseModel
 from .models import SITES, ModelRef, decoder_layers, describe, fingerprint, resolve_model
-from .outputs import atomic_output_dir, read_json, versions, write_json
+from .outputs import output_dir, read_json, replace_atomically, versions, write_json
 
 CALIB_FORMAT = "comet-quant-calibration"
 CALIB_VERSION = 1
@@ -115,17 +117,23 @@ def _layer_stats(layer, inputs, device: str, hessians: bool) -> dict[str, torch.
 
 def calibrate(model: str | ModelRef | None = None, out: str | Path | None = None,
               config: CalibrationConfig | None = None, overwrite: bool = False,
-              loaded=None) -> Path:
+              loaded=None, resume: bool = False) -> Path:
     """Calibrate ``model`` and write statistics to ``out``; returns the output directory.
 
     ``loaded`` optionally passes an already-opened :class:`LayerwiseModel` for ``model``.
-    Decoder layers are loaded from disk one at a time and dropped after use.
+    Decoder layers are loaded from disk one at a time and dropped after use. Each finished
+    layer's statistics are saved as they are made; with ``resume`` an interrupted run with the
+    same settings continues: finished layers only run forward to rebuild the next inputs, so
+    the result is identical to an uninterrupted run.
     """
     cfg = config or CalibrationConfig()
     ref = model if isinstance(model, ModelRef) else resolve_model(model)
     out = Path(out) if out is not None else default_calib_dir(ref)
     device = resolve_device(cfg.device)
-    with atomic_output_dir(out, overwrite) as tmp:
+    job = {"kind": "calibration", "model_fingerprint": fingerprint(ref), "dataset": cfg.dataset,
+           "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed, "hessians": cfg.hessians,
+           "batch_size": cfg.batch_size, "device": device}
+    with output_dir(out, overwrite, resume, job) as tmp:
         t0 = time.time()
         lm = loaded if loaded is not None else LayerwiseModel(ref)
         hf_model, tokenizer = lm.model, lm.tokenizer
@@ -142,7 +150,11 @@ def calibrate(model: str | ModelRef | None = None, out: str | Path | None = None
         layers = decoder_layers(hf_model)
         for i in tqdm(range(len(layers)), desc="calibrate", unit="layer"):
             layer = lm.materialize(i).to(device)
-            save_file(_layer_stats(layer, inputs, device, cfg.hessians), tmp / layer_file(i))
+            if (tmp / layer_file(i)).is_file():  # done before an interruption: forward only
+                run_layer(layer, inputs, device, update=True)
+            else:
+                stats = _layer_stats(layer, inputs, device, cfg.hessians)
+                replace_atomically(tmp / layer_file(i), lambda path: save_file(stats, path))
             lm.release(i)
         manifest = {
             "format": CALIB_FORMAT, "version": CALIB_VERSION,
@@ -202,6 +214,15 @@ class Calibration:
         if d.get("arg") != cfg.dataset or (cfg.hessians and not self.manifest.get("hessians")):
             return False
         return d.get("sha256") == data_mod.load_text(cfg.dataset, "calibration").spec["sha256"]
+
+    def layer_digest(self) -> str:
+        """sha256 over the layer files' names and sizes: identifies this calibration's content."""
+        h = hashlib.sha256()
+        for i in range(self.manifest["num_layers"]):
+            f = self.path / layer_file(i)
+            h.update(f"{f.name}:{f.stat().st_size if f.is_file() else -1}".encode())
+        h.update(json.dumps(self.manifest.get("data"), sort_keys=True).encode())
+        return h.hexdigest()
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         f = self.path / layer_file(i)

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from .errors import CometError
 from .models import SITES, ModelRef, check_architecture, fingerprint
-from .outputs import read_json, versions, write_json
+from .outputs import JOB_FILE, read_json, replace_atomically, versions, write_json
 from .primitives import pack_int4
 from .scheme import FORMAT_VERSION, QuantScheme
 
@@ -58,26 +58,61 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 class ShardWriter:
-    """Writes the checkpoint one safetensors shard at a time (memory holds one shard)."""
+    """Writes the checkpoint one numbered safetensors shard at a time (memory holds one).
+
+    Each shard is written to a temporary name and renamed, so a shard file that exists is
+    complete; :meth:`done` adopts such a shard from an interrupted run.
+    """
 
     def __init__(self, out: Path, total: int):
         self.out, self.total = out, total
-        self.count = 0
         self.size = 0
         self.weight_map: dict[str, str] = {}
+        self.written: set[int] = set()
 
-    def write(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.count += 1
-        name = f"model-{self.count:05d}-of-{self.total:05d}.safetensors"
-        save_file(tensors, self.out / name, metadata={"format": "pt", "quant_method": QUANT_METHOD})
+    def name(self, k: int) -> str:
+        return f"model-{k:05d}-of-{self.total:05d}.safetensors"
+
+    def done(self, k: int) -> bool:
+        """Whether shard ``k`` exists (from an earlier, interrupted run); records its tensors."""
+        f = self.out / self.name(k)
+        if not f.is_file():
+            return False
+        try:
+            with safe_open(f, framework="pt") as st:
+                for key in st.keys():
+                    sl = st.get_slice(key)
+                    self.weight_map[key] = f.name
+                    self.size += _numel(sl.get_shape()) * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+        except (SafetensorError, OSError):
+            f.unlink()
+            return False
+        self.written.add(k)
+        return True
+
+    def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
+        f = self.out / self.name(k)
+        replace_atomically(f, lambda path: save_file(
+            tensors, path, metadata={"format": "pt", "quant_method": QUANT_METHOD}))
         self.size += sum(t.numel() * t.element_size() for t in tensors.values())
-        self.weight_map.update(dict.fromkeys(tensors, name))
+        self.weight_map.update(dict.fromkeys(tensors, f.name))
+        self.written.add(k)
 
     def finish(self) -> None:
-        if self.count != self.total:
-            raise RuntimeError(f"wrote {self.count} of {self.total} shards")
+        if self.written != set(range(1, self.total + 1)):
+            raise RuntimeError(f"shards {sorted(set(range(1, self.total + 1)) - self.written)} missing")
         write_json(self.out / INDEX_FILE, {"metadata": {"total_size": self.size},
                                            "weight_map": self.weight_map})
+
+
+_DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "U8": 1, "I8": 1, "I64": 8, "F64": 8}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def save_checkpoint(out: Path, writer: ShardWriter, config, tokenizer, scheme: QuantScheme,
@@ -114,7 +149,7 @@ def save_checkpoint(out: Path, writer: ShardWriter, config, tokenizer, scheme: Q
     }
     write_json(out / "config.json", cfg)
     tokenizer.save_pretrained(out)
-    files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}
+    files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != JOB_FILE}
     write_json(out / MANIFEST_FILE, {"format_version": FORMAT_VERSION, "sha256": files})
 
 

@@ -21,7 +21,7 @@ class _Group(click.Group):
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
-            click.echo("interrupted: no output was written under its final name", err=True)
+            click.echo("interrupted: nothing was written under the final output name", err=True)
             sys.exit(EXIT_INTERRUPTED)
 
 
@@ -31,6 +31,8 @@ model_opt = click.option("--model", default=None, metavar="MODEL",
 device_opt = click.option("--device", default="auto", show_default=True,
                           help="cpu, cuda, or auto (cuda when available)")
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+resume_opt = click.option("--resume", is_flag=True,
+                          help="Continue an interrupted run with the same options (kept in .OUT.partial).")
 
 
 def _calib_options(fn):
@@ -72,12 +74,13 @@ def main():
               help="Also save GPTQ Hessians E[x x^T] of every linear input.")
 @click.option("--out", default=None, help="Output directory [default: comet_quant_out/MODEL-calib]")
 @overwrite_opt
-def calibrate(model, dataset, nsamples, seqlen, seed, batch_size, device, hessians, out, overwrite):
+@resume_opt
+def calibrate(model, dataset, nsamples, seqlen, seed, batch_size, device, hessians, out, overwrite, resume):
     """Record activation, K/V statistics (and Hessians) layer by layer."""
     from .calibrate import calibrate as run
 
     run(model, out, _calib_config(dataset, nsamples, seqlen, seed, batch_size, device, hessians),
-        overwrite=overwrite)
+        overwrite=overwrite, resume=resume)
 
 
 @main.command()
@@ -95,8 +98,10 @@ def calibrate(model, dataset, nsamples, seqlen, seed, batch_size, device, hessia
 @_calib_options
 @click.option("--out", default=None, help="Output directory [default: comet_quant_out/MODEL-SCHEME]")
 @overwrite_opt
+@resume_opt
 def export(model, calib, scheme, a8_budget, a8_select, a8_threshold, group_size, w_method,
-           asymmetric, kv_bits, dataset, nsamples, seqlen, seed, batch_size, device, out, overwrite):
+           asymmetric, kv_bits, dataset, nsamples, seqlen, seed, batch_size, device, out, overwrite,
+           resume):
     """Run FMPQ and write a quantized checkpoint."""
     from .export import export as run
     from .scheme import get_scheme
@@ -106,7 +111,7 @@ def export(model, calib, scheme, a8_budget, a8_select, a8_threshold, group_size,
                         w_symmetric=(False if asymmetric else None),
                         kv_bits=int(kv_bits) if kv_bits else None)
     run(model, calib, chosen, out, overwrite,
-        _calib_config(dataset, nsamples, seqlen, seed, batch_size, device))
+        _calib_config(dataset, nsamples, seqlen, seed, batch_size, device), resume=resume)
 
 
 @main.command(name="build-kernels")

@@ -13,8 +13,8 @@ from .errors import CometError
 from .fmpq import InputPlan, plan_input, select_groups8
 from .gptq import gptq_quantize
 from .lazy import LayerwiseModel
-from .models import SITES, ModelRef, resolve_model
-from .outputs import atomic_output_dir, check_output_dir
+from .models import SITES, ModelRef, fingerprint, resolve_model
+from .outputs import check_output_dir, output_dir, partial_dir
 from .primitives import pad_channels, quantize_weight_rtn
 from .scheme import DEFAULT_PRESET, QuantScheme, get_scheme
 
@@ -64,7 +64,8 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, plan: Input
 
 
 def _open_or_make_calibration(ref: ModelRef, calib: str | Path | None, scheme: QuantScheme,
-                              calib_config: CalibrationConfig | None, loaded) -> Calibration:
+                              calib_config: CalibrationConfig | None, loaded,
+                              resume: bool = False) -> Calibration:
     if calib is not None:
         c = Calibration.open(calib)
         c.check_model(ref)
@@ -85,16 +86,20 @@ def _open_or_make_calibration(ref: ModelRef, calib: str | Path | None, scheme: Q
                 return c
         except CometError:
             pass
-    calibrate(ref, default, cfg, overwrite=True, loaded=loaded)
+    calibrate(ref, default, cfg, overwrite=True, loaded=loaded,
+              resume=resume and partial_dir(default).is_dir())
     return Calibration.open(default)
 
 
 def export(model: str | ModelRef | None = None, calib: str | Path | None = None,
            scheme: QuantScheme | str = DEFAULT_PRESET, out: str | Path | None = None,
-           overwrite: bool = False, calib_config: CalibrationConfig | None = None) -> Path:
+           overwrite: bool = False, calib_config: CalibrationConfig | None = None,
+           resume: bool = False) -> Path:
     """Quantize ``model`` with ``scheme`` and write a checkpoint; returns its directory.
 
     Without ``calib`` the default calibration directory is reused when it matches, else made.
+    Every finished shard is kept as it is written; ``resume`` continues an interrupted export
+    (and its calibration) with the same settings, skipping the shards already written.
     """
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     ref = model if isinstance(model, ModelRef) else resolve_model(model)
@@ -103,7 +108,7 @@ def export(model: str | ModelRef | None = None, calib: str | Path | None = None,
     t0 = time.time()
     lm = LayerwiseModel(ref)
     hf_model, tokenizer = lm.model, lm.tokenizer
-    cal = _open_or_make_calibration(ref, calib, scheme, calib_config, lm)
+    cal = _open_or_make_calibration(ref, calib, scheme, calib_config, lm, resume)
     lm.drop_embeddings()  # export reads them from disk when it writes them
     plans = plan_model(cal, scheme)
     num_layers = hf_model.config.num_hidden_layers
@@ -111,15 +116,21 @@ def export(model: str | ModelRef | None = None, calib: str | Path | None = None,
     for k, kp in padded:
         print(f"note: K={k} is not a multiple of group size {scheme.group_size}: padding with "
               f"{kp - k} zero channels to {kp} (k_policy='pad')")
-    with atomic_output_dir(out, overwrite) as tmp:
+    job = {"kind": "export", "model_fingerprint": fingerprint(ref), "scheme": scheme.to_dict(),
+           "calibration": cal.manifest.get("data"), "calibration_layers": cal.layer_digest()}
+    with output_dir(out, overwrite, resume, job) as tmp:
         # Shards: embeddings + final norm, then lm_head when untied, then one per layer, so
         # memory holds one of them at a time.
         tied = hf_model.config.tie_word_embeddings
-        writer = ShardWriter(tmp, num_layers + (1 if tied else 2))
-        writer.write({n: t.to(torch.float16) for n, t in lm.non_layer_tensors()})
-        if not tied:
-            writer.write({n: t.to(torch.float16) for n, t in lm.non_layer_tensors(head=True)})
+        first_layer = 2 if tied else 3
+        writer = ShardWriter(tmp, num_layers + first_layer - 1)
+        if not writer.done(1):
+            writer.write(1, {n: t.to(torch.float16) for n, t in lm.non_layer_tensors()})
+        if not tied and not writer.done(2):
+            writer.write(2, {n: t.to(torch.float16) for n, t in lm.non_layer_tensors(head=True)})
         for i in tqdm(range(num_layers), desc=f"export {scheme.name}", unit="layer"):
+            if writer.done(first_layer + i):
+                continue
             stats = cal.layer(i) if scheme.needs_hessians else {}
             layer = lm.materialize(i)
             shard: dict[str, torch.Tensor] = {
@@ -133,7 +144,7 @@ def export(model: str | ModelRef | None = None, calib: str | Path | None = None,
                                          stats.get(f"{site}.hessian"))
                     shard.update({f"model.layers.{i}.{lin}.{k}": v for k, v in qt.items()})
             lm.release(i)
-            writer.write(shard)
+            writer.write(first_layer + i, shard)
         layer_meta = {str(i): {site: plan_summary(plans[_site_key(i, site)]) for site in SITES}
                       for i in range(num_layers)}
         save_checkpoint(tmp, writer, hf_model.config, tokenizer, scheme, ref, cal.manifest, layer_meta)

@@ -20,32 +20,57 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
                          "or choose another --out")
 
 
-@contextmanager
-def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory that is renamed to ``out`` only on success.
+JOB_FILE = "job.json"  # marks a partial directory; removed when the run completes
 
-    On any exception (Ctrl-C included) the temporary directory is removed, so an interrupted
-    run never leaves a directory under the final name. A killed process can leave only a
-    hidden ``.NAME.tmp-PID`` sibling, never a complete-looking output.
+
+def partial_dir(out: Path) -> Path:
+    """Where an unfinished run of ``out`` keeps its progress (hidden, never a final name)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+@contextmanager
+def output_dir(out: Path, overwrite: bool, resume: bool = False, job: dict | None = None) -> Iterator[Path]:
+    """Yield the hidden partial directory of ``out``; rename it to ``out`` only on success.
+
+    An interrupted or killed run leaves its progress in ``.NAME.partial`` (never under the
+    final name); ``resume`` continues it if ``job`` (the run's settings) is the same, else a
+    fresh run replaces it. Per-item files inside must themselves be written atomically.
     """
     out = Path(out)
     check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    part = partial_dir(out)
+    job = job or {}
+    if resume and part.is_dir():
+        saved = read_json(part / JOB_FILE, f"the interrupted run in {part}")
+        if saved != json.loads(json.dumps(job)):
+            raise CometError(f"the interrupted run in {part} used different settings; repeat its "
+                             "exact options with --resume, or run without --resume to start over")
+        print(f"Resuming from {part}")
+    else:
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        write_json(part / JOB_FILE, job)
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        yield part
+    except KeyboardInterrupt:
+        print(f"interrupted: progress kept in {part}; rerun the same command with --resume")
         raise
+    (part / JOB_FILE).unlink()
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
-        os.replace(tmp, out)
+        os.replace(part, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, out)
+        os.replace(part, out)
+
+
+def replace_atomically(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` and rename the result to ``path`` (no half-written file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: dict) -> None:

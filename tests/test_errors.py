@@ -94,9 +94,11 @@ def test_interrupted_export_leaves_nothing(tiny_model, text_file, tmp_path, monk
     out = tmp_path / "ck"
     code, output = run("export", "--model", str(tiny_model), "--dataset", str(text_file), *FAST,
                        "--scheme", "w4ax-kv4-rtn", "--out", str(out))
-    assert code == 130 and "interrupted" in output
+    assert code == 130 and "interrupted" in output and "--resume" in output
     assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ck")] == []
+    # Progress is kept only under the hidden partial name, marked unfinished by its job file.
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ck")] == [".ck.partial"]
+    assert (tmp_path / ".ck.partial" / "job.json").is_file()
 
 
 @pytest.fixture()

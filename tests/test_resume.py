@@ -1,0 +1,96 @@
+"""Resume: kill a real calibrate/export process midway, --resume, get the uninterrupted result."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from comet_quant.cli import main
+from conftest import make_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory, sample_text):
+    """Eight layers, wide enough that each takes a moment: room to kill a run between layers."""
+    return make_tiny_llama(tmp_path_factory.mktemp("deep") / "deep", sample_text, hidden=256,
+                           inter=1024, layers=8, heads=4, kv_heads=2)
+
+
+def args(model, text_file, out, *extra):
+    return ["--model", str(model), "--dataset", str(text_file), "--nsamples", "48", "--seqlen", "128",
+            "--out", str(out), *extra]
+
+
+def kill_when(cmd, ready, cwd, timeout=120):
+    """Start `comet-quant cmd`, SIGKILL it as soon as ready() is true; return whether it was."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "comet_quant.cli", *cmd], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < timeout:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.002)
+    proc.kill()
+    return False
+
+
+def test_calibration_resume_after_kill(deep_model, text_file, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert CliRunner().invoke(main, ["calibrate", *args(deep_model, text_file, whole, "--hessians")]).exit_code == 0
+    partial = tmp_path / ".cut.partial"
+    killed = kill_when(["calibrate", *args(deep_model, text_file, cut, "--hessians")],
+                       lambda: (partial / "layer_002.safetensors").is_file(), tmp_path)
+    assert killed, "the run finished before it could be killed"
+    assert not cut.exists() and (partial / "job.json").is_file()
+    assert not (partial / "layer_007.safetensors").exists()
+    r = CliRunner().invoke(main, ["calibrate", *args(deep_model, text_file, cut, "--hessians", "--resume")])
+    assert r.exit_code == 0, r.output
+    assert "Resuming" in r.output and not partial.exists()
+    for i in range(8):
+        a, b = load_file(whole / f"layer_{i:03d}.safetensors"), load_file(cut / f"layer_{i:03d}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_resume_after_kill(deep_model, text_file, tmp_path):
+    cal = tmp_path / "cal"
+    assert CliRunner().invoke(main, ["calibrate", *args(deep_model, text_file, cal, "--hessians")]).exit_code == 0
+    common = ["--model", str(deep_model), "--calib", str(cal), "--scheme", "w4ax-kv4"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert CliRunner().invoke(main, ["export", *common, "--out", str(whole)]).exit_code == 0
+    partial = tmp_path / ".cut.partial"
+    killed = kill_when(["export", *common, "--out", str(cut)],
+                       lambda: len(list(partial.glob("model-*-of-*.safetensors"))) >= 4, tmp_path)
+    assert killed, "the run finished before it could be killed"
+    assert not cut.exists()
+    r = CliRunner().invoke(main, ["export", *common, "--out", str(cut), "--resume"])
+    assert r.exit_code == 0, r.output
+    for f in sorted(whole.glob("model-*.safetensors")):
+        a, b = load_file(f), load_file(cut / f.name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    idx = lambda d: json.loads((d / "model.safetensors.index.json").read_text())  # noqa: E731
+    assert idx(whole) == idx(cut)
+
+
+def test_resume_with_other_settings_is_refused(deep_model, text_file, tmp_path):
+    partial = tmp_path / ".cut.partial"
+    cut = tmp_path / "cut"
+    killed = kill_when(["calibrate", *args(deep_model, text_file, cut)],
+                       lambda: (partial / "layer_001.safetensors").is_file(), tmp_path)
+    assert killed
+    r = CliRunner().invoke(main, ["calibrate", *args(deep_model, text_file, cut, "--resume"), "--seed", "7"])
+    assert r.exit_code == 2 and "used different settings" in r.output
+    # Without --resume a fresh run replaces the stale partial directory.
+    r = CliRunner().invoke(main, ["calibrate", *args(deep_model, text_file, cut), "--seed", "7"])
+    assert r.exit_code == 0 and not partial.exists() and (cut / "manifest.json").is_file()
