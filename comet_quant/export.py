@@ -12,7 +12,7 @@ from .checkpoint import ShardWriter, linear_tensors, save_checkpoint
 from .errors import CometError
 from .fmpq import InputPlan, plan_input, select_groups8
 from .gptq import gptq_quantize
-from .lazy import LayerwiseModel
+from .lazy import LayerwiseModel, return_freed_memory
 from .models import SITES, ModelRef, fingerprint, resolve_model
 from .outputs import check_output_dir, output_dir, partial_dir
 from .primitives import pad_channels, quantize_weight_rtn
@@ -128,6 +128,7 @@ def export(model: str | ModelRef | None = None, calib: str | Path | None = None,
             writer.write(1, {n: t.to(torch.float16) for n, t in lm.non_layer_tensors()})
         if not tied and not writer.done(2):
             writer.write(2, {n: t.to(torch.float16) for n, t in lm.non_layer_tensors(head=True)})
+        return_freed_memory()
         for i in tqdm(range(num_layers), desc=f"export {scheme.name}", unit="layer"):
             if writer.done(first_layer + i):
                 continue

@@ -11,6 +11,8 @@ default SmolLM2 is cached as safetensors, so it takes the lazy path).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +24,17 @@ from .errors import CometError
 from .models import ModelRef, decoder_layers, load_config, load_model
 
 INDEX_FILE = "model.safetensors.index.json"
+_LIBC = ctypes.util.find_library("c")
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them after large frees otherwise,
+    which makes the resident size grow with every layer processed)."""
+    if _LIBC:
+        try:
+            ctypes.CDLL(_LIBC).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 LAYER_PREFIX = "model.layers."
 
 
@@ -111,6 +124,7 @@ class LayerwiseModel:
         """Drop decoder layer ``i``'s weights (lazy models) or move it back to the CPU."""
         layer = decoder_layers(self.model)[i]
         layer.to("meta" if self.lazy else "cpu")
+        return_freed_memory()
 
     def non_layer_tensors(self, head: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Parameters outside the decoder layers in their stored dtype: the embeddings and final
@@ -130,3 +144,4 @@ class LayerwiseModel:
         """Free the input embeddings once the first layer's inputs are captured (lazy only)."""
         if self.lazy:
             self.model.get_input_embeddings().to("meta")
+            return_freed_memory()
