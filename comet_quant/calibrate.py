@@ -43,6 +43,9 @@ class CalibrationConfig:
     hessians: bool = False
     batch_size: int = DEFAULT_BATCH
     device: str = "auto"
+    #: Parallel workers (torch.distributed ranks, each with a share of the samples); 0 means
+    #: one per visible GPU on CUDA and one on the CPU.
+    workers: int = 0
 
 
 def resolve_device(device: str) -> str:
@@ -81,14 +84,25 @@ class _SiteStats:
             self.xtx.addmm_(x.t(), x)
         self.n += x.shape[0]
 
-    def tensors(self, site: str) -> dict[str, torch.Tensor]:
+    def tensors(self, site: str, distributed: bool = False) -> dict[str, torch.Tensor]:
+        if distributed:  # every rank saw a slice of the samples: combine before normalizing
+            import torch.distributed as dist
+
+            dist.all_reduce(self.absmax, op=dist.ReduceOp.MAX)
+            dist.all_reduce(self.sumsq)
+            if self.hessian:
+                dist.all_reduce(self.xtx)
+            n = torch.tensor([self.n], dtype=torch.float64, device=self.absmax.device)
+            dist.all_reduce(n)
+            self.n = int(n.item())
         out = {f"{site}.absmax": self.absmax.cpu(), f"{site}.sqmean": (self.sumsq / self.n).cpu()}
         if self.hessian:
             out[f"{site}.hessian"] = (self.xtx / self.n).cpu()
         return out
 
 
-def _layer_stats(layer, inputs, device: str, hessians: bool) -> dict[str, torch.Tensor]:
+def _layer_stats(layer, inputs, device: str, hessians: bool,
+                 distributed: bool = False) -> dict[str, torch.Tensor]:
     stats = {site: _SiteStats(hessians) for site in SITES}
     kv = {}
     handles = []
@@ -109,10 +123,35 @@ def _layer_stats(layer, inputs, device: str, hessians: bool) -> dict[str, torch.
             h.remove()
     tensors = {}
     for site, st in stats.items():
-        tensors.update(st.tensors(site))
-    tensors["k_proj.absmax"] = kv["k"].cpu()
-    tensors["v_proj.absmax"] = kv["v"].cpu()
+        tensors.update(st.tensors(site, distributed))
+    for name in ("k", "v"):
+        if distributed:
+            import torch.distributed as dist
+            dist.all_reduce(kv[name], op=dist.ReduceOp.MAX)
+        tensors[f"{name}_proj.absmax"] = kv[name].cpu()
     return tensors
+
+
+def calibrate_layers(lm: LayerwiseModel, samples: torch.Tensor, cfg: CalibrationConfig, device: str,
+                     out: Path, rank: int = 0, world: int = 1, progress: bool = True) -> None:
+    """Run every decoder layer over ``samples`` and save its statistics into ``out``.
+
+    With ``world`` > 1 this rank handles samples ``rank::world`` and the statistics are
+    combined across ranks (torch.distributed must be initialized); rank 0 writes the files.
+    Layers whose file exists (an interrupted run) only run forward to rebuild the next inputs.
+    """
+    inputs = capture_inputs(lm.model, samples[rank::world], cfg.batch_size, device, lm.dtype)
+    lm.drop_embeddings()
+    layers = decoder_layers(lm.model)
+    for i in tqdm(range(len(layers)), desc="calibrate", unit="layer", disable=not progress):
+        layer = lm.materialize(i).to(device)
+        if (out / layer_file(i)).is_file():
+            run_layer(layer, inputs, device, update=True)
+        else:
+            stats = _layer_stats(layer, inputs, device, cfg.hessians, distributed=world > 1)
+            if rank == 0:
+                replace_atomically(out / layer_file(i), lambda path: save_file(stats, path))
+        lm.release(i)
 
 
 def calibrate(model: str | ModelRef | None = None, out: str | Path | None = None,
@@ -132,7 +171,7 @@ def calibrate(model: str | ModelRef | None = None, out: str | Path | None = None
     device = resolve_device(cfg.device)
     job = {"kind": "calibration", "model_fingerprint": fingerprint(ref), "dataset": cfg.dataset,
            "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed, "hessians": cfg.hessians,
-           "batch_size": cfg.batch_size, "device": device}
+           "batch_size": cfg.batch_size, "device": device, "workers": cfg.workers}
     with output_dir(out, overwrite, resume, job) as tmp:
         t0 = time.time()
         lm = loaded if loaded is not None else LayerwiseModel(ref)
@@ -144,18 +183,15 @@ def calibrate(model: str | ModelRef | None = None, out: str | Path | None = None
         print(f"Calibrating {ref.name} on {src.spec['name']}: {cfg.nsamples} x {cfg.seqlen} "
               f"tokens from {ids.numel()} ({'overlapping windows' if overlap else 'random windows'})"
               f", device {device}{', with Hessians' if cfg.hessians else ''}")
-        inputs = capture_inputs(hf_model, samples, cfg.batch_size, device, lm.dtype)
-        if loaded is None:
-            lm.drop_embeddings()
-        layers = decoder_layers(hf_model)
-        for i in tqdm(range(len(layers)), desc="calibrate", unit="layer"):
-            layer = lm.materialize(i).to(device)
-            if (tmp / layer_file(i)).is_file():  # done before an interruption: forward only
-                run_layer(layer, inputs, device, update=True)
-            else:
-                stats = _layer_stats(layer, inputs, device, cfg.hessians)
-                replace_atomically(tmp / layer_file(i), lambda path: save_file(stats, path))
-            lm.release(i)
+        world = cfg.workers if cfg.workers > 0 else (torch.cuda.device_count() if device == "cuda" else 1)
+        world = min(world, cfg.nsamples)
+        if world > 1:
+            from .distributed import calibrate_distributed
+
+            print(f"Spreading calibration over {world} {'GPUs' if device == 'cuda' else 'processes'}")
+            calibrate_distributed(ref, samples, cfg, device, tmp, world)
+        else:
+            calibrate_layers(lm, samples, cfg, device, tmp)
         manifest = {
             "format": CALIB_FORMAT, "version": CALIB_VERSION,
             "model": ref.to_dict(), "model_fingerprint": fingerprint(ref),
@@ -163,7 +199,8 @@ def calibrate(model: str | ModelRef | None = None, out: str | Path | None = None
             "data": {**src.spec, "arg": cfg.dataset, "purpose": "calibration", "tokens": int(ids.numel()),
                      "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed,
                      "overlapping": overlap},
-            "hessians": cfg.hessians, "num_layers": len(layers), "device": device,
+            "hessians": cfg.hessians, "num_layers": hf_model.config.num_hidden_layers,
+            "device": device, "workers": world,
             "seconds": round(time.time() - t0, 1), "versions": versions(),
         }
         write_json(tmp / "manifest.json", manifest)

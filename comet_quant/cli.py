@@ -46,19 +46,23 @@ def _calib_options(fn):
         click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True),
         click.option("--batch-size", type=int, default=DEFAULT_BATCH, show_default=True),
         device_opt,
+        click.option("--workers", type=int, default=0, show_default=True,
+                     help="Calibration ranks (torch.distributed, one per GPU); 0: all visible GPUs."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
 
 
-def _calib_config(dataset, nsamples, seqlen, seed, batch_size, device, hessians=False):
+def _calib_config(dataset, nsamples, seqlen, seed, batch_size, device, workers, hessians=False):
     from .calibrate import CalibrationConfig
 
     if batch_size < 1:
         raise CometError("--batch-size must be positive")
+    if workers < 0:
+        raise CometError("--workers must be 0 (auto) or positive")
     return CalibrationConfig(dataset=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                             hessians=hessians, batch_size=batch_size, device=device)
+                             hessians=hessians, batch_size=batch_size, device=device, workers=workers)
 
 
 @click.group(cls=_Group)
@@ -75,11 +79,12 @@ def main():
 @click.option("--out", default=None, help="Output directory [default: comet_quant_out/MODEL-calib]")
 @overwrite_opt
 @resume_opt
-def calibrate(model, dataset, nsamples, seqlen, seed, batch_size, device, hessians, out, overwrite, resume):
+def calibrate(model, dataset, nsamples, seqlen, seed, batch_size, device, workers, hessians, out,
+              overwrite, resume):
     """Record activation, K/V statistics (and Hessians) layer by layer."""
     from .calibrate import calibrate as run
 
-    run(model, out, _calib_config(dataset, nsamples, seqlen, seed, batch_size, device, hessians),
+    run(model, out, _calib_config(dataset, nsamples, seqlen, seed, batch_size, device, workers, hessians),
         overwrite=overwrite, resume=resume)
 
 
@@ -100,8 +105,8 @@ def calibrate(model, dataset, nsamples, seqlen, seed, batch_size, device, hessia
 @overwrite_opt
 @resume_opt
 def export(model, calib, scheme, a8_budget, a8_select, a8_threshold, group_size, w_method,
-           asymmetric, kv_bits, dataset, nsamples, seqlen, seed, batch_size, device, out, overwrite,
-           resume):
+           asymmetric, kv_bits, dataset, nsamples, seqlen, seed, batch_size, device, workers, out,
+           overwrite, resume):
     """Run FMPQ and write a quantized checkpoint."""
     from .export import export as run
     from .scheme import get_scheme
@@ -111,7 +116,7 @@ def export(model, calib, scheme, a8_budget, a8_select, a8_threshold, group_size,
                         w_symmetric=(False if asymmetric else None),
                         kv_bits=int(kv_bits) if kv_bits else None)
     run(model, calib, chosen, out, overwrite,
-        _calib_config(dataset, nsamples, seqlen, seed, batch_size, device), resume=resume)
+        _calib_config(dataset, nsamples, seqlen, seed, batch_size, device, workers), resume=resume)
 
 
 @main.command(name="build-kernels")

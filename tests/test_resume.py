@@ -94,3 +94,21 @@ def test_resume_with_other_settings_is_refused(deep_model, text_file, tmp_path):
     # Without --resume a fresh run replaces the stale partial directory.
     r = CliRunner().invoke(main, ["calibrate", *args(deep_model, text_file, cut), "--seed", "7"])
     assert r.exit_code == 0 and not partial.exists() and (cut / "manifest.json").is_file()
+
+
+def test_two_workers_match_one(deep_model, text_file, tmp_path):
+    """Data-parallel calibration (2 gloo ranks on the CPU) gives the single-process statistics."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = ["calibrate", "--model", str(deep_model), "--dataset", str(text_file), "--nsamples", "8",
+            "--seqlen", "64", "--hessians", "--device", "cpu"]
+    assert CliRunner().invoke(main, [*base, "--out", str(one), "--workers", "1"]).exit_code == 0
+    r = CliRunner().invoke(main, [*base, "--out", str(two), "--workers", "2"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((two / "manifest.json").read_text())["workers"] == 2
+    for i in range(8):
+        a, b = load_file(one / f"layer_{i:03d}.safetensors"), load_file(two / f"layer_{i:03d}.safetensors")
+        for k in a:
+            if k.endswith("absmax"):
+                assert torch.equal(a[k], b[k]), k
+            else:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
