@@ -150,7 +150,8 @@ def save_checkpoint(out: Path, writer: ShardWriter, config, tokenizer, scheme: Q
     write_json(out / "config.json", cfg)
     tokenizer.save_pretrained(out)
     files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != JOB_FILE}
-    write_json(out / MANIFEST_FILE, {"format_version": FORMAT_VERSION, "sha256": files})
+    write_json(out / MANIFEST_FILE, {"format_version": FORMAT_VERSION, "scheme": scheme.to_dict(),
+                                     "sha256": files})
 
 
 @dataclass
@@ -161,6 +162,7 @@ class QuantizedCheckpoint:
     config: dict
     qconfig: dict
     scheme: QuantScheme
+    manifest_files: tuple[str, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -219,7 +221,10 @@ def open_checkpoint(path: str | Path, verify_hashes: bool = True) -> QuantizedCh
         if verify_hashes and sha256_file(f) != digest:
             raise CometError(f"checkpoint file {f} does not match its recorded sha256 (truncated "
                              "or edited); re-export the checkpoint")
-    ckpt = QuantizedCheckpoint(path, config, qc, scheme)
+    if manifest.get("scheme", scheme.to_dict()) != scheme.to_dict():
+        raise CometError(f"the scheme in {path / 'config.json'} differs from the one recorded in "
+                         f"{MANIFEST_FILE}; the config was edited, re-export the checkpoint")
+    ckpt = QuantizedCheckpoint(path, config, qc, scheme, tuple(manifest.get("sha256", {})))
     check_architecture(ckpt.hf_config())
     _check_shapes(ckpt)
     return ckpt
@@ -235,9 +240,18 @@ def _check_shapes(ckpt: QuantizedCheckpoint) -> None:
         except (SafetensorError, OSError) as exc:
             raise CometError(f"{f} is corrupt or truncated ({exc}); re-export the checkpoint") from None
     g = ckpt.scheme.group_size
+    emb = shapes.get("model.embed_tokens.weight")
+    if emb != [ckpt.config.get("vocab_size"), ckpt.config.get("hidden_size")]:
+        raise CometError(f"embedding shape {emb} of {ckpt.path} does not match its config (vocab "
+                         f"{ckpt.config.get('vocab_size')}, hidden {ckpt.config.get('hidden_size')}): "
+                         "tensors and config come from different models; re-export")
     try:
         for i in range(ckpt.num_layers):
             meta = ckpt.qconfig["layers"][str(i)]
+            if meta["attn_in"]["k"] != ckpt.config["hidden_size"] or \
+                    meta["mlp_out"]["k"] != ckpt.config["intermediate_size"]:
+                raise CometError(f"layer {i} of {ckpt.path} was quantized for another model shape "
+                                 "than its config says; re-export the checkpoint")
             for site, linears in SITES.items():
                 kp = meta[site]["k_padded"]
                 for lin in linears:

@@ -25,13 +25,17 @@ def _activations(perm: torch.Tensor, k: int, tokens: int, gen: torch.Generator) 
 
 
 def verify_checkpoint(path, tolerance: float = DEFAULT_TOLERANCE, tokens: int = 64, seed: int = 0) -> dict:
-    """Run the kernels against the reference on every linear; returns {layer type: worst error}."""
+    """Check the checkpoint's integrity, then run the kernels against the reference on every
+    linear; returns {layer type: worst error}. Integrity problems (missing, truncated or edited
+    files, tensors that do not match the config) raise CometError on any machine."""
+    ckpt = open_checkpoint(path)
+    print(f"integrity: OK ({len(ckpt.manifest_files)} files match their sha256; tensor shapes "
+          f"match the config of scheme '{ckpt.scheme.name}')")
     if not torch.cuda.is_available():
-        raise CometError("comet-quant verify runs the CUDA kernels and needs an NVIDIA GPU; on this "
+        raise CometError("the kernel check of comet-quant verify needs an NVIDIA GPU; on this "
                          "machine use `comet-quant eval perplexity` (simulated quantization)")
     from . import ops
 
-    ckpt = open_checkpoint(path)
     s = ckpt.scheme
     if s.group_size != ops.GROUP or not s.w_symmetric or s.a_bits == 16:
         raise CometError(f"the W4Ax kernels take group size {ops.GROUP}, symmetric weights and "

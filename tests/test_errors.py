@@ -163,3 +163,32 @@ def test_cuda_missing(tiny_model, text_file, exported):
     assert_one_line_error(*run("build-kernels"), "CUDA is not available")
     assert_one_line_error(*run("eval", "perplexity", str(exported), "--dataset", str(text_file),
                                "--backend", "kernels"), "needs a CUDA GPU")
+
+
+def test_tensors_from_another_model(exported, tiny_model, text_file, tmp_path, sample_text):
+    """A checkpoint whose shards come from a different model, manifest rewritten to match."""
+    from comet_quant.checkpoint import MANIFEST_FILE, sha256_file
+
+    other_model = make_tiny_llama(tmp_path / "wide", sample_text, hidden=256, inter=320, layers=2,
+                                  heads=4, kv_heads=2)
+    other = tmp_path / "other"
+    from comet_quant.calibrate import CalibrationConfig
+    export(str(other_model), None, get_scheme("w4ax-kv4-rtn"), other,
+           calib_config=CalibrationConfig(dataset=str(text_file), nsamples=4, seqlen=64))
+    for f in other.glob("model-*.safetensors"):
+        shutil.copy(f, exported / f.name)
+    manifest = json.loads((exported / MANIFEST_FILE).read_text())
+    manifest["sha256"] = {n: sha256_file(exported / n) for n in manifest["sha256"]}
+    (exported / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert_one_line_error(*run("eval", "perplexity", str(exported), "--dataset", str(text_file)),
+                          "does not match its config")
+    assert_one_line_error(*run("verify", str(exported)), "does not match its config")
+
+
+def test_verify_checks_integrity_without_gpu(exported):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, output = run("verify", str(exported))
+    assert "integrity: OK" in output
+    assert_one_line_error(code, output, "needs an NVIDIA GPU")
