@@ -147,6 +147,26 @@ def verify(checkpoint, tolerance, tokens):
 
 
 @main.command()
+@click.argument("checkpoint")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@device_opt
+def generate(checkpoint, prompt, max_new_tokens, device):
+    """Generate text with a quantized checkpoint (greedy)."""
+    from .calibrate import resolve_device
+    from .qmodules import load_quantized
+
+    if max_new_tokens < 1:
+        raise CometError("--max-new-tokens must be at least 1")
+    device = resolve_device(device)
+    model, tok = load_quantized(checkpoint, device=device)
+    ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    click.echo(tok.decode(out[0], skip_special_tokens=True))
+
+
+@main.command()
 def schemes():
     """List the scheme presets."""
     from .scheme import PRESETS

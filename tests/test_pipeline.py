@@ -139,6 +139,10 @@ def test_cli_end_to_end(tiny_model, text_file, tmp_path):
     assert result["dataset"]["path"] == str(text_file)
     assert result["results"]["quantized"]["ppl"] > 1 and result["results"]["fp"]["ppl"] > 1
     assert "quantized / fp" in out.output
+    out = r.invoke(main, ["generate", str(ck), "--prompt", "The harbor town", "--max-new-tokens", "5",
+                          "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert out.output.startswith("The harbor town") or "harbor" in out.output
 
 
 def test_export_without_calib_calibrates_first(tiny_model, text_file, tmp_path, monkeypatch):
