@@ -15,7 +15,7 @@ from .gptq import gptq_quantize
 from .lazy import LayerwiseModel, return_freed_memory
 from .models import SITES, ModelRef, fingerprint, resolve_model
 from .outputs import check_output_dir, output_dir, partial_dir
-from .primitives import pad_channels, quantize_weight_rtn
+from .primitives import pad_channels, quantize_weight_rtn, rotate_groups
 from .scheme import DEFAULT_PRESET, QuantScheme, get_scheme
 
 
@@ -50,12 +50,16 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, plan: Input
     """
     perm = plan.perm.long()
     w = pad_channels(weight.float(), plan.k_padded)[:, perm]
+    if scheme.rotate:  # y = x W^T = (x R)(W R)^T for the orthonormal block rotation R
+        w = rotate_groups(w, scheme.group_size)
     if scheme.w_method == "gptq":
         if hessian is None:
             raise CometError("GPTQ needs calibration Hessians")
         hp = torch.zeros(plan.k_padded, plan.k_padded)
         hp[: plan.k, : plan.k] = hessian.float()
         hp = hp[perm][:, perm]
+        if scheme.rotate:
+            hp = rotate_groups(rotate_groups(hp, scheme.group_size).t().contiguous(), scheme.group_size)
         q, scale, zero = gptq_quantize(w, hp, scheme.group_size, scheme.w_symmetric,
                                        scheme.gptq_damp, scheme.gptq_block)
     else:

@@ -83,6 +83,8 @@ def select_groups8(plans: dict[str, InputPlan], scheme: QuantScheme) -> dict[str
 
     if scheme.a_bits >= scheme.a_high_bits:
         return plans
+    if scheme.a8_select == "fixed":
+        return {name: replace(p, groups8=min(scheme.a8_groups, p.n_groups)) for name, p in plans.items()}
     total = sum(p.n_groups for p in plans.values())
     budget = int(math.floor(scheme.a8_budget * total + 1e-9))
     cands = [(float(s), name, j) for name, p in plans.items() for j, s in enumerate(p.scores.tolist())]

@@ -195,11 +195,30 @@ def quantize_activation(x: torch.Tensor, perm: torch.Tensor, groups8: int, group
     return q8, q4, torch.cat((s8, s4), dim=1)
 
 
+def hadamard(n: int) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix: float32 [n, n], n a power of two."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / n ** 0.5
+
+
+def rotate_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [R, K] with every group of ``group_size`` columns multiplied by the Hadamard matrix."""
+    r, k = x.shape
+    h = hadamard(group_size).to(x.device, torch.float32)
+    return (x.float().reshape(r, k // group_size, group_size) @ h).reshape(r, k)
+
+
 def fake_quantize_activation(x: torch.Tensor, perm: torch.Tensor, groups8: int, group_size: int,
-                             low_bits: int = 4, high_bits: int = 8) -> torch.Tensor:
-    """Permuted, padded activations after quantize -> dequantize: float [..., K_pad]."""
+                             low_bits: int = 4, high_bits: int = 8, rotate: bool = False) -> torch.Tensor:
+    """Permuted, padded (optionally group-rotated) activations after quantize -> dequantize:
+    float [..., K_pad]."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
+    if rotate:
+        x2 = rotate_groups(pad_channels(x2, perm.numel()).index_select(-1, perm.long()), group_size)
+        perm = torch.arange(perm.numel(), device=perm.device)
     q8, q4, scale = quantize_activation(x2, perm, groups8, group_size, low_bits, high_bits)
     g8 = groups8
     parts = []

@@ -12,7 +12,8 @@ from torch import nn
 from .checkpoint import QuantizedCheckpoint, open_checkpoint
 from .errors import CometError
 from .models import SITES, decoder_layers
-from .primitives import dequantize_weight, fake_quantize_activation, fake_quantize_kv, pad_channels, unpack_int4
+from .primitives import (dequantize_weight, fake_quantize_activation, fake_quantize_kv, pad_channels,
+                         rotate_groups, unpack_int4)
 from .scheme import QuantScheme
 
 KV_ATTENTION = "comet_kv_quant"
@@ -35,6 +36,7 @@ class W4AxLinear(nn.Module):
         self.out_features = tensors["qweight"].shape[0]
         self.group_size = scheme.group_size
         self.a_bits, self.a_high_bits = scheme.a_bits, scheme.a_high_bits
+        self.rotate = scheme.rotate
         self.groups8 = int(tensors["act_groups8"][0])
         for key in ("qweight", "wscale", "wzero", "act_perm", "bias"):
             self.register_buffer(key, tensors.get(key))
@@ -55,9 +57,10 @@ class W4AxLinear(nn.Module):
         """The activation the GEMM sees: padded, permuted, fake-quantized, float32 [M, K_pad]."""
         x = x.reshape(-1, self.in_features).float()
         if self.a_bits >= 16:
-            return pad_channels(x, self.k_padded).index_select(-1, self.act_perm.long())
+            xp = pad_channels(x, self.k_padded).index_select(-1, self.act_perm.long())
+            return rotate_groups(xp, self.group_size) if self.rotate else xp
         return fake_quantize_activation(x, self.act_perm, self.groups8, self.group_size,
-                                        self.a_bits, self.a_high_bits)
+                                        self.a_bits, self.a_high_bits, self.rotate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernels and x.is_cuda:
@@ -121,7 +124,7 @@ def resolve_backend(ckpt: QuantizedCheckpoint, backend: str, device: str) -> boo
     if backend == "simulated":
         return False
     s = ckpt.scheme
-    supported = s.group_size == 128 and s.w_symmetric and s.a_bits in (4, 8)
+    supported = s.group_size == 128 and s.w_symmetric and s.a_bits in (4, 8) and not s.rotate
     if backend == "auto":
         from . import ops
         return supported and device.startswith("cuda") and ops.kernels_available()

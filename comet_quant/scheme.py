@@ -18,7 +18,7 @@ FORMAT_VERSION = 1
 DEFAULT_GROUP_SIZE = 128
 
 WEIGHT_METHODS = ("rtn", "gptq")
-SELECT_MODES = ("budget", "threshold")
+SELECT_MODES = ("budget", "threshold", "fixed")
 K_POLICIES = ("pad", "error")
 
 
@@ -38,13 +38,18 @@ class QuantScheme:
         gptq_block: GPTQ columns processed per lazy-update block.
         a_bits: activation bits of the ordinary groups: 4, 8, or 16 (activations unquantized).
         a_high_bits: activation bits of the outlier groups chosen by FMPQ (8; kernels take int8).
-        a8_select: ``budget`` (a fixed fraction of groups per linear input) or ``threshold``
-            (groups that hold a channel whose calibration absmax exceeds
-            ``a8_threshold`` x the median channel absmax), capped by ``a8_budget``.
+        a8_select: ``budget`` (the ``a8_budget`` fraction of all groups, given to the groups
+            with the highest outlier scores model-wide), ``threshold`` (groups whose outlier
+            score exceeds ``a8_threshold``, capped by ``a8_budget``) or ``fixed``
+            (``a8_groups`` leading groups in every linear input, as Atom keeps 128 channels).
         a8_budget: the largest fraction of groups in ``a_high_bits`` (0 to 1).
         a8_threshold: outlier ratio for ``threshold`` selection.
+        a8_groups: 8-bit groups per linear input for ``fixed`` selection.
         permute: reorder input channels so outlier channels share groups (FMPQ); when False
             the identity order is kept (8-bit groups are then the leading groups by position).
+        rotate: rotate every group of activations and weight columns by a 128-point Hadamard
+            matrix before quantizing (QuaRot-like; spreads outliers; simulation only, the
+            kernels do not rotate).
         kv_bits: KV-cache bits: 4, 8, or 16 (unquantized); asymmetric per token per head.
         k_policy: what to do when a linear's K is not a multiple of ``group_size``: ``pad``
             with zero channels up to the next multiple (stated in the export log and recorded
@@ -63,7 +68,9 @@ class QuantScheme:
     a8_select: str = "budget"
     a8_budget: float = 0.10
     a8_threshold: float = 8.0
+    a8_groups: int = 1
     permute: bool = True
+    rotate: bool = False
     kv_bits: int = 4
     k_policy: str = "pad"
 
@@ -90,6 +97,10 @@ class QuantScheme:
             raise bad(f"a8_budget is a fraction of groups in [0, 1] (got {self.a8_budget!r})")
         if not self.a8_threshold > 1.0:
             raise bad(f"a8_threshold must be > 1 (got {self.a8_threshold!r})")
+        if not isinstance(self.a8_groups, int) or self.a8_groups < 0:
+            raise bad(f"a8_groups must be a non-negative integer (got {self.a8_groups!r})")
+        if self.rotate and gs & (gs - 1):
+            raise bad(f"rotate needs a power-of-two group_size (got {gs})")
         if self.kv_bits not in (4, 8, 16):
             raise bad(f"kv_bits must be 4, 8 or 16 (got {self.kv_bits!r})")
         if self.k_policy not in K_POLICIES:
@@ -141,9 +152,15 @@ def register_preset(scheme: QuantScheme) -> QuantScheme:
 
 
 register_preset(QuantScheme(name="w4ax-kv4"))
+register_preset(QuantScheme(name="w4ax-kv4-5", a8_budget=0.05))
+register_preset(QuantScheme(name="w4ax-kv4-25", a8_budget=0.25))
 register_preset(QuantScheme(name="w4ax-kv4-rtn", w_method="rtn"))
 register_preset(QuantScheme(name="w4a8-kv4", a_bits=8, a8_budget=0.0, permute=False))
 register_preset(QuantScheme(name="w4a4-rtn", w_method="rtn", a8_budget=0.0, permute=False))
+# Baselines in the same harness: Atom keeps a fixed 128 outlier channels per input in 8 bit;
+# QuaRot rotates activations (Hadamard) and keeps every group in 4 bit.
+register_preset(QuantScheme(name="atom-like", a8_select="fixed", a8_groups=1))
+register_preset(QuantScheme(name="quarot-like", rotate=True, permute=False, a8_budget=0.0))
 register_preset(QuantScheme(name="w4a16", a_bits=16, a8_budget=0.0, permute=False, kv_bits=16))
 register_preset(QuantScheme(name="w4a16-rtn", w_method="rtn", a_bits=16, a8_budget=0.0,
                             permute=False, kv_bits=16))

@@ -37,7 +37,7 @@ def verify_checkpoint(path, tolerance: float = DEFAULT_TOLERANCE, tokens: int = 
     from . import ops
 
     s = ckpt.scheme
-    if s.group_size != ops.GROUP or not s.w_symmetric or s.a_bits == 16:
+    if s.group_size != ops.GROUP or not s.w_symmetric or s.a_bits == 16 or s.rotate:
         raise CometError(f"the W4Ax kernels take group size {ops.GROUP}, symmetric weights and "
                          f"4/8-bit activations; scheme '{s.name}' uses the reference path only")
     ops.build()

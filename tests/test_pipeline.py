@@ -153,3 +153,23 @@ def test_export_without_calib_calibrates_first(tiny_model, text_file, tmp_path, 
     assert (tmp_path / "comet_quant_out" / "tiny-llama-calib" / "manifest.json").is_file()
     ck = tmp_path / "comet_quant_out" / "tiny-llama-w4ax-kv4"
     assert open_checkpoint(ck).qconfig["calibration"]["nsamples"] == 4
+
+
+@pytest.mark.parametrize("preset", ["atom-like", "quarot-like"])
+def test_baseline_presets(tiny_model, calib_dir, tmp_path, preset):
+    """Atom-like keeps one 8-bit group per input; QuaRot-like rotates and stays all 4-bit;
+    both approximate the FP layers (the rotation is undone exactly by the rotated weights)."""
+    ck = export(str(tiny_model), calib_dir, get_scheme(preset), tmp_path / preset)
+    qc = open_checkpoint(ck).qconfig
+    groups8 = {s["groups8"] for layer in qc["layers"].values() for s in layer.values()}
+    assert groups8 == ({1} if preset == "atom-like" else {0})
+    model, _ = load_quantized(ck)
+    fp, _ = load_model(resolve_model(str(tiny_model)))
+    x = torch.randn(5, 192, generator=torch.Generator().manual_seed(1))
+    q = model.model.layers[0].mlp.gate_proj
+    exact = fp.model.layers[0].mlp.gate_proj(x)
+    # A wrong rotation or permutation would give errors near 1; 4-bit GPTQ on random inputs
+    # (not the calibration distribution) costs ~0.2.
+    assert 0 < float((q(x) - exact).norm() / exact.norm()) < 0.35
+    q.a_bits = 16  # weights only: rotation in, rotation out
+    assert float((q(x) - exact).norm() / exact.norm()) < 0.3
