@@ -8,7 +8,6 @@ from click.testing import CliRunner
 from comet_quant.calibrate import Calibration, CalibrationConfig, calibrate
 from comet_quant.checkpoint import open_checkpoint
 from comet_quant.cli import main
-from comet_quant.errors import CometError
 from comet_quant.export import export
 from comet_quant.models import SITES, load_model, resolve_model
 from comet_quant.primitives import w4ax_linear_reference
