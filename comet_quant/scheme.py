@@ -161,6 +161,9 @@ register_preset(QuantScheme(name="w4a4-rtn", w_method="rtn", a8_budget=0.0, perm
 # QuaRot rotates activations (Hadamard) and keeps every group in 4 bit.
 register_preset(QuantScheme(name="atom-like", a8_select="fixed", a8_groups=1))
 register_preset(QuantScheme(name="quarot-like", rotate=True, permute=False, a8_budget=0.0))
+# FMPQ's outlier groups plus the rotation inside every group (simulation only, like QuaRot).
+register_preset(QuantScheme(name="w4ax-rot-kv4", rotate=True))
+register_preset(QuantScheme(name="w4ax-rot-kv4-25", rotate=True, a8_budget=0.25))
 register_preset(QuantScheme(name="w4a16", a_bits=16, a8_budget=0.0, permute=False, kv_bits=16))
 register_preset(QuantScheme(name="w4a16-rtn", w_method="rtn", a_bits=16, a8_budget=0.0,
                             permute=False, kv_bits=16))
