@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import CometError
-from .primitives import pack_int4, quantize_activation, unpack_int4
+from .primitives import pack_int4, pad_channels, quantize_activation, rotate_groups, unpack_int4
 
 GROUP = 128  # kernels/w4ax.h kGroup
 SOURCES = ("binding.cpp", "w4ax_kernels.cu")
@@ -27,14 +27,20 @@ _state: dict = {"loaded": False, "error": None}
 # References (the CPU path and the test oracle)
 # ---------------------------------------------------------------------------------------------
 
-def quantize_act_reference(x: torch.Tensor, perm: torch.Tensor, groups8: int):
+def quantize_act_reference(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool = False):
     """Reference of ``comet::quantize_act``.
 
     Args:
-        x: float16/bfloat16 [M, K]; perm: int32 [K_pad]; groups8: leading 8-bit groups.
+        x: float16/bfloat16 [M, K]; perm: int32 [K_pad]; groups8: leading 8-bit groups;
+        rotate: multiply each permuted group by the orthonormal Hadamard matrix first.
     Returns:
         q8 int8 [M, groups8*128], q4 uint8 [M, (K_pad - groups8*128)/2] packed, scales f32 [M, G].
     """
+    if rotate:
+        xr = rotate_groups(pad_channels(x.float(), perm.numel()).index_select(-1, perm.long()), GROUP)
+        identity = torch.arange(perm.numel(), device=perm.device)
+        q8, q4, scales = quantize_activation(xr, identity, groups8, GROUP)
+        return q8, pack_int4(q4), scales
     q8, q4, scales = quantize_activation(x.float(), perm, groups8, GROUP)
     return q8, pack_int4(q4), scales
 
@@ -126,7 +132,7 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("comet::quantize_act")
-    def _(x, perm, groups8):
+    def _(x, perm, groups8, rotate=False):
         m, kp = x.shape[0], perm.shape[0]
         k8 = groups8 * GROUP
         return (x.new_empty(m, k8, dtype=torch.int8), x.new_empty(m, (kp - k8) // 2, dtype=torch.uint8),
@@ -148,11 +154,11 @@ def default_int4_mma() -> bool:
     return torch.cuda.get_device_capability()[0] == 8
 
 
-def quantize_act(x: torch.Tensor, perm: torch.Tensor, groups8: int):
-    """Fused permute + per-token per-group quantization (see :func:`quantize_act_reference`)."""
+def quantize_act(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool = False):
+    """Fused permute (+ rotation) + per-token per-group quantization (see the reference)."""
     if x.is_cuda and kernels_available():
-        return torch.ops.comet.quantize_act(x.contiguous(), perm, groups8)
-    return quantize_act_reference(x, perm, groups8)
+        return torch.ops.comet.quantize_act(x.contiguous(), perm, groups8, rotate)
+    return quantize_act_reference(x, perm, groups8, rotate)
 
 
 def w4ax_gemm(q8, q4, ascale, qweight, wscale, groups8: int, out_dtype=torch.float16,
@@ -165,7 +171,9 @@ def w4ax_gemm(q8, q4, ascale, qweight, wscale, groups8: int, out_dtype=torch.flo
 
 
 def w4ax_linear(x: torch.Tensor, perm: torch.Tensor, groups8: int, qweight: torch.Tensor,
-                wscale: torch.Tensor, out_dtype=None) -> torch.Tensor:
-    """y = W4Ax(x): x float16/bfloat16 [M, K] (original channel order) -> [M, N]."""
-    q8, q4, s = quantize_act(x, perm, groups8)
+                wscale: torch.Tensor, out_dtype=None, rotate: bool = False) -> torch.Tensor:
+    """y = W4Ax(x): x float16/bfloat16 [M, K] (original channel order) -> [M, N].
+
+    With ``rotate`` the activation groups are Hadamard-rotated (the weights already are)."""
+    q8, q4, s = quantize_act(x, perm, groups8, rotate)
     return w4ax_gemm(q8, q4, s, qweight, wscale, groups8, out_dtype or x.dtype)

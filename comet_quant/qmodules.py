@@ -77,7 +77,8 @@ class W4AxLinear(nn.Module):
         if x2.dtype not in (torch.float16, torch.bfloat16):
             x2 = x2.to(torch.float16)
         groups8 = self.k_padded // self.group_size if self.a_bits == 8 else self.groups8
-        y = ops.w4ax_linear(x2.contiguous(), self.act_perm, groups8, self.qweight, self.wscale, x.dtype)
+        y = ops.w4ax_linear(x2.contiguous(), self.act_perm, groups8, self.qweight, self.wscale, x.dtype,
+                            self.rotate)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -124,7 +125,7 @@ def resolve_backend(ckpt: QuantizedCheckpoint, backend: str, device: str) -> boo
     if backend == "simulated":
         return False
     s = ckpt.scheme
-    supported = s.group_size == 128 and s.w_symmetric and s.a_bits in (4, 8) and not s.rotate
+    supported = s.group_size == 128 and s.w_symmetric and s.a_bits in (4, 8)
     if backend == "auto":
         from . import ops
         return supported and device.startswith("cuda") and ops.kernels_available()

@@ -37,7 +37,7 @@ def verify_checkpoint(path, tolerance: float = DEFAULT_TOLERANCE, tokens: int = 
     from . import ops
 
     s = ckpt.scheme
-    if s.group_size != ops.GROUP or not s.w_symmetric or s.a_bits == 16 or s.rotate:
+    if s.group_size != ops.GROUP or not s.w_symmetric or s.a_bits == 16:
         raise CometError(f"the W4Ax kernels take group size {ops.GROUP}, symmetric weights and "
                          f"4/8-bit activations; scheme '{s.name}' uses the reference path only")
     ops.build()
@@ -54,9 +54,9 @@ def verify_checkpoint(path, tolerance: float = DEFAULT_TOLERANCE, tokens: int = 
             k = int(ckpt.qconfig["layers"][str(i)][_site(lin)]["k"])
             x = _activations(perm, k, tokens, gen).cuda()
             perm = perm.cuda()
-            y = ops.w4ax_linear(x, perm, g8, qw, ws, torch.float32)
-            ref = ops.w4ax_gemm_reference(*ops.quantize_act_reference(x, perm, g8), qw, ws, g8,
-                                          torch.float32)
+            y = ops.w4ax_linear(x, perm, g8, qw, ws, torch.float32, s.rotate)
+            ref = ops.w4ax_gemm_reference(*ops.quantize_act_reference(x, perm, g8, s.rotate), qw, ws,
+                                          g8, torch.float32)
             err = float((y - ref).norm() / ref.norm().clamp_min(1e-12))
             if not math.isfinite(err):
                 err = math.inf

@@ -30,7 +30,7 @@ void check_cuda(cudaError_t e, const char* what) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, const at::Tensor& perm,
-                                                            int64_t groups8) {
+                                                            int64_t groups8, bool rotate) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "comet: x must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "comet: x must be float16 or bfloat16");
@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x,
   at::Tensor q4 = at::empty({M, (Kpad - groups8 * comet::kGroup) / 2}, opts.dtype(at::kByte));
   at::Tensor scales = at::empty({M, G}, opts.dtype(at::kFloat));
   check_cuda(comet::quantize_act_host(x.data_ptr(), to_dtype(x.scalar_type()), perm.data_ptr<int32_t>(),
-                                      M, K, Kpad, groups8, q8.data_ptr<int8_t>(), q4.data_ptr<uint8_t>(),
+                                      M, K, Kpad, groups8, rotate, q8.data_ptr<int8_t>(), q4.data_ptr<uint8_t>(),
                                       scales.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
              "quantize_act");
   return {q8, q4, scales};
@@ -88,7 +88,7 @@ at::Tensor w4ax_gemm(const at::Tensor& q8, const at::Tensor& q4, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY(comet, m) {
-  m.def("quantize_act(Tensor x, Tensor perm, int groups8) -> (Tensor, Tensor, Tensor)");
+  m.def("quantize_act(Tensor x, Tensor perm, int groups8, bool rotate=False) -> (Tensor, Tensor, Tensor)");
   m.def("w4ax_gemm(Tensor q8, Tensor q4, Tensor ascale, Tensor qweight, Tensor wscale, int groups8, "
         "int split_k, bool int4_mma, ScalarType out_dtype) -> Tensor");
 }

@@ -20,9 +20,10 @@ enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };
 //   q8      [M, groups8 * kGroup] int8
 //   q4      [M, (Kpad - groups8 * kGroup) / 2] uint8, two's complement nibbles, even k low
 //   scales  [M, Kpad / kGroup] float32
+//   rotate  multiply every permuted group by the orthonormal 128-point Hadamard matrix first
 cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm, int M, int K,
-                              int Kpad, int groups8, int8_t* q8, uint8_t* q4, float* scales,
-                              cudaStream_t stream);
+                              int Kpad, int groups8, bool rotate, int8_t* q8, uint8_t* q4,
+                              float* scales, cudaStream_t stream);
 
 // Mixed-precision GEMM: out[M, N] = sum_g ascale[m, g] * wscale[n, g] * <a[m, g], w[n, g]>,
 // where a is int8 (g < groups8) or int4 (g >= groups8) and w is int4 (checkpoint layout:

@@ -30,6 +30,26 @@ __device__ __forceinline__ float warp_max(float v) {
 
 constexpr int kActThreads = 256;  // 8 warps: one group per warp at a time
 
+// In-place fast Walsh-Hadamard transform of a 128-channel group held 4 per lane (channel
+// 4 * lane + i in v[i]), scaled to be orthonormal: the group rotation of the QuaRot-like
+// schemes, whose weights were rotated by the same matrix at export. Strides 1 and 2 stay in a
+// lane; strides 4..64 pair lane l with lane l ^ (stride / 4).
+__device__ __forceinline__ void hadamard128(float (&v)[4], int lane) {
+  const float a0 = v[0] + v[1], a1 = v[0] - v[1], a2 = v[2] + v[3], a3 = v[2] - v[3];
+  v[0] = a0 + a2; v[2] = a0 - a2; v[1] = a1 + a3; v[3] = a1 - a3;
+#pragma unroll
+  for (int m = 1; m < 32; m <<= 1) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float o = __shfl_xor_sync(0xffffffffu, v[i], m);
+      v[i] = (lane & m) ? o - v[i] : v[i] + o;
+    }
+  }
+  constexpr float kNorm = 0.08838834764831845f;  // 1 / sqrt(128)
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] *= kNorm;
+}
+
 // One block per token. The row is first copied into shared memory with coalesced 16-byte loads
 // (DRAM reads x exactly once); the permutation then gathers from shared memory. Lane l owns
 // channels 4l..4l+3 of a group, so a group's absmax is one warp reduction and its 4-bit codes
@@ -37,8 +57,8 @@ constexpr int kActThreads = 256;  // 8 warps: one group per warp at a time
 // primitives.quantize_symmetric computes them: one division per group instead of per element.
 __global__ void __launch_bounds__(kActThreads)
 quantize_act_kernel(const void* __restrict__ x, DType dt, const int32_t* __restrict__ perm, int K,
-                    int Kpad, int groups8, int8_t* __restrict__ q8, uint8_t* __restrict__ q4,
-                    float* __restrict__ scales) {
+                    int Kpad, int groups8, bool rotate, int8_t* __restrict__ q8,
+                    uint8_t* __restrict__ q4, float* __restrict__ scales) {
   extern __shared__ uint16_t row_bits[];  // K raw fp16/bf16 values
   const size_t row = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -58,10 +78,10 @@ quantize_act_kernel(const void* __restrict__ x, DType dt, const int32_t* __restr
     float v[4];
     float amax = 0.f;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[i] = idx[i] < K ? load_x(row_bits, dt, idx[i]) : 0.f;
-      amax = fmaxf(amax, fabsf(v[i]));
-    }
+    for (int i = 0; i < 4; ++i) v[i] = idx[i] < K ? load_x(row_bits, dt, idx[i]) : 0.f;
+    if (rotate) hadamard128(v, lane);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
     amax = warp_max(amax);
     const bool high = g < groups8;
     const float qmax = high ? 127.f : 7.f;
@@ -331,8 +351,8 @@ int tile_m(int M) { return M <= kSmallM ? 16 : 64; }
 }  // namespace
 
 cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm, int M, int K,
-                              int Kpad, int groups8, int8_t* q8, uint8_t* q4, float* scales,
-                              cudaStream_t stream) {
+                              int Kpad, int groups8, bool rotate, int8_t* q8, uint8_t* q4,
+                              float* scales, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
   const size_t smem = sizeof(uint16_t) * static_cast<size_t>(K);
   if (smem > 48 * 1024) {
@@ -340,7 +360,8 @@ cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm,
                                          static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  quantize_act_kernel<<<M, kActThreads, smem, stream>>>(x, x_dtype, perm, K, Kpad, groups8, q8, q4, scales);
+  quantize_act_kernel<<<M, kActThreads, smem, stream>>>(x, x_dtype, perm, K, Kpad, groups8, rotate, q8,
+                                                        q4, scales);
   return cudaGetLastError();
 }
 

@@ -34,6 +34,16 @@ def test_gemm_reference_matches_linear_reference(groups8):
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
 
 
+def test_rotated_reference_matches_simulation():
+    """The rotated act-quant reference is the simulated model's rotated fake quantization."""
+    from comet_quant.primitives import dequantize_symmetric, fake_quantize_activation, unpack_int4
+
+    x, perm, g8, _, _ = make_case(4, 300, 8, 1)
+    q8, q4, s = ops.quantize_act_reference(x, perm, g8, rotate=True)
+    deq = dequantize_symmetric(torch.cat((q8, unpack_int4(q4, True)), 1), s, GROUP)
+    torch.testing.assert_close(deq, fake_quantize_activation(x.float(), perm, g8, GROUP, rotate=True))
+
+
 def test_cpu_wrappers_fall_back_to_reference():
     x, perm, g8, qw, ws = make_case(3, 256, 16, 1)
     torch.testing.assert_close(ops.w4ax_linear(x, perm, g8, qw, ws, torch.float32),
@@ -67,6 +77,22 @@ def test_quantize_act_bitwise(kernels, m, dtype, k):
         want = ops.quantize_act_reference(x.cpu(), perm.cpu(), g8)
         for a, b in zip(got, want):
             assert torch.equal(a.cpu(), b), (m, k, g8)
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 17, 1024])
+def test_quantize_act_rotated(kernels, m):
+    """Butterfly (kernel) and matrix (reference) Hadamard agree to rounding: codes may differ by
+    one step only where a value sits on a rounding boundary."""
+    x, perm, _, _, _ = make_case(m, 576, 8, 0, seed=m, device="cuda")
+    for g8 in (0, 2):
+        got = torch.ops.comet.quantize_act(x, perm, g8, True)
+        want = ops.quantize_act_reference(x, perm, g8, rotate=True)
+        torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=0)
+        from comet_quant.primitives import unpack_int4
+        a = torch.cat((got[0], unpack_int4(got[1], True)), 1).int()
+        b = torch.cat((want[0], unpack_int4(want[1], True)), 1).int()
+        assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3
 
 
 def unit_scales(m, n, g):
@@ -158,7 +184,8 @@ def test_verify_exported_checkpoint(kernels, tiny_model, text_file, tmp_path):
 
 
 @gpu
-def test_kernel_backend_matches_simulated(kernels, tiny_model, text_file, tmp_path):
+@pytest.mark.parametrize("rotate", [False, True])
+def test_kernel_backend_matches_simulated(kernels, tiny_model, text_file, tmp_path, rotate):
     """The whole model on the kernels equals the simulated backend up to fp16 rounding."""
     from comet_quant import data
     from comet_quant.calibrate import CalibrationConfig
@@ -167,7 +194,8 @@ def test_kernel_backend_matches_simulated(kernels, tiny_model, text_file, tmp_pa
     from comet_quant.qmodules import load_quantized
     from comet_quant.scheme import get_scheme
 
-    ck = export(str(tiny_model), None, get_scheme("w4ax-kv4-rtn", a8_budget=0.25), tmp_path / "ck",
+    ck = export(str(tiny_model), None, get_scheme("w4ax-kv4-rtn", a8_budget=0.25, rotate=rotate),
+                tmp_path / "ck",
                 calib_config=CalibrationConfig(dataset=str(text_file), nsamples=4, seqlen=64, device="cpu"))
     fast, tok = load_quantized(ck, device="cuda")
     sim, _ = load_quantized(ck, device="cuda", dtype=torch.float16, backend="simulated")
