@@ -48,8 +48,8 @@ class QuantScheme:
         permute: reorder input channels so outlier channels share groups (FMPQ); when False
             the identity order is kept (8-bit groups are then the leading groups by position).
         rotate: rotate every group of activations and weight columns by a 128-point Hadamard
-            matrix before quantizing (QuaRot-like; spreads outliers; simulation only, the
-            kernels do not rotate).
+            matrix before quantizing (QuaRot-like; spreads outliers within the group; the
+            activation-quantization kernel applies it in registers).
         kv_bits: KV-cache bits: 4, 8, or 16 (unquantized); asymmetric per token per head.
         k_policy: what to do when a linear's K is not a multiple of ``group_size``: ``pad``
             with zero channels up to the next multiple (stated in the export log and recorded
@@ -161,7 +161,7 @@ register_preset(QuantScheme(name="w4a4-rtn", w_method="rtn", a8_budget=0.0, perm
 # QuaRot rotates activations (Hadamard) and keeps every group in 4 bit.
 register_preset(QuantScheme(name="atom-like", a8_select="fixed", a8_groups=1))
 register_preset(QuantScheme(name="quarot-like", rotate=True, permute=False, a8_budget=0.0))
-# FMPQ's outlier groups plus the rotation inside every group (simulation only, like QuaRot).
+# FMPQ's outlier groups plus the rotation inside every group.
 register_preset(QuantScheme(name="w4ax-rot-kv4", rotate=True))
 register_preset(QuantScheme(name="w4ax-rot-kv4-25", rotate=True, a8_budget=0.25))
 register_preset(QuantScheme(name="w4a16", a_bits=16, a8_budget=0.0, permute=False, kv_bits=16))
