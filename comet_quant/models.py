@@ -249,4 +249,5 @@ SITES: dict[str, tuple[str, ...]] = {
     "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp_out": ("mlp.down_proj",),
 }
+#: Every quantized linear of a decoder layer -> its input site.
 LINEAR_SITE = {lin: site for site, lins in SITES.items() for lin in lins}

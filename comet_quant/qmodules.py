@@ -11,7 +11,7 @@ from torch import nn
 
 from .checkpoint import QuantizedCheckpoint, open_checkpoint
 from .errors import CometError
-from .models import SITES, decoder_layers
+from .models import LINEAR_SITE, decoder_layers
 from .primitives import (dequantize_weight, fake_quantize_activation, fake_quantize_kv, pad_channels,
                          rotate_groups, unpack_int4)
 from .scheme import QuantScheme
@@ -152,7 +152,7 @@ def build_quantized_model(ckpt: QuantizedCheckpoint, device: str = "cpu",
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = ckpt.tensors()
     for i, layer in enumerate(decoder_layers(model)):
-        for lin in (lin for lins in SITES.values() for lin in lins):
+        for lin in LINEAR_SITE:
             prefix = f"model.layers.{i}.{lin}."
             parts = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
             old = layer.get_submodule(lin)

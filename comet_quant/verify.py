@@ -8,7 +8,7 @@ import torch
 
 from .checkpoint import open_checkpoint
 from .errors import CometError
-from .models import SITES
+from .models import LINEAR_SITE
 
 DEFAULT_TOLERANCE = 1e-2
 #: Activations with a few large channels, like real LLM inputs: channel perm[j] gets scale
@@ -45,13 +45,13 @@ def verify_checkpoint(path, tolerance: float = DEFAULT_TOLERANCE, tokens: int = 
     gen = torch.Generator().manual_seed(seed)
     worst: dict[str, float] = {}
     for i in range(ckpt.num_layers):
-        for lin in (lin for lins in SITES.values() for lin in lins):
+        for lin, site in LINEAR_SITE.items():
             p = f"model.layers.{i}.{lin}"
             perm = tensors[f"{p}.act_perm"]
             qw, ws = tensors[f"{p}.qweight"].cuda(), tensors[f"{p}.wscale"].cuda()
             groups = perm.numel() // ops.GROUP
             g8 = groups if s.a_bits == 8 else int(tensors[f"{p}.act_groups8"][0])
-            k = int(ckpt.qconfig["layers"][str(i)][_site(lin)]["k"])
+            k = int(ckpt.qconfig["layers"][str(i)][site]["k"])
             x = _activations(perm, k, tokens, gen).cuda()
             perm = perm.cuda()
             y = ops.w4ax_linear(x, perm, g8, qw, ws, torch.float32, s.rotate)
@@ -63,7 +63,3 @@ def verify_checkpoint(path, tolerance: float = DEFAULT_TOLERANCE, tokens: int = 
             kind = lin.split(".")[-1]
             worst[kind] = max(worst.get(kind, 0.0), err)
     return {"tolerance": tolerance, "worst": worst, "ok": all(e <= tolerance for e in worst.values())}
-
-
-def _site(linear: str) -> str:
-    return next(site for site, lins in SITES.items() if linear in lins)
