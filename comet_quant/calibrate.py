@@ -1,7 +1,9 @@
 """Calibration: run the model layer by layer on sample text and record what FMPQ needs.
 
 Per decoder layer and per linear input site (see ``models.SITES``): per-channel absmax and
-mean square of the activation, optionally the GPTQ Hessian ``E[x x^T]``, and per-channel
+mean square of the activation, optionally the GPTQ Hessian ``E[x x^T]``, a fixed-size sample
+of activation rows (``{site}.sample``, float16 [S, K], evenly spaced over the calibration
+tokens; the error-based FMPQ selection measures layer output error on it), and per-channel
 absmax of the K and V projections. Output: ``manifest.json`` plus ``layer_NNN.safetensors``.
 """
 from __future__ import annotations
@@ -30,6 +32,9 @@ DEFAULT_NSAMPLES = 128
 DEFAULT_SEQLEN = 512
 DEFAULT_SEED = 0
 DEFAULT_BATCH = 8
+DEFAULT_SAMPLE_TOKENS = 256
+DEFAULT_MASSIVE_RATIO = 0.0
+FP16_MAX = 65504.0
 
 
 @dataclass
@@ -46,6 +51,12 @@ class CalibrationConfig:
     #: Parallel workers (torch.distributed ranks, each with a share of the samples); 0 means
     #: one per visible GPU on CUDA and one on the CPU.
     workers: int = 0
+    #: Activation rows kept per linear input for the error-based 8-bit group selection.
+    sample_tokens: int = DEFAULT_SAMPLE_TOKENS
+    #: Tokens whose squared norm exceeds this multiple of the batch median ("massive
+    #: activations", e.g. attention-sink positions) are left out of the Hessian and mean
+    #: square, which they would otherwise dominate; 0 keeps every token. absmax sees all.
+    massive_ratio: float = DEFAULT_MASSIVE_RATIO
 
 
 def resolve_device(device: str) -> str:
@@ -62,17 +73,24 @@ def resolve_device(device: str) -> str:
 class _SiteStats:
     """Running statistics of one linear input: float32 accumulators on the compute device."""
 
-    def __init__(self, hessian: bool):
+    def __init__(self, hessian: bool, sample_every: int = 0, massive_ratio: float = 0.0):
         self.hessian = hessian
-        self.n = 0
+        self.sample_every = sample_every
+        self.massive_ratio = massive_ratio
+        self.n = self.n_used = 0
         self.absmax = self.sumsq = self.xtx = None
+        self.rows: list[torch.Tensor] = []
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if not torch.isfinite(x).all():
             raise CometError("non-finite activations during calibration: the model overflows "
                              "in this dtype; calibrate with --device cpu (float32)")
-        amax, ssq = x.abs().amax(0), x.square().sum(0)
+        xs = x
+        if self.massive_ratio > 0:
+            norms = x.square().sum(1)
+            xs = x[norms <= self.massive_ratio * norms.median()]
+        amax, ssq = x.abs().amax(0), xs.square().sum(0)
         if self.absmax is None:
             self.absmax, self.sumsq = amax, ssq
             if self.hessian:
@@ -81,7 +99,12 @@ class _SiteStats:
             self.absmax = torch.maximum(self.absmax, amax)
             self.sumsq += ssq
         if self.hessian:
-            self.xtx.addmm_(x.t(), x)
+            self.xtx.addmm_(xs.t(), xs)
+        self.n_used += xs.shape[0]
+        if self.sample_every:
+            idx = torch.arange(self.n, self.n + x.shape[0], device=x.device)
+            pick = (idx % self.sample_every) == self.sample_every // 2
+            self.rows.append(x[pick].clamp(-FP16_MAX, FP16_MAX).to(torch.float16).cpu())
         self.n += x.shape[0]
 
     def tensors(self, site: str, distributed: bool = False) -> dict[str, torch.Tensor]:
@@ -92,18 +115,21 @@ class _SiteStats:
             dist.all_reduce(self.sumsq)
             if self.hessian:
                 dist.all_reduce(self.xtx)
-            n = torch.tensor([self.n], dtype=torch.float64, device=self.absmax.device)
+            n = torch.tensor([self.n, self.n_used], dtype=torch.float64, device=self.absmax.device)
             dist.all_reduce(n)
-            self.n = int(n.item())
-        out = {f"{site}.absmax": self.absmax.cpu(), f"{site}.sqmean": (self.sumsq / self.n).cpu()}
+            self.n, self.n_used = int(n[0].item()), int(n[1].item())
+        used = max(self.n_used, 1)
+        out = {f"{site}.absmax": self.absmax.cpu(), f"{site}.sqmean": (self.sumsq / used).cpu()}
         if self.hessian:
-            out[f"{site}.hessian"] = (self.xtx / self.n).cpu()
+            out[f"{site}.hessian"] = (self.xtx / used).cpu()
+        if self.sample_every:  # rank 0's rows: an even sample of its share of the tokens
+            out[f"{site}.sample"] = torch.cat(self.rows).contiguous()
         return out
 
 
-def _layer_stats(layer, inputs, device: str, hessians: bool,
-                 distributed: bool = False) -> dict[str, torch.Tensor]:
-    stats = {site: _SiteStats(hessians) for site in SITES}
+def _layer_stats(layer, inputs, device: str, hessians: bool, distributed: bool = False,
+                 sample_every: int = 0, massive_ratio: float = 0.0) -> dict[str, torch.Tensor]:
+    stats = {site: _SiteStats(hessians, sample_every, massive_ratio) for site in SITES}
     kv = {}
     handles = []
     for site, linears in SITES.items():
@@ -140,7 +166,9 @@ def calibrate_layers(lm: LayerwiseModel, samples: torch.Tensor, cfg: Calibration
     combined across ranks (torch.distributed must be initialized); rank 0 writes the files.
     Layers whose file exists (an interrupted run) only run forward to rebuild the next inputs.
     """
-    inputs = capture_inputs(lm.model, samples[rank::world], cfg.batch_size, device, lm.dtype)
+    mine = samples[rank::world]
+    inputs = capture_inputs(lm.model, mine, cfg.batch_size, device, lm.dtype)
+    sample_every = max(1, mine.numel() // cfg.sample_tokens) if cfg.sample_tokens > 0 else 0
     lm.drop_embeddings()
     layers = decoder_layers(lm.model)
     for i in tqdm(range(len(layers)), desc="calibrate", unit="layer", disable=not progress):
@@ -148,7 +176,8 @@ def calibrate_layers(lm: LayerwiseModel, samples: torch.Tensor, cfg: Calibration
         if (out / layer_file(i)).is_file():
             run_layer(layer, inputs, device, update=True)
         else:
-            stats = _layer_stats(layer, inputs, device, cfg.hessians, distributed=world > 1)
+            stats = _layer_stats(layer, inputs, device, cfg.hessians, distributed=world > 1,
+                                 sample_every=sample_every, massive_ratio=cfg.massive_ratio)
             if rank == 0:
                 replace_atomically(out / layer_file(i), lambda path: save_file(stats, path))
         lm.release(i)
@@ -171,7 +200,8 @@ def calibrate(model: str | ModelRef | None = None, out: str | Path | None = None
     device = resolve_device(cfg.device)
     job = {"kind": "calibration", "model_fingerprint": fingerprint(ref), "dataset": cfg.dataset,
            "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed, "hessians": cfg.hessians,
-           "batch_size": cfg.batch_size, "device": device, "workers": cfg.workers}
+           "batch_size": cfg.batch_size, "device": device, "workers": cfg.workers,
+           "sample_tokens": cfg.sample_tokens, "massive_ratio": cfg.massive_ratio}
     with output_dir(out, overwrite, resume, job) as tmp:
         t0 = time.time()
         lm = loaded if loaded is not None else LayerwiseModel(ref)
@@ -199,7 +229,8 @@ def calibrate(model: str | ModelRef | None = None, out: str | Path | None = None
             "data": {**src.spec, "arg": cfg.dataset, "purpose": "calibration", "tokens": int(ids.numel()),
                      "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed,
                      "overlapping": overlap},
-            "hessians": cfg.hessians, "num_layers": hf_model.config.num_hidden_layers,
+            "hessians": cfg.hessians, "sample_tokens": cfg.sample_tokens,
+            "massive_ratio": cfg.massive_ratio, "num_layers": hf_model.config.num_hidden_layers,
             "device": device, "workers": world,
             "seconds": round(time.time() - t0, 1), "versions": versions(),
         }
@@ -249,6 +280,10 @@ class Calibration:
         if any(d.get(k) != getattr(cfg, k) for k in ("nsamples", "seqlen", "seed")):
             return False
         if d.get("arg") != cfg.dataset or (cfg.hessians and not self.manifest.get("hessians")):
+            return False
+        if self.manifest.get("sample_tokens", 0) < cfg.sample_tokens:
+            return False
+        if self.manifest.get("massive_ratio", 0.0) != cfg.massive_ratio:
             return False
         return d.get("sha256") == data_mod.load_text(cfg.dataset, "calibration").spec["sha256"]
 

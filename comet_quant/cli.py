@@ -154,7 +154,7 @@ def verify(checkpoint, tolerance, tokens):
 def generate(checkpoint, prompt, max_new_tokens, device):
     """Generate text with a quantized checkpoint (greedy)."""
     from .calibrate import resolve_device
-    from .qmodules import load_quantized
+    from .qmodules import load_quantized, new_kv_cache
 
     if max_new_tokens < 1:
         raise CometError("--max-new-tokens must be at least 1")
@@ -162,8 +162,36 @@ def generate(checkpoint, prompt, max_new_tokens, device):
     model, tok = load_quantized(checkpoint, device=device)
     ids = tok(prompt, return_tensors="pt").input_ids.to(device)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         past_key_values=new_kv_cache(model, ids.shape[1] + max_new_tokens),
                          pad_token_id=tok.pad_token_id or tok.eos_token_id)
     click.echo(tok.decode(out[0], skip_special_tokens=True))
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--batch", default="1,16,64", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--prompt-len", type=int, default=1024, show_default=True)
+@click.option("--gen-len", type=int, default=256, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs (median).")
+@device_opt
+@click.option("--reference", default=None, help="FP model [default: the checkpoint's source model].")
+@click.option("--no-reference", is_flag=True, help="Benchmark the quantized model only.")
+@click.option("--output", default=None, help="JSON result path.")
+def bench(checkpoint, batch, prompt_len, gen_len, repeats, device, reference, no_reference, output):
+    """Prefill/decode throughput and memory of CHECKPOINT (kernels, 4-bit KV) vs its FP16 model."""
+    from .bench import benchmark
+    from .calibrate import resolve_device
+
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        raise CometError(f"--batch takes comma-separated integers (got '{batch}')") from None
+    if repeats < 1:
+        raise CometError("--repeats must be at least 1")
+    device = resolve_device(device)
+    if not device.startswith("cuda"):
+        click.echo("note: no GPU; timing the reference path on the CPU (not representative)", err=True)
+    benchmark(checkpoint, batches, prompt_len, gen_len, device, reference, repeats, no_reference, output)
 
 
 @main.command()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ from tqdm.auto import tqdm
 from .calibrate import Calibration, CalibrationConfig, calibrate, default_calib_dir
 from .checkpoint import ShardWriter, linear_tensors, save_checkpoint
 from .errors import CometError
-from .fmpq import InputPlan, plan_input, select_groups8
+from .fmpq import InputPlan, measured_gains, plan_input, select_groups8
 from .gptq import gptq_quantize
 from .lazy import LayerwiseModel, return_freed_memory
 from .models import SITES, ModelRef, fingerprint, resolve_model
@@ -27,14 +28,35 @@ def _site_key(layer: int, site: str) -> str:
     return f"{layer}.{site}"
 
 
-def plan_model(calib: Calibration, scheme: QuantScheme) -> dict[str, InputPlan]:
-    """FMPQ plans of every input site, with the 8-bit groups chosen under the global budget."""
+def plan_model(calib: Calibration, scheme: QuantScheme, lm: LayerwiseModel | None = None
+               ) -> dict[str, InputPlan]:
+    """FMPQ plans of every input site, with the 8-bit groups chosen under the global budget.
+
+    The error criterion (``a8_criterion='error'``) measures each group's gain on the
+    calibration rows with the layer's weights, loaded from ``lm`` one layer at a time.
+    """
+    measure = (scheme.quantizes_activations and scheme.a8_select == "budget"
+               and scheme.a8_criterion == "error" and scheme.a8_budget > 0)
+    if measure and lm is None:
+        raise CometError("a8_criterion='error' needs the model's weights to measure gains")
     plans = {}
-    for i in range(calib.manifest["num_layers"]):
+    layers = range(calib.manifest["num_layers"])
+    for i in tqdm(layers, desc="plan (measure gains)", unit="layer") if measure else layers:
         stats = calib.layer(i)
-        for site in SITES:
-            plans[_site_key(i, site)] = plan_input(stats[f"{site}.absmax"], scheme,
-                                                   what=f"layer {i} {site}")
+        layer = lm.materialize(i) if measure else None
+        for site, linears in SITES.items():
+            what = f"layer {i} {site}"
+            plan = plan_input(stats[f"{site}.absmax"], scheme, what=what)
+            if measure:
+                if f"{site}.sample" not in stats:
+                    raise CometError(f"calibration {calib.path} has no activation samples (made by "
+                                     "an older comet-quant); re-run calibrate for "
+                                     "a8_criterion='error'")
+                weights = [layer.get_submodule(lin).weight for lin in linears]
+                plan = replace(plan, gains=measured_gains(stats[f"{site}.sample"], weights, plan, scheme))
+            plans[_site_key(i, site)] = plan
+        if measure:
+            lm.release(i)
     return select_groups8(plans, scheme) if scheme.quantizes_activations else plans
 
 
@@ -43,10 +65,12 @@ def plan_summary(plan: InputPlan) -> dict:
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, plan: InputPlan,
-                    scheme: QuantScheme, hessian: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                    scheme: QuantScheme, hessian: torch.Tensor | None,
+                    sqmean: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Permute, quantize and pack one linear layer's weight [N, K] under ``plan``.
 
-    Returns the checkpoint tensors of the layer without name prefix (see docs/FORMAT.md).
+    ``sqmean`` (float [K], the input's per-channel mean square) weights the RTN clipping
+    search. Returns the checkpoint tensors of the layer without name prefix (docs/FORMAT.md).
     """
     perm = plan.perm.long()
     w = pad_channels(weight.float(), plan.k_padded)[:, perm]
@@ -61,9 +85,17 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, plan: Input
         if scheme.rotate:
             hp = rotate_groups(rotate_groups(hp, scheme.group_size).t().contiguous(), scheme.group_size)
         q, scale, zero = gptq_quantize(w, hp, scheme.group_size, scheme.w_symmetric,
-                                       scheme.gptq_damp, scheme.gptq_block)
+                                       scheme.gptq_damp, scheme.gptq_block,
+                                       act_order=scheme.gptq_act_order, clip=scheme.w_clip)
     else:
-        q, scale, zero = quantize_weight_rtn(w, scheme.group_size, scheme.w_symmetric)
+        col_weight = None
+        if scheme.w_clip and sqmean is not None:
+            col_weight = pad_channels(sqmean.float()[None], plan.k_padded)[0, perm]
+            if scheme.rotate:  # diagonal of R^T diag(d) R: the group mean of d
+                g = scheme.group_size
+                col_weight = col_weight.reshape(-1, g).mean(-1, keepdim=True).expand(-1, g).reshape(-1)
+        q, scale, zero = quantize_weight_rtn(w, scheme.group_size, scheme.w_symmetric,
+                                             scheme.w_clip, col_weight)
     return linear_tensors(q, scale, zero, plan.perm, plan.groups8, bias)
 
 
@@ -114,7 +146,7 @@ def export(model: str | ModelRef | None = None, calib: str | Path | None = None,
     hf_model, tokenizer = lm.model, lm.tokenizer
     cal = _open_or_make_calibration(ref, calib, scheme, calib_config, lm, resume)
     lm.drop_embeddings()  # export reads them from disk when it writes them
-    plans = plan_model(cal, scheme)
+    plans = plan_model(cal, scheme, lm)
     num_layers = hf_model.config.num_hidden_layers
     padded = sorted({(p.k, p.k_padded) for p in plans.values() if p.k != p.k_padded})
     for k, kp in padded:
@@ -136,7 +168,7 @@ def export(model: str | ModelRef | None = None, calib: str | Path | None = None,
         for i in tqdm(range(num_layers), desc=f"export {scheme.name}", unit="layer"):
             if writer.done(first_layer + i):
                 continue
-            stats = cal.layer(i) if scheme.needs_hessians else {}
+            stats = cal.layer(i) if scheme.needs_hessians or scheme.w_clip else {}
             layer = lm.materialize(i)
             shard: dict[str, torch.Tensor] = {
                 f"model.layers.{i}.{n}": p.detach().to(torch.float16)
@@ -146,7 +178,7 @@ def export(model: str | ModelRef | None = None, calib: str | Path | None = None,
                 for lin in linears:
                     mod = layer.get_submodule(lin)
                     qt = quantize_linear(mod.weight, mod.bias, plan, scheme,
-                                         stats.get(f"{site}.hessian"))
+                                         stats.get(f"{site}.hessian"), stats.get(f"{site}.sqmean"))
                     shard.update({f"model.layers.{i}.{lin}.{k}": v for k, v in qt.items()})
             lm.release(i)
             writer.write(first_layer + i, shard)

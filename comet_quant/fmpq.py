@@ -14,6 +14,14 @@ Selection across a model (:func:`select_groups8`):
 The outlier score of a group is ``(max channel absmax in the group / median channel absmax of
 the input) ** 2``: the factor by which its 4-bit quantization step (and so the error
 variance) exceeds that of a typical group.
+
+With ``a8_criterion='error'`` budget selection ranks groups by measured gain instead
+(:func:`measured_gains`): on calibration rows of the input, the drop of the layer's squared
+output error ``||(Q(x) - x) W^T||^2``, relative to its output energy ``||x W^T||^2``, when the
+group's activations go from 4 to 8 bits. Because a selection must be a prefix, each input's
+gains are replaced by the slopes of the least concave majorant of their running sum (pool
+adjacent violators): taking groups in that order is exactly optimal for a prefix-constrained
+budget, and ties keep position order.
 """
 from __future__ import annotations
 
@@ -40,6 +48,8 @@ class InputPlan:
     perm: torch.Tensor
     scores: torch.Tensor
     groups8: int = 0
+    #: float32 [n_groups] measured output-error gains (``a8_criterion='error'``), else None.
+    gains: torch.Tensor | None = None
 
     @property
     def n_groups(self) -> int:
@@ -77,6 +87,45 @@ def plan_input(absmax: torch.Tensor, scheme: QuantScheme, what: str = "input") -
     return InputPlan(k=k, k_padded=kp, perm=perm.to(torch.int32), scores=scores)
 
 
+@torch.no_grad()
+def measured_gains(sample: torch.Tensor, weights: list[torch.Tensor], plan: InputPlan,
+                   scheme: QuantScheme) -> torch.Tensor:
+    """Per-group relative output-error reduction of 8-bit over 4-bit activations.
+
+    Args:
+        sample: float [S, K] calibration rows of the input (original channel order).
+        weights: the float [N_i, K] weights of every linear reading this input.
+    Returns:
+        float32 [n_groups], >= 0, in permuted group order.
+    """
+    from .primitives import dequantize_symmetric, pad_channels, quantize_symmetric, rotate_groups
+
+    g, perm = scheme.group_size, plan.perm.long()
+    x = pad_channels(sample.float(), plan.k_padded)[:, perm]
+    w = torch.cat([pad_channels(wi.float(), plan.k_padded)[:, perm] for wi in weights])
+    if scheme.rotate:
+        x, w = rotate_groups(x, g), rotate_groups(w, g)
+    ref = (x @ w.t()).square().sum().clamp_min(1e-30)
+    errs = []
+    for bits in (scheme.a_bits, scheme.a_high_bits):
+        d = dequantize_symmetric(*quantize_symmetric(x, bits, g), g) - x
+        errs.append(torch.stack([(d[:, j:j + g] @ w[:, j:j + g].t()).square().sum()
+                                 for j in range(0, plan.k_padded, g)]))
+    return ((errs[0] - errs[1]).clamp_min(0) / ref).float()
+
+
+def _prefix_slopes(gains: list[float]) -> list[float]:
+    """Slopes of the least concave majorant of ``cumsum(gains)`` (non-increasing)."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in gains:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
+            s, c = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += c
+    return [s / c for s, c in blocks for _ in range(c)]
+
+
 def select_groups8(plans: dict[str, InputPlan], scheme: QuantScheme) -> dict[str, InputPlan]:
     """Assign ``groups8`` to every plan under the scheme's global budget (see module doc)."""
     from dataclasses import replace
@@ -87,12 +136,25 @@ def select_groups8(plans: dict[str, InputPlan], scheme: QuantScheme) -> dict[str
         return {name: replace(p, groups8=min(scheme.a8_groups, p.n_groups)) for name, p in plans.items()}
     total = sum(p.n_groups for p in plans.values())
     budget = int(math.floor(scheme.a8_budget * total + 1e-9))
-    cands = [(float(s), name, j) for name, p in plans.items() for j, s in enumerate(p.scores.tolist())]
+    if scheme.a8_criterion == "error":
+        missing = [name for name, p in plans.items() if p.gains is None]
+        if missing:
+            raise CometError(f"a8_criterion='error' needs measured gains; input {missing[0]} has none")
+        ranked = {name: _prefix_slopes(p.gains.tolist()) for name, p in plans.items()}
+    else:
+        ranked = {name: p.scores.tolist() for name, p in plans.items()}
+    cands = [(float(s), name, j) for name, r in ranked.items() for j, s in enumerate(r)]
     if scheme.a8_select == "threshold":
         cands = [c for c in cands if c[0] > scheme.a8_threshold]
     # Highest score first; ties broken by position so each input's choice stays a prefix.
     cands.sort(key=lambda c: (-c[0], c[1], c[2]))
+    cap = {name: int(math.floor(scheme.a8_layer_cap * p.n_groups + 1e-9)) for name, p in plans.items()}
     counts = dict.fromkeys(plans, 0)
-    for _, name, _ in cands[:budget]:
-        counts[name] += 1
+    taken = 0
+    for _, name, _ in cands:
+        if taken == budget:
+            break
+        if counts[name] < cap[name]:
+            counts[name] += 1
+            taken += 1
     return {name: replace(p, groups8=counts[name]) for name, p in plans.items()}

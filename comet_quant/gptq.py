@@ -33,13 +33,20 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, group_size: int, symmetric: bool,
-                  damp: float = 0.01, block: int = 128):
+                  damp: float = 0.01, block: int = 128, act_order: bool = False, clip: bool = False):
     """Quantize ``w`` with GPTQ error compensation.
 
     Args:
         w: float [N, K] weight (permuted columns, K a multiple of ``group_size``).
         hessian: float [K, K], ``E[x x^T]`` of the layer input in the same order.
         block: columns per lazy batch update; rounded to a multiple of ``group_size``.
+        act_order: visit columns in order of decreasing Hessian diagonal (largest input
+            energy first) so the most important columns are rounded before they absorb error
+            from others. Groups stay the static runs of ``group_size`` columns the kernel
+            uses, so their scales are fixed from the unmodified weight before the sweep.
+        clip: choose each group's scale with the clipping search of
+            :func:`~comet_quant.primitives.weight_qparams`, weighting columns by the Hessian
+            diagonal.
     Returns:
         q: int8 [N, K] int4 codes (signed, or unsigned with ``zero``);
         scale: float32 [N, K / group_size]; zero: uint8 [N, K / group_size] or None.
@@ -52,12 +59,21 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, group_size: int, symme
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    Hinv = _inverse_cholesky(H, damp)
-    block = max(group_size, (block // group_size) * group_size)
     ng = k // group_size
-    Q = torch.zeros(n, k, dtype=torch.int8, device=W.device)
+    diag = H.diagonal().clone()
     scale = torch.zeros(n, ng, device=W.device)
     zero = None if symmetric else torch.zeros(n, ng, dtype=torch.uint8, device=W.device)
+    order = None
+    if act_order:
+        # Static groups: scales from the whole weight up front; then sweep the columns by
+        # decreasing input energy, each quantized with its own group's scale.
+        scale, zero = weight_qparams(W, group_size, symmetric, clip, diag)
+        order = torch.argsort(diag, descending=True, stable=True)
+        W, H = W[:, order], H[order][:, order]
+        group_of = (order // group_size).to(W.device)
+    Hinv = _inverse_cholesky(H, damp)
+    block = max(group_size, (block // group_size) * group_size)
+    Q = torch.zeros(n, k, dtype=torch.int8, device=W.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1 = W[:, i1:i2].clone()
@@ -65,13 +81,16 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, group_size: int, symme
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % group_size == 0:
+            if order is None:
                 gi = col // group_size
-                s, z = weight_qparams(W1[:, i:i + group_size], group_size, symmetric)
-                scale[:, gi] = s[:, 0]
-                if zero is not None:
-                    zero[:, gi] = z[:, 0]
-            gi = col // group_size
+                if col % group_size == 0:
+                    s, z = weight_qparams(W1[:, i:i + group_size], group_size, symmetric, clip,
+                                          diag[col:col + group_size])
+                    scale[:, gi] = s[:, 0]
+                    if zero is not None:
+                        zero[:, gi] = z[:, 0]
+            else:
+                gi = int(group_of[col])
             s = scale[:, gi:gi + 1]
             z = None if zero is None else zero[:, gi:gi + 1]
             q = quantize_weight_with(W1[:, i:i + 1], s, z, 1)
@@ -81,4 +100,6 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, group_size: int, symme
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if order is not None:
+        Q = Q[:, torch.argsort(order)]
     return Q, scale, zero

@@ -18,8 +18,8 @@ from .errors import CometError
 from .primitives import pack_int4, pad_channels, quantize_activation, rotate_groups, unpack_int4
 
 GROUP = 128  # kernels/w4ax.h kGroup
-SOURCES = ("binding.cpp", "w4ax_kernels.cu")
-HEADERS = ("w4ax.h",)
+SOURCES = ("binding.cpp", "w4ax_kernels.cu", "kv4_kernels.cu")
+HEADERS = ("w4ax.h", "kv4.h")
 _state: dict = {"loaded": False, "error": None}
 
 
@@ -137,6 +137,14 @@ def _register_fakes() -> None:
         k8 = groups8 * GROUP
         return (x.new_empty(m, k8, dtype=torch.int8), x.new_empty(m, (kp - k8) // 2, dtype=torch.uint8),
                 x.new_empty(m, kp // GROUP, dtype=torch.float32))
+
+    @torch.library.register_fake("comet::kv4_append")
+    def _(x, codes, scale, zero, start):
+        return None
+
+    @torch.library.register_fake("comet::kv4_decode_attention")
+    def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, scaling):
+        return torch.empty_like(q)
 
     @torch.library.register_fake("comet::w4ax_gemm")
     def _(q8, q4, ascale, qweight, wscale, groups8, split_k, int4_mma, out_dtype):

@@ -78,21 +78,54 @@ def dequantize_symmetric(q: torch.Tensor, scale: torch.Tensor, group_size: int) 
 # Weights: int4 per output channel and K group, symmetric or asymmetric
 # ---------------------------------------------------------------------------------------------
 
-def weight_qparams(w: torch.Tensor, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def weight_qparams(w: torch.Tensor, group_size: int, symmetric: bool, clip: bool = False,
+                   col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales (and zero points) of int4 weight quantization.
 
     Args:
         w: float [N, K].
+        clip: search, per row and group, the range shrink factor in :data:`CLIP_GRID` that
+            minimizes the (``col_weight``-weighted) squared rounding error, instead of using
+            the full min/max range.
+        col_weight: float [K] importance of each input column for the clipping search (the
+            layer input's mean square, so the error measured is the output error's diagonal
+            term); uniform when None.
     Returns:
         scale: float32 [N, K/g]; zero: uint8 [N, K/g] in [0, 15] for asymmetric, else None.
     """
     n, k = w.shape
     g = _check_groups(k, group_size)
     wg = w.float().reshape(n, g, group_size)
+    if not clip:
+        return _range_qparams(wg.amin(-1), wg.amax(-1), symmetric)
+    cw = (torch.ones(k, device=w.device) if col_weight is None else col_weight.float().to(w.device))
+    cw = cw.reshape(1, g, group_size)
+    wmin, wmax = wg.amin(-1), wg.amax(-1)
+    best_err = best_scale = best_zero = None
+    for alpha in CLIP_GRID:
+        scale, zero = _range_qparams(wmin * alpha, wmax * alpha, symmetric)
+        q = quantize_weight_with(wg.reshape(n, k), scale, zero, group_size).reshape(n, g, group_size)
+        deq = (q.float() - (0.0 if zero is None else zero.float()[..., None])) * scale[..., None]
+        err = ((deq - wg).square() * cw).sum(-1)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+#: Range shrink factors tried by the weight clipping search (1.0 = no clipping).
+CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))
+
+
+def _range_qparams(wmin: torch.Tensor, wmax: torch.Tensor, symmetric: bool):
     if symmetric:
-        return (wg.abs().amax(-1) / INT4_MAX).clamp_min(MIN_SCALE), None
-    wmin = wg.amin(-1).clamp(max=0.0)
-    wmax = wg.amax(-1).clamp(min=0.0)
+        return (torch.maximum(wmin.abs(), wmax.abs()) / INT4_MAX).clamp_min(MIN_SCALE), None
+    wmin, wmax = wmin.clamp(max=0.0), wmax.clamp(min=0.0)
     scale = ((wmax - wmin) / UINT4_MAX).clamp_min(MIN_SCALE)
     zero = torch.round(-wmin / scale).clamp_(0, UINT4_MAX).to(torch.uint8)
     return scale, zero
@@ -115,10 +148,14 @@ def quantize_weight_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return q.to(torch.int8).reshape(n, k)
 
 
-def quantize_weight_rtn(w: torch.Tensor, group_size: int, symmetric: bool):
-    """Round-to-nearest int4 weights. Returns (q int8 [N, K], scale f32 [N, K/g], zero|None)."""
+def quantize_weight_rtn(w: torch.Tensor, group_size: int, symmetric: bool, clip: bool = False,
+                        col_weight: torch.Tensor | None = None):
+    """Round-to-nearest int4 weights. Returns (q int8 [N, K], scale f32 [N, K/g], zero|None).
+
+    ``clip``/``col_weight``: the clipping search of :func:`weight_qparams`.
+    """
     _check_finite(w, "weights")
-    scale, zero = weight_qparams(w, group_size, symmetric)
+    scale, zero = weight_qparams(w, group_size, symmetric, clip, col_weight)
     return quantize_weight_with(w, scale, zero, group_size), scale, zero
 
 
@@ -257,20 +294,30 @@ def w4ax_linear_reference(x: torch.Tensor, perm: torch.Tensor, groups8: int, qwe
 def quantize_kv(x: torch.Tensor, bits: int):
     """Asymmetric quantization over the last dim (head_dim) of K or V.
 
+    The step is stored in fp16 (the 4-bit cache keeps it so), with a floor of
+    :data:`KV_MIN_SCALE`; the zero point is an integer, clamped to +-:data:`KV_ZERO_LIMIT` so
+    fp16 holds it exactly. Every division is IEEE-rounded (the CUDA kernel matches bit for bit).
+
     Args:
         x: float [..., head_dim].
     Returns:
         q: uint8 [..., head_dim] codes in [0, 2^bits - 1];
-        scale, zero: float32 [..., 1]; ``x ~= (q - zero) * scale``.
+        scale, zero: float32 [..., 1] (fp16 values); ``x ~= (q - zero) * scale``.
     """
     levels = (1 << bits) - 1
     xf = x.float()
     lo = xf.amin(-1, keepdim=True)
     hi = xf.amax(-1, keepdim=True)
-    scale = ((hi - lo) / levels).clamp_min(MIN_SCALE)
-    zero = torch.round(-lo / scale)
+    scale = ((hi - lo) / levels).clamp_min(KV_MIN_SCALE).half().float()
+    zero = torch.round(-lo / scale).clamp_(-KV_ZERO_LIMIT, KV_ZERO_LIMIT)
     q = (torch.round(xf / scale) + zero).clamp_(0, levels).to(torch.uint8)
     return q, scale, zero
+
+
+#: Smallest KV step (an fp16 normal number).
+KV_MIN_SCALE = 1e-4
+#: Largest KV zero-point magnitude (fp16 holds every integer up to 2048).
+KV_ZERO_LIMIT = 2048.0
 
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -168,14 +168,29 @@ def build_quantized_model(ckpt: QuantizedCheckpoint, device: str = "cpu",
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     enable_kv_quant(model, ckpt.scheme.kv_bits)
+    if ckpt.scheme.kv_bits == 4:
+        from .kvcache import enable_kv4_cache
+        enable_kv4_cache(model)
+    model.comet_kv_bits = ckpt.scheme.kv_bits
     return model.eval().requires_grad_(False).to(device)
+
+
+def new_kv_cache(model, max_len: int = 0):
+    """The cache ``generate`` should use: a 4-bit :class:`~comet_quant.kvcache.Kv4Cache` for a
+    KV4 checkpoint, else None (transformers' default)."""
+    if getattr(model, "comet_kv_bits", 16) != 4:
+        return None
+    from .kvcache import new_cache
+    return new_cache(model, max_len)
 
 
 def load_quantized(path, device: str = "cpu", dtype: torch.dtype | None = None, backend: str = "auto"):
     """Load an exported checkpoint as a transformers model plus its tokenizer.
 
     On CUDA the linears run the W4Ax kernels (``backend='auto'``) in float16 by default; on CPU
-    the simulated backend runs in float32.
+    the simulated backend runs in float32. For a KV4 scheme, pass
+    ``past_key_values=new_kv_cache(model)`` to ``generate`` (or a forward) to keep the cache in
+    4 bits; without it attention quantizes K/V on the fly (simulated KV4).
     """
     from transformers import AutoTokenizer
 

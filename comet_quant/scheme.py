@@ -19,6 +19,7 @@ DEFAULT_GROUP_SIZE = 128
 
 WEIGHT_METHODS = ("rtn", "gptq")
 SELECT_MODES = ("budget", "threshold", "fixed")
+CRITERIA = ("absmax", "error")
 K_POLICIES = ("pad", "error")
 
 
@@ -36,6 +37,9 @@ class QuantScheme:
         w_method: ``rtn`` (round to nearest) or ``gptq`` (needs calibration Hessians).
         gptq_damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
         gptq_block: GPTQ columns processed per lazy-update block.
+        gptq_act_order: GPTQ visits columns by decreasing Hessian diagonal (static groups).
+        w_clip: choose each weight group's range by a clipping search that minimizes the
+            input-energy-weighted rounding error (RTN and GPTQ), instead of min/max.
         a_bits: activation bits of the ordinary groups: 4, 8, or 16 (activations unquantized).
         a_high_bits: activation bits of the outlier groups chosen by FMPQ (8; kernels take int8).
         a8_select: ``budget`` (the ``a8_budget`` fraction of all groups, given to the groups
@@ -45,6 +49,12 @@ class QuantScheme:
         a8_budget: the largest fraction of groups in ``a_high_bits`` (0 to 1).
         a8_threshold: outlier ratio for ``threshold`` selection.
         a8_groups: 8-bit groups per linear input for ``fixed`` selection.
+        a8_criterion: what ranks groups for ``budget`` selection: ``absmax`` (the outlier
+            score from calibration absmax) or ``error`` (the measured reduction of the layer's
+            relative output error when the group goes from 4 to 8 bits, on calibration rows;
+            see docs/SCHEME.md).
+        a8_layer_cap: the largest fraction of one input's groups that may be 8-bit (a
+            per-layer budget under the global one; 1 = no cap).
         permute: reorder input channels so outlier channels share groups (FMPQ); when False
             the identity order is kept (8-bit groups are then the leading groups by position).
         rotate: rotate every group of activations and weight columns by a 128-point Hadamard
@@ -63,12 +73,16 @@ class QuantScheme:
     w_method: str = "gptq"
     gptq_damp: float = 0.01
     gptq_block: int = 128
+    gptq_act_order: bool = False
+    w_clip: bool = False
     a_bits: int = 4
     a_high_bits: int = 8
     a8_select: str = "budget"
     a8_budget: float = 0.10
     a8_threshold: float = 8.0
     a8_groups: int = 1
+    a8_criterion: str = "absmax"
+    a8_layer_cap: float = 1.0
     permute: bool = True
     rotate: bool = False
     kv_bits: int = 4
@@ -99,6 +113,12 @@ class QuantScheme:
             raise bad(f"a8_threshold must be > 1 (got {self.a8_threshold!r})")
         if not isinstance(self.a8_groups, int) or self.a8_groups < 0:
             raise bad(f"a8_groups must be a non-negative integer (got {self.a8_groups!r})")
+        if self.a8_criterion not in CRITERIA:
+            raise bad(f"a8_criterion must be one of {CRITERIA} (got {self.a8_criterion!r})")
+        if self.a8_criterion == "error" and self.a8_select != "budget":
+            raise bad("a8_criterion='error' ranks groups for a8_select='budget' only")
+        if not 0.0 < self.a8_layer_cap <= 1.0:
+            raise bad(f"a8_layer_cap is a fraction in (0, 1] (got {self.a8_layer_cap!r})")
         if self.rotate and gs & (gs - 1):
             raise bad(f"rotate needs a power-of-two group_size (got {gs})")
         if self.kv_bits not in (4, 8, 16):

@@ -6,10 +6,14 @@ quantization) on the same windows.
 
     python scripts/accuracy_table.py --calib-data ../shared/data/wikitext2-valid.raw \
         --eval-data ../shared/data/wikitext2-test.raw --out docs/RESULTS.md [--max-windows N]
+
+``--schemes`` takes preset names, each optionally with field overrides after colons, e.g.
+``w4a16:w_clip=true:gptq_act_order=true`` (values are JSON).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -19,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from comet_quant import data  # noqa: E402
-from comet_quant.calibrate import CalibrationConfig, calibrate, resolve_device  # noqa: E402
+from comet_quant.calibrate import (DEFAULT_MASSIVE_RATIO, CalibrationConfig, calibrate,  # noqa: E402
+                                   resolve_device)
 from comet_quant.checkpoint import open_checkpoint  # noqa: E402
 from comet_quant.evaluate import perplexity  # noqa: E402
 from comet_quant.export import export  # noqa: E402
@@ -27,6 +32,20 @@ from comet_quant.lazy import LayerwiseModel  # noqa: E402
 from comet_quant.models import load_model, resolve_model  # noqa: E402
 from comet_quant.qmodules import build_quantized_model  # noqa: E402
 from comet_quant.scheme import get_scheme  # noqa: E402
+
+def parse_scheme(arg: str):
+    """``preset[:field=json]...`` -> a QuantScheme named ``arg``."""
+    name, *fields = arg.split(":")
+    changes = {}
+    for f in fields:
+        key, _, value = f.partition("=")
+        try:
+            changes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key] = value
+    scheme = get_scheme(name, **changes)
+    return scheme.replace(name=arg.replace(":", "+").replace("=", "-")) if changes else scheme
+
 
 SCHEMES = ["w4a16", "w4a8-kv4", "w4a4-rtn", "atom-like", "quarot-like", "w4ax-kv4-5", "w4ax-kv4",
            "w4ax-kv4-25"]
@@ -39,6 +58,8 @@ def main():
     ap.add_argument("--eval-data", default="wikitext2")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--massive-ratio", type=float, default=DEFAULT_MASSIVE_RATIO,
+                    help="leave tokens above this x median squared norm out of the Hessians")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--max-windows", type=int, default=None, help="default: the whole split")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
@@ -52,7 +73,8 @@ def main():
     cal = work / "calib"
     if not (cal / "manifest.json").is_file():
         calibrate(ref, cal, CalibrationConfig(dataset=args.calib_data, nsamples=args.nsamples,
-                                              seqlen=args.calib_seqlen, hessians=True, device=device),
+                                              seqlen=args.calib_seqlen, hessians=True, device=device,
+                                              massive_ratio=args.massive_ratio),
                   overwrite=True)
     tok = LayerwiseModel(ref).tokenizer
     src = data.load_text(args.eval_data, "evaluation")
@@ -64,7 +86,9 @@ def main():
     del fp_model
     rows.append(("fp16 (reference)", fp, 0.0, 16.0))
     for name in args.schemes.split(","):
-        ck = export(ref, cal, get_scheme(name), work / name, overwrite=True)
+        scheme = parse_scheme(name)
+        name = scheme.name
+        ck = export(ref, cal, scheme, work / name, overwrite=True)
         c = open_checkpoint(ck)
         model = build_quantized_model(c, device)
         ppl = perplexity(model, windows, device, name)["ppl"]

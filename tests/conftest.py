@@ -72,6 +72,26 @@ def tiny_model(tmp_path_factory, sample_text) -> Path:
 
 
 @pytest.fixture(scope="session")
+def calib_dir(tiny_model, text_file, tmp_path_factory):
+    """Calibration of the tiny model (8 x 64 tokens, with Hessians)."""
+    from comet_quant.calibrate import CalibrationConfig, calibrate
+
+    out = tmp_path_factory.mktemp("cal") / "calib"
+    return calibrate(str(tiny_model), out, CalibrationConfig(dataset=str(text_file), hessians=True,
+                                                             nsamples=8, seqlen=64, batch_size=4))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_model, calib_dir, tmp_path_factory):
+    """The tiny model exported with FMPQ (25% 8-bit groups), GPTQ weights and KV4."""
+    from comet_quant.export import export
+    from comet_quant.scheme import get_scheme
+
+    out = tmp_path_factory.mktemp("ckpt") / "q"
+    return export(str(tiny_model), calib_dir, get_scheme("w4ax-kv4", a8_budget=0.25), out)
+
+
+@pytest.fixture(scope="session")
 def text_file(tmp_path_factory, sample_text) -> Path:
     p = tmp_path_factory.mktemp("data") / "sample.txt"
     p.write_text(sample_text)

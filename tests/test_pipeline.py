@@ -17,18 +17,6 @@ from comet_quant.scheme import get_scheme
 CFG = dict(nsamples=8, seqlen=64, batch_size=4)
 
 
-@pytest.fixture(scope="module")
-def calib_dir(tiny_model, text_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cal") / "calib"
-    return calibrate(str(tiny_model), out, CalibrationConfig(dataset=str(text_file), hessians=True, **CFG))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_model, calib_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt") / "q"
-    return export(str(tiny_model), calib_dir, get_scheme("w4ax-kv4", a8_budget=0.25), out)
-
-
 def test_calibration_contents(calib_dir, tiny_model):
     cal = Calibration.open(calib_dir)
     m = cal.manifest

@@ -1,0 +1,97 @@
+"""The 4-bit KV cache: reference numerics, cache bookkeeping, and model-level equivalence
+with the simulated KV4 attention (CPU); kernel-vs-reference checks are in test_kernels.py."""
+import pytest
+import torch
+from click.testing import CliRunner
+
+from comet_quant.cli import main
+from comet_quant.kvcache import (Kv4Cache, dequantize_kv4, kv4_decode_attention_reference,
+                                 quantize_kv4)
+from comet_quant.primitives import fake_quantize_kv
+from comet_quant.qmodules import load_quantized, new_kv_cache
+
+
+def test_kv4_round_trip_error_bound():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 50, 64, generator=g) * torch.rand(2, 3, 50, 1, generator=g) * 10
+    x[0, 0, 0] += 40.0  # an all-positive vector: the zero point goes negative
+    codes, scale, zero = quantize_kv4(x)
+    assert codes.shape == (2, 3, 50, 32) and codes.dtype == torch.uint8
+    assert scale.dtype == zero.dtype == torch.float16
+    err = (dequantize_kv4(codes, scale, zero) - x).abs()
+    # Half a step, plus the step's fp16 rounding over the 15 levels of the range.
+    assert (err <= scale.float()[..., None] * 0.5 + 1e-3 * (x.abs() + 1)).all()
+    assert err.max() > 0.01  # it is a 4-bit code, not a copy
+    # Exactly the simulated KV4's values (one definition of the numerics).
+    assert torch.equal(dequantize_kv4(codes, scale, zero), fake_quantize_kv(x, 4))
+
+
+def test_decode_attention_reference_matches_naive_gqa():
+    g = torch.Generator().manual_seed(1)
+    b, h, rep, t, d = 2, 2, 3, 37, 64
+    k, v = torch.randn(b, h, t, d, generator=g), torch.randn(b, h, t, d, generator=g)
+    q = torch.randn(b, h * rep, d, generator=g)
+    kc, vc = quantize_kv4(k), quantize_kv4(v)
+    out = kv4_decode_attention_reference(q, *kc, *vc, t, 0.125)
+    kd, vd = dequantize_kv4(*kc), dequantize_kv4(*vc)
+    for bi in range(b):
+        for hq in range(h * rep):
+            p = torch.softmax(kd[bi, hq // rep] @ q[bi, hq] * 0.125, 0)
+            torch.testing.assert_close(out[bi, hq], p @ vd[bi, hq // rep], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_grows_and_matches_simulated_kv4(checkpoint, tiny_model):
+    """Prefill + token-by-token decode through the 4-bit cache = the simulated KV4 model."""
+    model, tok = load_quantized(checkpoint)
+    ids = tok("Children ran along the quay counting boats and arguing about", return_tensors="pt").input_ids
+    full = model(ids, use_cache=False).logits  # simulated KV4 over the whole sequence
+    cache = new_kv_cache(model)
+    assert isinstance(cache, Kv4Cache)
+    split = 4
+    out = model(ids[:, :split], past_key_values=cache, use_cache=True).logits
+    steps = [out]
+    for i in range(split, ids.shape[1]):
+        steps.append(model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+    cached = torch.cat(steps, 1)
+    assert cache.get_seq_length() == ids.shape[1]
+    # Same K/V values; only the attention's summation order differs.
+    torch.testing.assert_close(cached, full, rtol=0, atol=1e-4 * float(full.abs().max()))
+    # The cache really is 4-bit: codes + fp16 scale and zero per token and head.
+    layer = cache.layers[0]
+    n_kv, d = model.config.num_key_value_heads, model.config.head_dim
+    per_token = 2 * n_kv * (d // 2 + 4)
+    assert layer.memory_bytes(used=True) == per_token * ids.shape[1]
+    assert layer.k[0].dtype == torch.uint8
+    # Growth keeps the data: force a reallocation and compare.
+    before = [t[:, :, :layer.length].clone() for t in layer.k]
+    layer._ensure(torch.zeros(1, n_kv, 1, d), layer.k[0].shape[2] + 1)
+    assert all(torch.equal(a, t[:, :, :layer.length]) for a, t in zip(before, layer.k))
+
+
+def test_generate_uses_kv4_cache(checkpoint):
+    model, tok = load_quantized(checkpoint)
+    ids = tok("The harbor town", return_tensors="pt").input_ids
+    cache = new_kv_cache(model, ids.shape[1] + 5)
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache,
+                         pad_token_id=tok.eos_token_id)
+    assert out.shape[1] == ids.shape[1] + 5
+    assert cache.get_seq_length() >= ids.shape[1] + 4
+
+
+def test_bench_cli_runs_on_cpu(checkpoint, tmp_path):
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(main, ["bench", str(checkpoint), "--batch", "1,2", "--prompt-len", "8",
+                                  "--gen-len", "3", "--repeats", "1", "--device", "cpu",
+                                  "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    import json
+    res = json.loads(out.read_text())
+    q, f = res["runs"]["quantized"]["rows"], res["runs"]["fp16"]["rows"]
+    assert [row["batch"] for row in q] == [1, 2]
+    assert all(row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 for row in q + f)
+    # 4-bit codes + two fp16 per head vector vs float values: (D/2 + 4) / (4 D) for D = 64.
+    ratio = q[1]["kv_cache_bytes"] / f[1]["kv_cache_bytes"]
+    assert abs(ratio - (32 + 4) / (64 * 4)) < 1e-6, ratio  # the CPU FP model is float32
+    assert "| batch |" in r.output
+    bad = CliRunner().invoke(main, ["bench", str(checkpoint), "--batch", "x"])
+    assert bad.exit_code == 2 and "comma-separated" in bad.output
