@@ -9,7 +9,7 @@ RoPE. Tokens are quantized once, when written; reads dequantize:
   directly, dequantizing inside the dot products (split over the sequence, flash-decoding);
 - prefill, CPU, or padded batches: the cache is dequantized and attended with SDPA.
 
-Numerics (same bits on CPU and GPU): ``scale = fp16(max((hi - lo) / 15, 1e-4))``,
+Numerics (same bits on CPU and GPU): ``scale = fp16_round_up(max((hi - lo) / 15, 1e-4))``,
 ``zero = clamp(round(-lo / scale), -2048, 2048)``, ``code = clamp(round(x / scale) + zero, 0, 15)``,
 value ``(code - zero) * scale``, with ``lo``/``hi`` the min/max of the head vector.
 """

@@ -294,7 +294,8 @@ def w4ax_linear_reference(x: torch.Tensor, perm: torch.Tensor, groups8: int, qwe
 def quantize_kv(x: torch.Tensor, bits: int):
     """Asymmetric quantization over the last dim (head_dim) of K or V.
 
-    The step is stored in fp16 (the 4-bit cache keeps it so), with a floor of
+    The step is stored in fp16 (the 4-bit cache keeps it so), rounded up so the codes still
+    span the vector's range, with a floor of
     :data:`KV_MIN_SCALE`; the zero point is an integer, clamped to +-:data:`KV_ZERO_LIMIT` so
     fp16 holds it exactly. Every division is IEEE-rounded (the CUDA kernel matches bit for bit).
 
@@ -308,10 +309,18 @@ def quantize_kv(x: torch.Tensor, bits: int):
     xf = x.float()
     lo = xf.amin(-1, keepdim=True)
     hi = xf.amax(-1, keepdim=True)
-    scale = ((hi - lo) / levels).clamp_min(KV_MIN_SCALE).half().float()
+    scale = _half_round_up(((hi - lo) / levels).clamp_min(KV_MIN_SCALE))
     zero = torch.round(-lo / scale).clamp_(-KV_ZERO_LIMIT, KV_ZERO_LIMIT)
     q = (torch.round(xf / scale) + zero).clamp_(0, levels).to(torch.uint8)
     return q, scale, zero
+
+
+def _half_round_up(x: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 value >= x (x positive and finite), as float32."""
+    h = x.half()
+    below = h.float() < x
+    up = (h.view(torch.int16) + 1).view(torch.float16)
+    return torch.where(below, up, h).float()
 
 
 #: Smallest KV step (an fp16 normal number).

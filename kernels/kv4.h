@@ -5,7 +5,8 @@
 //                                the low nibble
 //   scale  [B, H, C]      fp16   step of that vector
 //   zero   [B, H, C]      fp16   zero point (an integer): value = (code - zero) * scale
-// Quantization per vector: lo/hi = min/max over D; scale = fp16(max((hi - lo) / 15, 1e-8));
+// Quantization per vector: lo/hi = min/max over D; scale = fp16 rounded up of
+// max((hi - lo) / 15, 1e-4);
 // zero = clamp(rint(-lo / scale), -2048, 2048); code = clamp(rint(x / scale) + zero, 0, 15),
 // every division IEEE-rounded, so the PyTorch reference reproduces it bit for bit.
 #pragma once

@@ -47,7 +47,7 @@ __global__ void kv4_append_kernel(const T* __restrict__ x, int rows, int T_, int
     lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
     hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
   }
-  const __half s16 = __float2half_rn(fmaxf(__fdiv_rn(hi - lo, 15.f), kKvMinScale));
+  const __half s16 = __float2half_ru(fmaxf(__fdiv_rn(hi - lo, 15.f), kKvMinScale));
   const float s = __half2float(s16);
   const float z = fminf(fmaxf(rintf(__fdiv_rn(-lo, s)), -kZeroLimit), kZeroLimit);
   const long dst = static_cast<long>(bh) * capacity + start + t;

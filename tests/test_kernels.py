@@ -206,3 +206,84 @@ def test_kernel_backend_matches_simulated(kernels, tiny_model, text_file, tmp_pa
     assert abs(a / b - 1) < 0.01, (a, b)
     out = fast.generate(ids[:1, :8].cuda(), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 12)
+
+
+# --------------------------------------------------------------------------- GPU: 4-bit KV cache
+
+def _kv(b, h, t, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, h, t, d, generator=g) * (torch.rand(b, h, t, 1, generator=g) * 8 + 0.1)
+    x[0, 0, 0] += 30.0          # all-positive vector: negative zero point
+    x[-1, -1, -1, :3] = 300.0   # an outlier in one vector
+    return x.to(dtype)
+
+
+@gpu
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kv4_append_bit_exact(kernels, d, dtype):
+    from comet_quant.kvcache import quantize_kv4
+
+    x = _kv(2, 3, 37, d, dtype, seed=d)
+    cap, start = 64, 5
+    codes = torch.zeros(2, 3, cap, d // 2, dtype=torch.uint8, device="cuda")
+    scale = torch.zeros(2, 3, cap, dtype=torch.float16, device="cuda")
+    zero = torch.zeros_like(scale)
+    torch.ops.comet.kv4_append(x.cuda(), codes, scale, zero, start)
+    rc, rs, rz = quantize_kv4(x.float())
+    sl = slice(start, start + 37)
+    assert torch.equal(codes[:, :, sl].cpu(), rc)
+    assert torch.equal(scale[:, :, sl].cpu(), rs) and torch.equal(zero[:, :, sl].cpu(), rz)
+    assert not codes[:, :, :start].any() and not codes[:, :, start + 37:].any()
+
+
+@gpu
+@pytest.mark.parametrize("b,h,rep,d,length", [(1, 8, 4, 128, 1), (1, 8, 4, 128, 1000), (16, 8, 4, 128, 1280),
+                                              (3, 3, 3, 64, 37), (2, 2, 8, 128, 5000), (1, 1, 1, 256, 300),
+                                              (64, 8, 4, 128, 1100)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kv4_decode_attention_matches_reference(kernels, b, h, rep, d, length, dtype):
+    from comet_quant.kvcache import kv4_decode_attention_reference, quantize_kv4
+
+    cap = length + 7
+    k, v = (_kv(b, h, cap, d, dtype, seed=s).cuda() for s in (1, 2))
+    kc, vc = quantize_kv4(k), quantize_kv4(v)
+    g = torch.Generator().manual_seed(3)
+    q = (torch.randn(b, h * rep, d, generator=g) * 0.5).to(dtype).cuda()
+    scaling = d ** -0.5
+    out = torch.ops.comet.kv4_decode_attention(q, *kc, *vc, length, scaling)
+    ref = kv4_decode_attention_reference(q.float(), *kc, *vc, length, scaling)
+    assert out.dtype == dtype and out.shape == q.shape
+    tol = 8e-3 if dtype == torch.float16 else 3e-2
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    # Tokens past `length` are ignored: changing them changes nothing.
+    kc[0][:, :, length:] = 15
+    assert torch.equal(torch.ops.comet.kv4_decode_attention(q, *kc, *vc, length, scaling), out)
+
+
+@gpu
+def test_kv4_opcheck(kernels):
+    x = _kv(2, 2, 5, 128, torch.float16, 0).cuda()
+    codes = torch.zeros(2, 2, 16, 64, dtype=torch.uint8, device="cuda")
+    scale, zero = (torch.zeros(2, 2, 16, dtype=torch.float16, device="cuda") for _ in range(2))
+    torch.library.opcheck(torch.ops.comet.kv4_append.default, (x, codes, scale, zero, 3))
+    q = torch.randn(2, 8, 128, dtype=torch.float16, device="cuda")
+    torch.library.opcheck(torch.ops.comet.kv4_decode_attention.default,
+                          (q, codes, scale, zero, codes, scale, zero, 8, 0.08))
+
+
+@gpu
+def test_kv4_cache_decode_on_gpu_matches_full_forward(kernels, checkpoint):
+    """Prefill + decode with the 4-bit cache and kernels = one full-sequence forward."""
+    from comet_quant.qmodules import load_quantized, new_kv_cache
+
+    model, tok = load_quantized(checkpoint, device="cuda")
+    ids = tok("Children ran along the quay counting boats and arguing about", return_tensors="pt").input_ids.cuda()
+    full = model(ids, use_cache=False).logits.float()
+    cache = new_kv_cache(model)
+    steps = [model(ids[:, :4], past_key_values=cache, use_cache=True).logits]
+    for i in range(4, ids.shape[1]):
+        steps.append(model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+    cached = torch.cat(steps, 1).float()
+    assert cache.layers[0].k[0].is_cuda and cache.get_seq_length() == ids.shape[1]
+    torch.testing.assert_close(cached, full, rtol=0, atol=3e-2 * float(full.abs().max()))

@@ -1,6 +1,5 @@
 """The 4-bit KV cache: reference numerics, cache bookkeeping, and model-level equivalence
 with the simulated KV4 attention (CPU); kernel-vs-reference checks are in test_kernels.py."""
-import pytest
 import torch
 from click.testing import CliRunner
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from comet_quant.calibrate import Calibration, CalibrationConfig, calibrate
+from comet_quant.calibrate import Calibration
 from comet_quant.checkpoint import open_checkpoint
 from comet_quant.cli import main
 from comet_quant.export import export
@@ -30,6 +30,28 @@ def test_calibration_contents(calib_dir, tiny_model):
     # The planted outlier channels (norm weight 20 on channels 0-4) dominate attn_in.
     assert stats["attn_in.absmax"][:5].min() > stats["attn_in.absmax"][5:].max()
     assert stats["k_proj.absmax"].shape == (64,)
+    # 256 evenly spaced activation rows per input (8 x 64 tokens: every second token).
+    sample = stats["mlp_out.sample"]
+    assert sample.shape == (256, 320) and sample.dtype == torch.float16
+    assert torch.isfinite(sample).all() and sample.abs().sum() > 0
+    assert (sample.float().abs().amax(0) <= stats["mlp_out.absmax"] * 1.001 + 1e-3).all()
+
+
+def test_massive_tokens_left_out_of_hessian():
+    from comet_quant.calibrate import _SiteStats
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, 16, generator=g)
+    x[:, 0] *= 300  # attention-sink-like first positions
+    plain, robust = _SiteStats(True), _SiteStats(True, massive_ratio=100.0)
+    plain.add(x)
+    robust.add(x)
+    hp, hr = plain.tensors("s")["s.hessian"], robust.tensors("s")["s.hessian"]
+    rest = x[:, 1:].reshape(-1, 16)
+    torch.testing.assert_close(hr, rest.t() @ rest / rest.shape[0])
+    assert hp.diagonal().mean() > 100 * hr.diagonal().mean()
+    # absmax still sees every token (activation quantization must cover them).
+    assert torch.equal(robust.tensors("s")["s.absmax"], plain.tensors("s")["s.absmax"])
 
 
 def test_checkpoint_format(checkpoint):
