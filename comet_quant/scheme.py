@@ -73,8 +73,8 @@ class QuantScheme:
     w_method: str = "gptq"
     gptq_damp: float = 0.01
     gptq_block: int = 128
-    gptq_act_order: bool = False
-    w_clip: bool = False
+    gptq_act_order: bool = True
+    w_clip: bool = True
     a_bits: int = 4
     a_high_bits: int = 8
     a8_select: str = "budget"
