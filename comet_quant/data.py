@@ -59,7 +59,10 @@ def _source(text: str, **spec) -> TextSource:
 # ---------------------------------------------------------------------------------------------
 
 def _bundled(kind: str) -> list[tuple[str, str]]:
-    root = resources.files("comet_quant.calib")
+    try:
+        root = resources.files("comet_quant.calib")
+    except ModuleNotFoundError:  # a source checkout on PYTHONPATH: the text lives in ./calib
+        root = Path(__file__).resolve().parent.parent / "calib"
     files = sorted((p for p in root.iterdir() if p.name.endswith(".txt")), key=lambda p: p.name)
     chosen = [p for p in files if p.name.startswith("heldout") == (kind == "heldout")]
     return [(p.name, p.read_text(encoding="utf-8")) for p in chosen]

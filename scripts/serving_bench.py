@@ -63,6 +63,9 @@ def main():
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--profile-batch", type=int, default=16)
+    ap.add_argument("--clip", action="store_true",
+                    help="use the weight clipping search (slow on the CPU at 8B; speed does not "
+                         "depend on weight values, so the benchmark skips it by default)")
     args = ap.parse_args()
     from memory_profile import build
 
@@ -75,7 +78,7 @@ def main():
     t = time.time()
     ck = work / f"ck-{args.scheme}"
     if not (ck / "comet_manifest.json").is_file():
-        export(str(work / "model"), None, get_scheme(args.scheme), ck, overwrite=True,
+        export(str(work / "model"), None, get_scheme(args.scheme, w_clip=args.clip), ck, overwrite=True,
                calib_config=CalibrationConfig(nsamples=8, seqlen=256, batch_size=8, device="cuda"))
     times["export_s"] = round(time.time() - t, 1)
     print(json.dumps(times), flush=True)
