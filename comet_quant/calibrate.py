@@ -73,13 +73,17 @@ def resolve_device(device: str) -> str:
 class _SiteStats:
     """Running statistics of one linear input: float32 accumulators on the compute device."""
 
-    def __init__(self, hessian: bool, sample_every: int = 0, massive_ratio: float = 0.0):
+    def __init__(self, hessian: bool, sample_every: int = 0, massive_ratio: float = 0.0,
+                 token_ids: torch.Tensor | None = None):
         self.hessian = hessian
         self.sample_every = sample_every
+        # Global calibration-token index of each row this rank sees, in order (None: 0, 1, ...).
+        self.token_ids = token_ids
         self.massive_ratio = massive_ratio
         self.n = self.n_used = 0
         self.absmax = self.sumsq = self.xtx = None
         self.rows: list[torch.Tensor] = []
+        self.row_ids: list[torch.Tensor] = []
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -102,9 +106,12 @@ class _SiteStats:
             self.xtx.addmm_(xs.t(), xs)
         self.n_used += xs.shape[0]
         if self.sample_every:
-            idx = torch.arange(self.n, self.n + x.shape[0], device=x.device)
+            idx = torch.arange(self.n, self.n + x.shape[0])
+            if self.token_ids is not None:
+                idx = self.token_ids[idx]
             pick = (idx % self.sample_every) == self.sample_every // 2
-            self.rows.append(x[pick].clamp(-FP16_MAX, FP16_MAX).to(torch.float16).cpu())
+            self.rows.append(x[pick.to(x.device)].clamp(-FP16_MAX, FP16_MAX).to(torch.float16).cpu())
+            self.row_ids.append(idx[pick])
         self.n += x.shape[0]
 
     def tensors(self, site: str, distributed: bool = False) -> dict[str, torch.Tensor]:
@@ -122,14 +129,22 @@ class _SiteStats:
         out = {f"{site}.absmax": self.absmax.cpu(), f"{site}.sqmean": (self.sumsq / used).cpu()}
         if self.hessian:
             out[f"{site}.hessian"] = (self.xtx / used).cpu()
-        if self.sample_every:  # rank 0's rows: an even sample of its share of the tokens
-            out[f"{site}.sample"] = torch.cat(self.rows).contiguous()
+        if self.sample_every:  # every sampled row, in global token order (same for any world)
+            rows, ids = torch.cat(self.rows), torch.cat(self.row_ids)
+            if distributed:
+                import torch.distributed as dist
+
+                parts = [None] * dist.get_world_size()
+                dist.all_gather_object(parts, (rows, ids))
+                rows, ids = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            out[f"{site}.sample"] = rows[torch.argsort(ids)].contiguous()
         return out
 
 
 def _layer_stats(layer, inputs, device: str, hessians: bool, distributed: bool = False,
-                 sample_every: int = 0, massive_ratio: float = 0.0) -> dict[str, torch.Tensor]:
-    stats = {site: _SiteStats(hessians, sample_every, massive_ratio) for site in SITES}
+                 sample_every: int = 0, massive_ratio: float = 0.0,
+                 token_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    stats = {site: _SiteStats(hessians, sample_every, massive_ratio, token_ids) for site in SITES}
     kv = {}
     handles = []
     for site, linears in SITES.items():
@@ -168,7 +183,10 @@ def calibrate_layers(lm: LayerwiseModel, samples: torch.Tensor, cfg: Calibration
     """
     mine = samples[rank::world]
     inputs = capture_inputs(lm.model, mine, cfg.batch_size, device, lm.dtype)
-    sample_every = max(1, mine.numel() // cfg.sample_tokens) if cfg.sample_tokens > 0 else 0
+    sample_every = max(1, samples.numel() // cfg.sample_tokens) if cfg.sample_tokens > 0 else 0
+    seqlen = samples.shape[1]
+    token_ids = (torch.arange(rank, samples.shape[0], world)[:, None] * seqlen
+                 + torch.arange(seqlen)[None]).reshape(-1)
     lm.drop_embeddings()
     layers = decoder_layers(lm.model)
     for i in tqdm(range(len(layers)), desc="calibrate", unit="layer", disable=not progress):
@@ -177,7 +195,8 @@ def calibrate_layers(lm: LayerwiseModel, samples: torch.Tensor, cfg: Calibration
             run_layer(layer, inputs, device, update=True)
         else:
             stats = _layer_stats(layer, inputs, device, cfg.hessians, distributed=world > 1,
-                                 sample_every=sample_every, massive_ratio=cfg.massive_ratio)
+                                 sample_every=sample_every, massive_ratio=cfg.massive_ratio,
+                                 token_ids=token_ids)
             if rank == 0:
                 replace_atomically(out / layer_file(i), lambda path: save_file(stats, path))
         lm.release(i)

@@ -170,8 +170,30 @@ kv4_decode_split_kernel(const T* __restrict__ q, const uint8_t* __restrict__ kc,
     for (int j = 0; j < 8; ++j) acc[j] = 0.f;
     if (active) {
       const int r = my / W, c = my - r * W;
-      for (int t = roff; t < len; t += P) {
-        const uint32_t word = reinterpret_cast<const uint32_t*>(vc + (base + t) * (D / 2))[c];
+      const uint32_t* vrow = reinterpret_cast<const uint32_t*>(vc + base * (D / 2)) + c;
+      int t = roff;
+      // kUnroll independent tokens per iteration: their loads are in flight together (the
+      // loop is latency-bound otherwise: one dependent global load per token).
+      constexpr int kUnroll = 8;
+      for (; t + (kUnroll - 1) * P < len; t += kUnroll * P) {
+        uint32_t words[kUnroll];
+        float pv[kUnroll], zz[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int tu = t + u * P;
+          words[u] = vrow[static_cast<long>(tu) * (D / 8)];
+          pv[u] = sc[r * chunk + tu] * __half2float(vs[base + tu]);
+          zz[u] = __half2float(vz[base + tu]);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            acc[j] = fmaf(pv[u], static_cast<float>((words[u] >> (4 * j)) & 15u) - zz[u], acc[j]);
+        }
+      }
+      for (; t < len; t += P) {
+        const uint32_t word = vrow[static_cast<long>(t) * (D / 8)];
         const float pv = sc[r * chunk + t] * __half2float(vs[base + t]);
         const float z = __half2float(vz[base + t]);
 #pragma unroll
@@ -220,7 +242,7 @@ __global__ void kv4_decode_combine_kernel(const float* __restrict__ part_o, cons
 
 int decode_chunk(int B, int H, int n_rep, int length, int num_sms) {
   const int max_chunk = kScoreFloats / n_rep;
-  const int want_splits = (2 * num_sms + B * H - 1) / (B * H);
+  const int want_splits = (4 * num_sms + B * H - 1) / (B * H);
   int chunk = (length + want_splits - 1) / want_splits;
   chunk = chunk < 64 ? 64 : chunk;
   return chunk > max_chunk ? max_chunk : chunk;
