@@ -96,6 +96,13 @@ def calibrate(model, dataset, nsamples, seqlen, seed, batch_size, device, worker
 @click.option("--a8-select", type=click.Choice(["budget", "threshold"]), default=None,
               help="How 8-bit groups are chosen (see docs/SCHEME.md).")
 @click.option("--a8-threshold", type=float, default=None, help="Outlier ratio for threshold mode.")
+@click.option("--a8-criterion", type=click.Choice(["absmax", "error"]), default=None,
+              help="Rank groups by outlier score or by measured output error (budget mode).")
+@click.option("--a8-layer-cap", type=float, default=None,
+              help="Largest fraction of one input's groups in 8 bit [default: 1, no cap].")
+@click.option("--act-order/--no-act-order", default=None,
+              help="GPTQ column order by Hessian diagonal [default: on].")
+@click.option("--clip/--no-clip", default=None, help="Weight clipping search [default: on].")
 @click.option("--group-size", type=int, default=None, help="Channels per group [default: 128].")
 @click.option("--w-method", type=click.Choice(["rtn", "gptq"]), default=None)
 @click.option("--asymmetric", is_flag=True, default=None, help="Asymmetric int4 weights.")
@@ -104,15 +111,17 @@ def calibrate(model, dataset, nsamples, seqlen, seed, batch_size, device, worker
 @click.option("--out", default=None, help="Output directory [default: comet_quant_out/MODEL-SCHEME]")
 @overwrite_opt
 @resume_opt
-def export(model, calib, scheme, a8_budget, a8_select, a8_threshold, group_size, w_method,
-           asymmetric, kv_bits, dataset, nsamples, seqlen, seed, batch_size, device, workers, out,
-           overwrite, resume):
+def export(model, calib, scheme, a8_budget, a8_select, a8_threshold, a8_criterion, a8_layer_cap,
+           act_order, clip, group_size, w_method, asymmetric, kv_bits, dataset, nsamples, seqlen,
+           seed, batch_size, device, workers, out, overwrite, resume):
     """Run FMPQ and write a quantized checkpoint."""
     from .export import export as run
     from .scheme import get_scheme
 
     chosen = get_scheme(scheme, a8_budget=a8_budget, a8_select=a8_select,
-                        a8_threshold=a8_threshold, group_size=group_size, w_method=w_method,
+                        a8_threshold=a8_threshold, a8_criterion=a8_criterion,
+                        a8_layer_cap=a8_layer_cap, gptq_act_order=act_order, w_clip=clip,
+                        group_size=group_size, w_method=w_method,
                         w_symmetric=(False if asymmetric else None),
                         kv_bits=int(kv_bits) if kv_bits else None)
     run(model, calib, chosen, out, overwrite,

@@ -152,6 +152,16 @@ def test_cli_end_to_end(tiny_model, text_file, tmp_path):
                           "--device", "cpu"])
     assert out.exit_code == 0, out.output
     assert out.output.startswith("The harbor town") or "harbor" in out.output
+    # The accuracy options reach the scheme written into the checkpoint.
+    ck2 = tmp_path / "ck2"
+    out = r.invoke(main, ["export", "--model", str(tiny_model), "--calib", str(cal), "--scheme",
+                          "w4ax-kv4-rtn", "--a8-criterion", "error", "--a8-layer-cap", "0.5",
+                          "--no-clip", "--a8-budget", "0.25", "--out", str(ck2)])
+    assert out.exit_code == 0, out.output
+    sch = open_checkpoint(ck2).scheme
+    assert (sch.a8_criterion, sch.a8_layer_cap, sch.w_clip) == ("error", 0.5, False)
+    layers = open_checkpoint(ck2).qconfig["layers"]
+    assert all(v["groups8"] <= v["k_padded"] // 128 // 2 for lay in layers.values() for v in lay.values())
 
 
 def test_export_without_calib_calibrates_first(tiny_model, text_file, tmp_path, monkeypatch):
