@@ -39,9 +39,10 @@ def main():
             v = torch.randn_like(k)
             q = torch.randn(b, H * REP, D, device="cuda", dtype=torch.float16)
             kc, vc = quantize_kv4(k), quantize_kv4(v)
-            ours = timeit([lambda: torch.ops.comet.kv4_decode_attention(q, *kc, *vc, t, D ** -0.5)])
-            q4 = q[:, :, None]
-            fp = timeit([lambda: torch.nn.functional.scaled_dot_product_attention(q4, k, v, enable_gqa=True)])
+            ours = timeit([lambda q=q, kc=kc, vc=vc, t=t: torch.ops.comet.kv4_decode_attention(
+                q, *kc, *vc, t, D ** -0.5)])
+            fp = timeit([lambda q4=q[:, :, None], k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
+                q4, k, v, enable_gqa=True)])
             bytes4 = sum(x.numel() * x.element_size() for x in (*kc, *vc))
             bytes16 = 2 * k.numel() * 2
             rows.append({"batch": b, "length": t, "kv4_ms": ours, "fp16_sdpa_ms": fp,
