@@ -94,3 +94,9 @@ def test_bench_cli_runs_on_cpu(checkpoint, tmp_path):
     assert "| batch |" in r.output
     bad = CliRunner().invoke(main, ["bench", str(checkpoint), "--batch", "x"])
     assert bad.exit_code == 2 and "comma-separated" in bad.output
+    missing = CliRunner().invoke(main, ["bench", str(checkpoint), "--device", "cpu", "--reference",
+                                        str(tmp_path / "no-such-model")])
+    assert missing.exit_code == 2 and missing.output.count("error:") == 1, missing.output
+    solo = CliRunner().invoke(main, ["bench", str(checkpoint), "--batch", "1", "--prompt-len", "4",
+                                     "--gen-len", "2", "--repeats", "1", "--device", "cpu", "--no-reference"])
+    assert solo.exit_code == 0, solo.output
