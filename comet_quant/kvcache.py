@@ -15,6 +15,7 @@ value ``(code - zero) * scale``, with ``lo``/``hi`` the min/max of the head vect
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -93,12 +94,7 @@ def kv4_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
 # transformers Cache
 # ---------------------------------------------------------------------------------------------
 
-def _cache_base():
-    from transformers.cache_utils import Cache, DynamicLayer
-    return Cache, DynamicLayer
-
-
-Cache, DynamicLayer = _cache_base()
+from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402  (after the numerics)
 
 
 class Kv4Layer(DynamicLayer):
@@ -215,6 +211,7 @@ def new_cache(model, max_cache_len: int = 0) -> Kv4Cache:
     return Kv4Cache(model.config.num_hidden_layers, max_cache_len)
 
 
+@functools.cache
 def _attention_class():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
@@ -254,16 +251,11 @@ def _attention_class():
     return Kv4Attention
 
 
-_ATTENTION_CLASS: list = []
-
-
 def enable_kv4_cache(model) -> None:
     """Let ``model``'s attention layers use a :class:`Kv4Cache` when one is passed."""
     from .models import decoder_layers
 
-    if not _ATTENTION_CLASS:
-        _ATTENTION_CLASS.append(_attention_class())
-    cls = _ATTENTION_CLASS[0]
+    cls = _attention_class()
     for layer in decoder_layers(model):
         if type(layer.self_attn).__name__ != "LlamaAttention" and not isinstance(layer.self_attn, cls):
             raise CometError(f"the 4-bit KV cache supports LLaMA attention, not "
