@@ -186,7 +186,10 @@ def generate(checkpoint, prompt, max_new_tokens, device):
 @click.option("--reference", default=None, help="FP model [default: the checkpoint's source model].")
 @click.option("--no-reference", is_flag=True, help="Benchmark the quantized model only.")
 @click.option("--output", default=None, help="JSON result path.")
-def bench(checkpoint, batch, prompt_len, gen_len, repeats, device, reference, no_reference, output):
+@click.option("--cuda-graphs/--eager", "graphs", default=None,
+              help="Decode through a captured CUDA graph with static caches (both models), or eager "
+                   "forwards with growing caches  [default: graphs on a GPU, eager on the CPU]")
+def bench(checkpoint, batch, prompt_len, gen_len, repeats, device, reference, no_reference, output, graphs):
     """Prefill/decode throughput and memory of CHECKPOINT (kernels, 4-bit KV) vs its FP16 model."""
     from .bench import benchmark
     from .calibrate import resolve_device
@@ -200,7 +203,8 @@ def bench(checkpoint, batch, prompt_len, gen_len, repeats, device, reference, no
     device = resolve_device(device)
     if not device.startswith("cuda"):
         click.echo("note: no GPU; timing the reference path on the CPU (not representative)", err=True)
-    benchmark(checkpoint, batches, prompt_len, gen_len, device, reference, repeats, no_reference, output)
+    benchmark(checkpoint, batches, prompt_len, gen_len, device, reference, repeats, no_reference, output,
+              graphs=graphs)
 
 
 @main.command()

@@ -24,6 +24,7 @@ from .errors import CometError
 from .primitives import pack_int4, quantize_kv, unpack_int4
 
 KERNEL_HEAD_DIMS = (64, 128, 256)
+MAX_HEADS_PER_KV = 16  # GQA ratio the decode kernel takes (kernels/kv4_kernels.cu)
 ALLOC_STEP = 256
 
 
@@ -68,12 +69,17 @@ def _use_kernels(t: torch.Tensor, head_dim: int) -> bool:
     return ops.kernels_available()
 
 
-def kv4_append(x: torch.Tensor, codes, scale, zero, start: int) -> None:
-    """Quantize x [B, H, T, D] into cache rows ``[start, start + T)`` in place."""
+def kv4_append(x: torch.Tensor, codes, scale, zero, start: int, start_tensor=None) -> None:
+    """Quantize x [B, H, T, D] into cache rows ``[start, start + T)`` in place.
+
+    ``start_tensor`` (CUDA kernels only): a one-element int32 device tensor holding the start
+    instead, so a captured CUDA graph writes where the cache stands at replay time."""
     t = x.shape[2]
     if _use_kernels(codes, x.shape[-1]) and x.dtype in (torch.float16, torch.bfloat16):
-        torch.ops.comet.kv4_append(x.contiguous(), codes, scale, zero, start)
+        torch.ops.comet.kv4_append(x.contiguous(), codes, scale, zero, start, start_tensor)
         return
+    if start_tensor is not None:
+        raise CometError("device-side cache positions (CUDA-graph decode) need the CUDA kernels")
     c, s, z = quantize_kv4(x)
     codes[:, :, start:start + t] = c
     scale[:, :, start:start + t] = s
@@ -81,11 +87,16 @@ def kv4_append(x: torch.Tensor, codes, scale, zero, start: int) -> None:
 
 
 def kv4_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length: int,
-                         scaling: float) -> torch.Tensor:
-    """Attention of one query token per sequence over the 4-bit cache (kernel or reference)."""
-    if _use_kernels(q, q.shape[-1]) and q.dtype in (torch.float16, torch.bfloat16):
+                         scaling: float, length_tensor=None) -> torch.Tensor:
+    """Attention of one query token per sequence over the 4-bit cache (kernel or reference).
+
+    ``length_tensor``: the length as a one-element int32 device tensor (CUDA-graph decode)."""
+    rep_ok = q.shape[1] // k_codes.shape[1] <= MAX_HEADS_PER_KV
+    if rep_ok and _use_kernels(q, q.shape[-1]) and q.dtype in (torch.float16, torch.bfloat16):
         return torch.ops.comet.kv4_decode_attention(q.contiguous(), k_codes, k_scale, k_zero, v_codes,
-                                                    v_scale, v_zero, length, scaling)
+                                                    v_scale, v_zero, length, scaling, length_tensor)
+    if length_tensor is not None:
+        raise CometError("device-side cache positions (CUDA-graph decode) need the CUDA kernels")
     return kv4_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                           length, scaling)
 
@@ -108,6 +119,7 @@ class Kv4Layer(DynamicLayer):
         self.length = 0
         self.reserve = capacity
         self.k = self.v = None  # (codes, scale, zero)
+        self.positions = None   # CUDA-graph decode: the cache's device (start, length) tensors
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -141,10 +153,22 @@ class Kv4Layer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key, value)
         t = key.shape[2]
+        if self.positions is not None:  # fixed storage; the kernels read the position
+            if t != 1:
+                raise CometError("a cache in device-position mode (CUDA-graph decode) takes one token per forward")
+            kv4_append(key, *self.k, 0, self.positions[0])
+            kv4_append(value, *self.v, 0, self.positions[0])
+            return
         self._ensure(key, self.length + t)
         kv4_append(key, *self.k, self.length)
         kv4_append(value, *self.v, self.length)
         self.length += t
+
+    def attend(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Decode attention of q [B, Hq, D] (one token per sequence) over the cache."""
+        if self.positions is not None:
+            return kv4_decode_attention(q, *self.k, *self.v, self.k[0].shape[2], scaling, self.positions[1])
+        return kv4_decode_attention(q, *self.k, *self.v, self.length, scaling)
 
     def dequantized(self, dtype: torch.dtype):
         """K, V [B, H_kv, length, D] in ``dtype``."""
@@ -171,6 +195,7 @@ class Kv4Layer(DynamicLayer):
 
     def reset(self) -> None:
         self.length = 0
+        self.positions = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.k is not None:
@@ -191,9 +216,38 @@ class Kv4Cache(Cache):
     def __init__(self, num_layers: int, max_cache_len: int = 0):
         super().__init__(layers=[Kv4Layer(max_cache_len) for _ in range(num_layers)])
         self._mask_memo = (None, False)
+        self.positions = None
 
     def memory_bytes(self, used: bool = False) -> int:
         return sum(layer.memory_bytes(used) for layer in self.layers)
+
+    def use_device_positions(self) -> torch.Tensor:
+        """Switch to device-side positions for CUDA-graph decode and return them.
+
+        Returns int32 ``[2]`` on the cache's device: (write position, length after the write),
+        starting from the current length. From here on every layer writes one token per
+        forward at the write position and attends over ``length`` tokens, reading both from the
+        device, so a captured decode step replays correctly; call :meth:`advance` (also inside
+        the graph) after each step. Storage no longer grows: allocate the capacity up front
+        (``new_cache(model, max_len)``), and use batches without padding (the attention mask
+        is not read on this path). Python-side lengths stop tracking the device.
+        """
+        first = self.layers[0]
+        if first.k is None or not first.k[0].is_cuda:
+            raise CometError("device positions need a CUDA cache that already holds the prompt")
+        pos = torch.tensor([first.length, first.length + 1], dtype=torch.int32, device=first.k[0].device)
+        for layer in self.layers:
+            layer.positions = (pos[0:1], pos[1:2])
+        self.positions = pos
+        return pos
+
+    def advance(self) -> None:
+        """After a decode step in device-position mode: one token further (graph-capturable)."""
+        self.positions.add_(1)
+
+    def capacity(self) -> int:
+        first = self.layers[0]
+        return 0 if first.k is None else first.k[0].shape[2]
 
     def mask_is_trivial(self, mask) -> bool:
         """Whether ``mask`` lets every query see every cached token (no padding)."""
@@ -239,9 +293,9 @@ def _attention_class():
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             layer = cache.layers[self.layer_idx]
             layer.append(k, v)
-            if q.shape[2] == 1 and cache.mask_is_trivial(mask):
-                out = kv4_decode_attention(q[:, :, 0], *layer.k, *layer.v, layer.length, self.scaling)
-                out = out[:, None]  # [B, 1, Hq, D]
+            # Device positions (graph decode) imply an unpadded batch: the mask is not read.
+            if q.shape[2] == 1 and (layer.positions is not None or cache.mask_is_trivial(mask)):
+                out = layer.attend(q[:, :, 0], self.scaling)[:, None]  # [B, 1, Hq, D]
             else:
                 kd, vd = layer.dequantized(q.dtype)
                 out, _ = sdpa_attention_forward(self, q, kd, vd, mask, dropout=0.0, scaling=self.scaling)

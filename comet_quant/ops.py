@@ -139,11 +139,11 @@ def _register_fakes() -> None:
                 x.new_empty(m, kp // GROUP, dtype=torch.float32))
 
     @torch.library.register_fake("comet::kv4_append")
-    def _(x, codes, scale, zero, start):
+    def _(x, codes, scale, zero, start, start_tensor=None):
         return None
 
     @torch.library.register_fake("comet::kv4_decode_attention")
-    def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, scaling):
+    def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, length, scaling, length_tensor=None):
         return torch.empty_like(q)
 
     @torch.library.register_fake("comet::w4ax_gemm")

@@ -94,24 +94,35 @@ void check_cache(const at::Tensor& codes, const at::Tensor& scale, const at::Ten
               "comet: cache scale/zero must be [B, H, capacity] matching the codes");
 }
 
-void kv4_append(const at::Tensor& x, at::Tensor& codes, at::Tensor& scale, at::Tensor& zero, int64_t start) {
+// A device-side position (CUDA-graph decode): an int32 scalar tensor on the cache's device.
+const int* device_int(const c10::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->is_cuda() && t->device() == like.device() && t->scalar_type() == at::kInt && t->numel() == 1,
+              "comet: ", name, " must be a one-element int32 tensor on the cache's device");
+  return t->data_ptr<int32_t>();
+}
+
+void kv4_append(const at::Tensor& x, at::Tensor& codes, at::Tensor& scale, at::Tensor& zero, int64_t start,
+                const c10::optional<at::Tensor>& start_tensor) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4 && x.is_contiguous(), "comet: x must be a contiguous [B, H, T, D] CUDA tensor");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "comet: x must be float16 or bfloat16");
   check_cache(codes, scale, zero, "cache codes");
   const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
   TORCH_CHECK(D == 64 || D == 128 || D == 256, "comet: head_dim must be 64, 128 or 256 for the KV4 kernels");
   TORCH_CHECK(codes.size(0) == B && codes.size(1) == H && codes.size(3) * 2 == D, "comet: cache shape does not match x");
-  TORCH_CHECK(start >= 0 && start + T <= codes.size(2), "comet: cache capacity exceeded");
+  const int* start_dev = device_int(start_tensor, codes, "start_tensor");
+  TORCH_CHECK(start_dev || (start >= 0 && start + T <= codes.size(2)), "comet: cache capacity exceeded");
   const c10::cuda::CUDAGuard guard(x.device());
-  check_cuda(comet::kv4_append_host(x.data_ptr(), to_dtype(x.scalar_type()), B, H, T, D, start, codes.size(2),
-                                    codes.data_ptr<uint8_t>(), scale.data_ptr(), zero.data_ptr(),
+  check_cuda(comet::kv4_append_host(x.data_ptr(), to_dtype(x.scalar_type()), B, H, T, D, start, start_dev,
+                                    codes.size(2), codes.data_ptr<uint8_t>(), scale.data_ptr(), zero.data_ptr(),
                                     at::cuda::getCurrentCUDAStream()),
              "kv4_append");
 }
 
 at::Tensor kv4_decode_attention(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_scale,
                                 const at::Tensor& k_zero, const at::Tensor& v_codes, const at::Tensor& v_scale,
-                                const at::Tensor& v_zero, int64_t length, double scaling) {
+                                const at::Tensor& v_zero, int64_t length, double scaling,
+                                const c10::optional<at::Tensor>& length_tensor) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.is_contiguous(), "comet: q must be a contiguous [B, Hq, D] CUDA tensor");
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "comet: q must be float16 or bfloat16");
   check_cache(k_codes, k_scale, k_zero, "k codes");
@@ -121,6 +132,9 @@ at::Tensor kv4_decode_attention(const at::Tensor& q, const at::Tensor& k_codes, 
   TORCH_CHECK(D == 64 || D == 128 || D == 256, "comet: head_dim must be 64, 128 or 256 for the KV4 kernels");
   TORCH_CHECK(k_codes.size(0) == B && k_codes.size(3) * 2 == D && Hq % H == 0, "comet: cache shape does not match q");
   TORCH_CHECK(length >= 1 && length <= C, "comet: length must be in [1, capacity]");
+  TORCH_CHECK(Hq / H <= 16, "comet: at most 16 query heads per KV head for the KV4 decode kernel");
+  const int* length_dev = device_int(length_tensor, k_codes, "length_tensor");
+  if (length_dev) length = C;  // sized for the capacity; the kernels read the length
   const c10::cuda::CUDAGuard guard(q.device());
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   at::Tensor work = at::empty({comet::kv4_decode_workspace(B, Hq, D, length, H, sms)}, q.options().dtype(at::kFloat));
@@ -128,7 +142,8 @@ at::Tensor kv4_decode_attention(const at::Tensor& q, const at::Tensor& k_codes, 
   check_cuda(comet::kv4_decode_attention_host(q.data_ptr(), to_dtype(q.scalar_type()), k_codes.data_ptr<uint8_t>(),
                                               k_scale.data_ptr(), k_zero.data_ptr(), v_codes.data_ptr<uint8_t>(),
                                               v_scale.data_ptr(), v_zero.data_ptr(), out.data_ptr(), B, Hq, H, D,
-                                              length, C, static_cast<float>(scaling), work.data_ptr<float>(), sms,
+                                              length, length_dev, C, static_cast<float>(scaling),
+                                              work.data_ptr<float>(), sms,
                                               at::cuda::getCurrentCUDAStream()),
              "kv4_decode_attention");
   return out;
@@ -140,9 +155,10 @@ TORCH_LIBRARY(comet, m) {
   m.def("quantize_act(Tensor x, Tensor perm, int groups8, bool rotate=False) -> (Tensor, Tensor, Tensor)");
   m.def("w4ax_gemm(Tensor q8, Tensor q4, Tensor ascale, Tensor qweight, Tensor wscale, int groups8, "
         "int split_k, bool int4_mma, ScalarType out_dtype) -> Tensor");
-  m.def("kv4_append(Tensor x, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!) zero, int start) -> ()");
+  m.def("kv4_append(Tensor x, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!) zero, int start, "
+        "Tensor? start_tensor=None) -> ()");
   m.def("kv4_decode_attention(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, "
-        "Tensor v_scale, Tensor v_zero, int length, float scaling) -> Tensor");
+        "Tensor v_scale, Tensor v_zero, int length, float scaling, Tensor? length_tensor=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(comet, CUDA, m) {

@@ -19,21 +19,25 @@
 namespace comet {
 
 // Quantize x [B, H, T, D] (fp16/bf16, contiguous) into cache rows [start, start + T).
+// start_dev (nullable): read the start from this device int32 instead (CUDA-graph decode, where
+// the position changes between replays); rows that would pass the capacity are not written.
 cudaError_t kv4_append_host(const void* x, DType dtype, int B, int H, int T, int D, int start,
-                            int capacity, uint8_t* codes, void* scale, void* zero,
-                            cudaStream_t stream);
+                            const int* start_dev, int capacity, uint8_t* codes, void* scale,
+                            void* zero, cudaStream_t stream);
 
 // Decode attention of one query token per sequence over the first `length` cached tokens:
 //   q [B, Hq, D] fp16/bf16; out [B, Hq, D] same dtype; Hq a multiple of H (GQA);
 //   out = softmax(scaling * q K^T) V with K, V dequantized from the cache on the fly.
 // Split over the sequence (flash-decoding); `partial` is float32 scratch of
-// kv4_decode_workspace(B, Hq, D, length, H) floats.
+// kv4_decode_workspace(B, Hq, D, length, H) floats. length_dev (nullable): read the length from
+// this device int32 (clamped to [1, capacity]); the launch and `partial` are then sized for
+// `capacity`, so pass length = capacity.
 cudaError_t kv4_decode_attention_host(const void* q, DType dtype, const uint8_t* k_codes,
                                       const void* k_scale, const void* k_zero,
                                       const uint8_t* v_codes, const void* v_scale,
                                       const void* v_zero, void* out, int B, int Hq, int H, int D,
-                                      int length, int capacity, float scaling, float* partial,
-                                      int num_sms, cudaStream_t stream);
+                                      int length, const int* length_dev, int capacity, float scaling,
+                                      float* partial, int num_sms, cudaStream_t stream);
 
 long kv4_decode_workspace(int B, int Hq, int D, int length, int H, int num_sms);
 

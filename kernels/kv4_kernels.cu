@@ -12,7 +12,8 @@ constexpr float kKvMinScale = 1e-4f;  // fp16-normal floor of a KV step
 constexpr float kZeroLimit = 2048.f;  // fp16 holds every integer zero point up to here
 constexpr int kThreads = 128;         // decode-attention block
 constexpr int kMaxRep = 8;            // query heads per KV head handled per pass
-constexpr int kScoreFloats = 4096;    // shared scores per block: n_rep * chunk <= this
+constexpr int kMaxChunk = 256;        // tokens per split: their K and V codes are staged in smem
+constexpr int kMaxHeadsPerKv = 16;    // query heads per KV head (GQA ratio) the kernel takes
 constexpr float kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -25,14 +26,18 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 
 // One warp per head vector of one token; each lane owns D/32 consecutive values.
 template <typename T, int D>
-__global__ void kv4_append_kernel(const T* __restrict__ x, int rows, int T_, int start, int capacity,
-                                  uint8_t* __restrict__ codes, __half* __restrict__ scale,
-                                  __half* __restrict__ zero) {
+__global__ void kv4_append_kernel(const T* __restrict__ x, int rows, int T_, int start,
+                                  const int* __restrict__ start_dev, int capacity, uint8_t* __restrict__ codes,
+                                  __half* __restrict__ scale, __half* __restrict__ zero) {
   constexpr int V = D / 32;
   const int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
   const int bh = row / T_, t = row - bh * T_;
+  if (start_dev) {  // graph decode: the position lives on the device; past capacity writes nothing
+    start = *start_dev;
+    if (start < 0 || start + T_ > capacity) return;
+  }
   const T* src = x + static_cast<long>(row) * D + lane * V;
   float v[V];
   float lo = 3.4e38f, hi = -3.4e38f;
@@ -67,166 +72,197 @@ __global__ void kv4_append_kernel(const T* __restrict__ x, int rows, int T_, int
   }
 }
 
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem));
+}
+
+// A nibble (0..15) to float with two full-rate integer/float ops instead of a quarter-rate
+// I2F: the bits 0x4B000000 | c are the float 2^23 + c.
+__device__ __forceinline__ float nib(uint32_t w, int j) {
+  return __uint_as_float(((w >> (4 * j)) & 15u) | 0x4B000000u) - 8388608.f;
+}
+
+// The first `length` tokens: the argument, or (CUDA-graph decode) the int32 on the device.
+__device__ __forceinline__ int cache_length(int length, const int* length_dev, int capacity) {
+  return length_dev ? min(max(*length_dev, 1), capacity) : length;
+}
+
 // Split-sequence decode attention. Block (split, b * H + h) handles the tokens
 // [split * chunk, min(length, (split + 1) * chunk)) for the n_rep query heads of KV head h and
 // writes unnormalized partial outputs with their running max (log2 domain) and sum.
+//
+// Memory-bound by design: the whole chunk of packed K and V is requested at once with
+// cp.async (one latency round), q is staged while it lands, and both products run from shared
+// memory. The dequantization is folded out of the loops:
+//   q.k_t  = s_t * (q.c_t - z_t * sum(q))            (one correction per token and head)
+//   sum_t p_t v_t = sum_t (p_t s_t) c_t - sum_t p_t s_t z_t   (one correction per head)
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
 kv4_decode_split_kernel(const T* __restrict__ q, const uint8_t* __restrict__ kc, const __half* __restrict__ ks,
                         const __half* __restrict__ kz, const uint8_t* __restrict__ vc,
                         const __half* __restrict__ vs, const __half* __restrict__ vz, int H, int n_rep,
-                        int length, int capacity, int chunk, float scale_log2, float* __restrict__ part_o,
-                        float* __restrict__ part_ml, int B) {
-  extern __shared__ float smem[];
-  float* qs = smem;                       // [n_rep][D]
-  float* qsum = qs + n_rep * D;           // [n_rep]
-  float* sc = qsum + n_rep;               // [n_rep][chunk]
-  float* ml = sc + n_rep * chunk;         // [n_rep][2]
-  float* red = ml + 2 * n_rep;            // [kThreads][8]
+                        int length, const int* __restrict__ length_dev, int capacity, int chunk, float scale_log2,
+                        float* __restrict__ part_o, float* __restrict__ part_ml, int B) {
+  constexpr int kRow = D / 2 + 16;  // padded code row: a warp's 16-byte reads hit distinct banks
+  constexpr int W = D / 8;          // 32-bit words (8 codes) per row
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  uint8_t* kq = smem_raw;                                                // [chunk][kRow]
+  uint8_t* vq = kq + chunk * kRow;                                       // [chunk][kRow]
+  float* qs = reinterpret_cast<float*>(vq + chunk * kRow);               // [n_rep][D]
+  float* sc = qs + n_rep * D;                                            // [n_rep][chunk]
+  float* tok = sc + n_rep * chunk;                                       // [4][chunk]: ks kz vs vz
+  float* hs = tok + 4 * chunk;                                           // [n_rep][4]: sum q, m, l, zc
+  float* red = hs + 4 * n_rep;                                           // [warps][n_rep][D]
+  length = cache_length(length, length_dev, capacity);
   const int split = blockIdx.x, bh = blockIdx.y;
   const int b = bh / H, h = bh - b * H;
   const int t0 = split * chunk;
   const int len = min(chunk, length - t0);
-  const int tid = threadIdx.x;
+  if (len <= 0) return;  // graph decode: splits past the current length (the combine skips them)
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int Hq = H * n_rep;
+  const long base = static_cast<long>(bh) * capacity + t0;
 
+  for (int i = tid; i < len * (D / 32); i += kThreads) {
+    const int t = i / (D / 32), c = (i % (D / 32)) * 16;
+    cp_async16(kq + t * kRow + c, kc + (base + t) * (D / 2) + c);
+    cp_async16(vq + t * kRow + c, vc + (base + t) * (D / 2) + c);
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+  for (int t = tid; t < len; t += kThreads) {
+    tok[t] = __half2float(ks[base + t]);
+    tok[chunk + t] = __half2float(kz[base + t]);
+    tok[2 * chunk + t] = __half2float(vs[base + t]);
+    tok[3 * chunk + t] = __half2float(vz[base + t]);
+  }
   for (int i = tid; i < n_rep * D; i += kThreads) {
     const int r = i / D, d = i - r * D;
     qs[i] = to_float(q[(static_cast<long>(b) * Hq + h * n_rep + r) * D + d]);
   }
   __syncthreads();
-  for (int r = tid; r < n_rep; r += kThreads) {
-    float s = 0.f;
-    for (int d = 0; d < D; ++d) s += qs[r * D + d];
-    qsum[r] = s;
+  for (int r = warp; r < n_rep; r += kThreads / 32) {
+    float sum = 0.f;
+    for (int d = lane; d < D; d += 32) sum += qs[r * D + d];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) hs[4 * r] = sum;
   }
+  asm volatile("cp.async.wait_group 0;\n" ::);
   __syncthreads();
 
-  // Scores: one token per thread; K codes unpacked 8 at a time and reused across heads.
-  const long base = static_cast<long>(bh) * capacity + t0;
+  // Scores: one token per thread, its 8-code words reused across up to kMaxRep heads.
   for (int t = tid; t < len; t += kThreads) {
-    const uint4* row = reinterpret_cast<const uint4*>(kc + (base + t) * (D / 2));
-    const float s = __half2float(ks[base + t]), z = __half2float(kz[base + t]);
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(kq + t * kRow);
     for (int r0 = 0; r0 < n_rep; r0 += kMaxRep) {
-      float acc[kMaxRep];
+      float acc[kMaxRep] = {};
+#pragma unroll 4
+      for (int w = 0; w < W; ++w) {
+        const uint32_t word = row[w];
+        float c[8];
 #pragma unroll
-      for (int r = 0; r < kMaxRep; ++r) acc[r] = 0.f;
+        for (int j = 0; j < 8; ++j) c[j] = nib(word, j);
 #pragma unroll
-      for (int w16 = 0; w16 < D / 32; ++w16) {
-        const uint4 words = row[w16];
-        const uint32_t wv[4] = {words.x, words.y, words.z, words.w};
-#pragma unroll
-        for (int wi = 0; wi < 4; ++wi) {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const float c = static_cast<float>((wv[wi] >> (4 * j)) & 15u);
-            const int d = w16 * 32 + wi * 8 + j;
-#pragma unroll
-            for (int r = 0; r < kMaxRep; ++r)
-              if (r0 + r < n_rep) acc[r] = fmaf(qs[(r0 + r) * D + d], c, acc[r]);
-          }
+        for (int r = 0; r < kMaxRep; ++r) {
+          if (r0 + r >= n_rep) break;
+          const float4 qa = *reinterpret_cast<const float4*>(qs + (r0 + r) * D + w * 8);
+          const float4 qb = *reinterpret_cast<const float4*>(qs + (r0 + r) * D + w * 8 + 4);
+          acc[r] = fmaf(qa.x, c[0], fmaf(qa.y, c[1], fmaf(qa.z, c[2], fmaf(qa.w, c[3], acc[r]))));
+          acc[r] = fmaf(qb.x, c[4], fmaf(qb.y, c[5], fmaf(qb.z, c[6], fmaf(qb.w, c[7], acc[r]))));
         }
       }
+      const float s = tok[t], z = tok[chunk + t];
 #pragma unroll
       for (int r = 0; r < kMaxRep; ++r)
-        if (r0 + r < n_rep) sc[(r0 + r) * chunk + t] = s * (acc[r] - z * qsum[r0 + r]) * scale_log2;
+        if (r0 + r < n_rep) sc[(r0 + r) * chunk + t] = s * (acc[r] - z * hs[4 * (r0 + r)]) * scale_log2;
     }
   }
   __syncthreads();
 
-  // Softmax statistics per head: one warp per head.
-  const int warp = tid >> 5, lane = tid & 31;
+  // Softmax statistics per head (one warp per head); sc becomes p_t * vs_t.
   for (int r = warp; r < n_rep; r += kThreads / 32) {
     float m = -3.4e38f;
     for (int t = lane; t < len; t += 32) m = fmaxf(m, sc[r * chunk + t]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float l = 0.f;
+    float l = 0.f, zc = 0.f;
     for (int t = lane; t < len; t += 32) {
       const float p = exp2f(sc[r * chunk + t] - m);
-      sc[r * chunk + t] = p;
+      const float w = p * tok[2 * chunk + t];
+      sc[r * chunk + t] = w;
       l += p;
+      zc = fmaf(w, tok[3 * chunk + t], zc);
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+    for (int o = 16; o > 0; o >>= 1) {
+      l += __shfl_xor_sync(0xffffffffu, l, o);
+      zc += __shfl_xor_sync(0xffffffffu, zc, o);
+    }
     if (lane == 0) {
-      ml[2 * r] = m;
-      ml[2 * r + 1] = l;
+      hs[4 * r + 1] = m;
+      hs[4 * r + 2] = l;
+      hs[4 * r + 3] = zc;
     }
   }
   __syncthreads();
 
-  // P V: a slot is (head r, 8 consecutive dims = one 32-bit word of a V row); P rows of
-  // tokens are walked in parallel and reduced through shared memory.
-  constexpr int W = D / 8;
-  const int slots = n_rep * W;
-  const int P = slots <= kThreads ? kThreads / slots : 1;
-  for (int sbase = 0; sbase < slots; sbase += kThreads) {
-    const int my = slots <= kThreads ? tid % slots : sbase + tid;
-    const int roff = slots <= kThreads ? tid / slots : 0;
-    const bool active = my < slots && roff < P;
-    float acc[8];
+  // P V: thread = (token lane p, word c); every V word is read once for all heads.
+  constexpr int P = kThreads / W;  // token lanes (W divides kThreads for D <= 256... see host)
+  const int c = tid % W, p = tid / W;
+  for (int r0 = 0; r0 < n_rep; r0 += kMaxRep) {
+    float acc[kMaxRep][8] = {};
+    for (int t = p; t < len; t += P) {
+      const uint32_t word = reinterpret_cast<const uint32_t*>(vq + t * kRow)[c];
+      float cv[8];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-    if (active) {
-      const int r = my / W, c = my - r * W;
-      const uint32_t* vrow = reinterpret_cast<const uint32_t*>(vc + base * (D / 2)) + c;
-      int t = roff;
-      // kUnroll independent tokens per iteration: their loads are in flight together (the
-      // loop is latency-bound otherwise: one dependent global load per token).
-      constexpr int kUnroll = 8;
-      for (; t + (kUnroll - 1) * P < len; t += kUnroll * P) {
-        uint32_t words[kUnroll];
-        float pv[kUnroll], zz[kUnroll];
+      for (int j = 0; j < 8; ++j) cv[j] = nib(word, j);
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int tu = t + u * P;
-          words[u] = vrow[static_cast<long>(tu) * (D / 8)];
-          pv[u] = sc[r * chunk + tu] * __half2float(vs[base + tu]);
-          zz[u] = __half2float(vz[base + tu]);
-        }
+      for (int r = 0; r < kMaxRep; ++r) {
+        if (r0 + r >= n_rep) break;
+        const float w = sc[(r0 + r) * chunk + t];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-            acc[j] = fmaf(pv[u], static_cast<float>((words[u] >> (4 * j)) & 15u) - zz[u], acc[j]);
-        }
-      }
-      for (; t < len; t += P) {
-        const uint32_t word = vrow[static_cast<long>(t) * (D / 8)];
-        const float pv = sc[r * chunk + t] * __half2float(vs[base + t]);
-        const float z = __half2float(vz[base + t]);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] = fmaf(pv, static_cast<float>((word >> (4 * j)) & 15u) - z, acc[j]);
+        for (int j = 0; j < 8; ++j) acc[r][j] = fmaf(w, cv[j], acc[r][j]);
       }
     }
+    // Token lanes of one warp share c when W < 32: fold them with shuffles, then across warps.
 #pragma unroll
-    for (int j = 0; j < 8; ++j) red[tid * 8 + j] = acc[j];
-    __syncthreads();
-    if (active && roff == 0) {
-      for (int p = 1; p < P; ++p) {
+    for (int o = W; o < 32; o <<= 1)
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] += red[(p * slots + my) * 8 + j];
+      for (int r = 0; r < kMaxRep; ++r)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[r][j] += __shfl_xor_sync(0xffffffffu, acc[r][j], o);
+    if (lane < W) {
+#pragma unroll
+      for (int r = 0; r < kMaxRep; ++r) {
+        if (r0 + r >= n_rep) break;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) red[(warp * n_rep + r0 + r) * D + c * 8 + j] = acc[r][j];
       }
-      const int r = my / W, c = my - r * W;
+    }
+    __syncthreads();
+    const int rn = min(kMaxRep, n_rep - r0);
+    for (int i = tid; i < rn * D; i += kThreads) {
+      const int r = r0 + i / D, d = i % D;
+      float o = 0.f;
+      for (int w = 0; w < kThreads / 32; ++w) o += red[(w * n_rep + r) * D + d];
       const long hq = static_cast<long>(b) * Hq + h * n_rep + r;
-      float* dst = part_o + (static_cast<long>(split) * B * Hq + hq) * D + c * 8;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) dst[j] = acc[j];
+      part_o[(static_cast<long>(split) * B * Hq + hq) * D + d] = o - hs[4 * r + 3];
     }
     __syncthreads();
   }
   for (int r = tid; r < n_rep; r += kThreads) {
     const long hq = static_cast<long>(b) * Hq + h * n_rep + r;
-    part_ml[(static_cast<long>(split) * B * Hq + hq) * 2] = ml[2 * r];
-    part_ml[(static_cast<long>(split) * B * Hq + hq) * 2 + 1] = ml[2 * r + 1];
+    part_ml[(static_cast<long>(split) * B * Hq + hq) * 2] = hs[4 * r + 1];
+    part_ml[(static_cast<long>(split) * B * Hq + hq) * 2 + 1] = hs[4 * r + 2];
   }
 }
 
 // Merge the splits of one (batch, query head): block of D threads.
 template <typename T>
 __global__ void kv4_decode_combine_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
-                                          T* __restrict__ out, int rows, int D, int nsplit) {
+                                          T* __restrict__ out, int rows, int D, int nsplit, int chunk,
+                                          const int* __restrict__ length_dev, int capacity) {
+  if (length_dev) nsplit = min(nsplit, (cache_length(0, length_dev, capacity) + chunk - 1) / chunk);
   const int row = blockIdx.x, d = threadIdx.x;
   float m = -3.4e38f;
   for (int s = 0; s < nsplit; ++s) m = fmaxf(m, part_ml[(static_cast<long>(s) * rows + row) * 2]);
@@ -241,67 +277,84 @@ __global__ void kv4_decode_combine_kernel(const float* __restrict__ part_o, cons
 }
 
 int decode_chunk(int B, int H, int n_rep, int length, int num_sms) {
-  const int max_chunk = kScoreFloats / n_rep;
   const int want_splits = (4 * num_sms + B * H - 1) / (B * H);
   int chunk = (length + want_splits - 1) / want_splits;
   chunk = chunk < 64 ? 64 : chunk;
-  return chunk > max_chunk ? max_chunk : chunk;
+  return chunk > kMaxChunk ? kMaxChunk : chunk;
+}
+
+template <int D>
+size_t decode_smem(int n_rep, int chunk) {
+  return 2 * static_cast<size_t>(chunk) * (D / 2 + 16) +
+         sizeof(float) * (n_rep * D + n_rep * chunk + 4 * chunk + 4 * n_rep + (kThreads / 32) * n_rep * D);
+}
+
+// cudaFuncSetAttribute once per kernel and size, not per call: host work stays out of the
+// decode step, and the call is not repeated inside a CUDA-graph capture.
+template <typename K>
+cudaError_t allow_smem(K kernel, size_t smem, int& allowed) {
+  if (smem <= 48 * 1024 || static_cast<int>(smem) <= allowed) return cudaSuccess;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (e == cudaSuccess) allowed = static_cast<int>(smem);
+  return e;
 }
 
 template <typename T, int D>
 cudaError_t launch_decode(const void* q, const uint8_t* kc, const void* ks, const void* kz, const uint8_t* vc,
                           const void* vs, const void* vz, void* out, int B, int Hq, int H, int length,
-                          int capacity, float scaling, float* partial, int num_sms, cudaStream_t stream) {
+                          const int* length_dev, int capacity, float scaling, float* partial, int num_sms,
+                          cudaStream_t stream) {
   const int n_rep = Hq / H;
-  const int chunk = decode_chunk(B, H, n_rep, length, num_sms);
-  const int nsplit = (length + chunk - 1) / chunk;
+  // With the length on the device, size the launch for the whole capacity (fixed grid, so a
+  // captured graph stays valid as the cache grows); blocks past the length exit at once.
+  const int span = length_dev ? capacity : length;
+  const int chunk = decode_chunk(B, H, n_rep, span, num_sms);
+  const int nsplit = (span + chunk - 1) / chunk;
   float* part_o = partial;
   float* part_ml = partial + static_cast<long>(nsplit) * B * Hq * D;
-  const size_t smem = sizeof(float) * (n_rep * D + n_rep + n_rep * chunk + 2 * n_rep + kThreads * 8);
+  const size_t smem = decode_smem<D>(n_rep, chunk);
   auto kernel = kv4_decode_split_kernel<T, D>;
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-  }
+  static int allowed = 0;
+  cudaError_t e = allow_smem(kernel, smem, allowed);
+  if (e != cudaSuccess) return e;
   kernel<<<dim3(nsplit, B * H), kThreads, smem, stream>>>(
       static_cast<const T*>(q), kc, static_cast<const __half*>(ks), static_cast<const __half*>(kz), vc,
-      static_cast<const __half*>(vs), static_cast<const __half*>(vz), H, n_rep, length, capacity, chunk,
-      scaling * kLog2e, part_o, part_ml, B);
+      static_cast<const __half*>(vs), static_cast<const __half*>(vz), H, n_rep, length, length_dev, capacity,
+      chunk, scaling * kLog2e, part_o, part_ml, B);
   kv4_decode_combine_kernel<T><<<B * Hq, D, 0, stream>>>(part_o, part_ml, static_cast<T*>(out), B * Hq, D,
-                                                         nsplit);
+                                                         nsplit, chunk, length_dev, capacity);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t dispatch_decode(int D, const void* q, const uint8_t* kc, const void* ks, const void* kz,
                             const uint8_t* vc, const void* vs, const void* vz, void* out, int B, int Hq,
-                            int H, int length, int capacity, float scaling, float* partial, int num_sms,
-                            cudaStream_t stream) {
+                            int H, int length, const int* length_dev, int capacity, float scaling, float* partial,
+                            int num_sms, cudaStream_t stream) {
   switch (D) {
-    case 64: return launch_decode<T, 64>(q, kc, ks, kz, vc, vs, vz, out, B, Hq, H, length, capacity, scaling,
-                                         partial, num_sms, stream);
-    case 128: return launch_decode<T, 128>(q, kc, ks, kz, vc, vs, vz, out, B, Hq, H, length, capacity,
+    case 64: return launch_decode<T, 64>(q, kc, ks, kz, vc, vs, vz, out, B, Hq, H, length, length_dev, capacity,
+                                         scaling, partial, num_sms, stream);
+    case 128: return launch_decode<T, 128>(q, kc, ks, kz, vc, vs, vz, out, B, Hq, H, length, length_dev, capacity,
                                            scaling, partial, num_sms, stream);
-    case 256: return launch_decode<T, 256>(q, kc, ks, kz, vc, vs, vz, out, B, Hq, H, length, capacity,
+    case 256: return launch_decode<T, 256>(q, kc, ks, kz, vc, vs, vz, out, B, Hq, H, length, length_dev, capacity,
                                            scaling, partial, num_sms, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 template <typename T>
-cudaError_t dispatch_append(int D, const void* x, int rows, int T_, int start, int capacity, uint8_t* codes,
-                            void* scale, void* zero, cudaStream_t stream) {
+cudaError_t dispatch_append(int D, const void* x, int rows, int T_, int start, const int* start_dev, int capacity,
+                            uint8_t* codes, void* scale, void* zero, cudaStream_t stream) {
   const int blocks = (rows * 32 + 255) / 256;
   auto* s = static_cast<__half*>(scale);
   auto* z = static_cast<__half*>(zero);
   switch (D) {
     case 64: kv4_append_kernel<T, 64><<<blocks, 256, 0, stream>>>(static_cast<const T*>(x), rows, T_, start,
-                                                                  capacity, codes, s, z); break;
+                                                                  start_dev, capacity, codes, s, z); break;
     case 128: kv4_append_kernel<T, 128><<<blocks, 256, 0, stream>>>(static_cast<const T*>(x), rows, T_, start,
-                                                                    capacity, codes, s, z); break;
+                                                                    start_dev, capacity, codes, s, z); break;
     case 256: kv4_append_kernel<T, 256><<<blocks, 256, 0, stream>>>(static_cast<const T*>(x), rows, T_, start,
-                                                                    capacity, codes, s, z); break;
+                                                                    start_dev, capacity, codes, s, z); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
@@ -309,13 +362,14 @@ cudaError_t dispatch_append(int D, const void* x, int rows, int T_, int start, i
 
 }  // namespace
 
-cudaError_t kv4_append_host(const void* x, DType dtype, int B, int H, int T, int D, int start, int capacity,
-                            uint8_t* codes, void* scale, void* zero, cudaStream_t stream) {
-  if (T <= 0 || start < 0 || start + T > capacity) return cudaErrorInvalidValue;
+cudaError_t kv4_append_host(const void* x, DType dtype, int B, int H, int T, int D, int start, const int* start_dev,
+                            int capacity, uint8_t* codes, void* scale, void* zero, cudaStream_t stream) {
+  if (T <= 0 || (!start_dev && (start < 0 || start + T > capacity))) return cudaErrorInvalidValue;
   const int rows = B * H * T;
-  if (dtype == DType::kHalf) return dispatch_append<__half>(D, x, rows, T, start, capacity, codes, scale, zero, stream);
+  if (dtype == DType::kHalf)
+    return dispatch_append<__half>(D, x, rows, T, start, start_dev, capacity, codes, scale, zero, stream);
   if (dtype == DType::kBFloat16)
-    return dispatch_append<__nv_bfloat16>(D, x, rows, T, start, capacity, codes, scale, zero, stream);
+    return dispatch_append<__nv_bfloat16>(D, x, rows, T, start, start_dev, capacity, codes, scale, zero, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -328,16 +382,16 @@ long kv4_decode_workspace(int B, int Hq, int D, int length, int H, int num_sms) 
 cudaError_t kv4_decode_attention_host(const void* q, DType dtype, const uint8_t* k_codes, const void* k_scale,
                                       const void* k_zero, const uint8_t* v_codes, const void* v_scale,
                                       const void* v_zero, void* out, int B, int Hq, int H, int D, int length,
-                                      int capacity, float scaling, float* partial, int num_sms,
-                                      cudaStream_t stream) {
-  if (length <= 0 || length > capacity || H <= 0 || Hq % H != 0 || Hq / H > kScoreFloats / 64)
+                                      const int* length_dev, int capacity, float scaling, float* partial,
+                                      int num_sms, cudaStream_t stream) {
+  if (length <= 0 || length > capacity || H <= 0 || Hq % H != 0 || Hq / H > kMaxHeadsPerKv)
     return cudaErrorInvalidValue;
   if (dtype == DType::kHalf)
     return dispatch_decode<__half>(D, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, out, B, Hq, H,
-                                   length, capacity, scaling, partial, num_sms, stream);
+                                   length, length_dev, capacity, scaling, partial, num_sms, stream);
   if (dtype == DType::kBFloat16)
     return dispatch_decode<__nv_bfloat16>(D, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, out, B,
-                                          Hq, H, length, capacity, scaling, partial, num_sms, stream);
+                                          Hq, H, length, length_dev, capacity, scaling, partial, num_sms, stream);
   return cudaErrorInvalidValue;
 }
 

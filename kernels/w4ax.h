@@ -12,6 +12,9 @@ namespace comet {
 // the kernels take this one (the Python wrapper falls back to the reference otherwise).
 constexpr int kGroup = 128;
 
+// Largest M the decode GEMM kernel takes (two 8-token mma tiles).
+constexpr int kDecodeMaxM = 16;
+
 enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };
 
 // Fused activation quantization (permute + per-token per-group scales + int8/packed int4).
@@ -28,15 +31,18 @@ cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm,
 // Mixed-precision GEMM: out[M, N] = sum_g ascale[m, g] * wscale[n, g] * <a[m, g], w[n, g]>,
 // where a is int8 (g < groups8) or int4 (g >= groups8) and w is int4 (checkpoint layout:
 // qweight [N, Kpad / 2] uint8, even k in the low nibble; wscale [N, Kpad / kGroup] fp16).
-// split_k > 1 splits the K groups over blocks and reduces through `workspace`
-// (float32 [M, N], zeroed by the callee) for shapes whose tiles do not fill the GPU.
+// split_k == 0 (M <= kDecodeMaxM only) runs the decode kernel: weights streamed from global
+// memory into registers, whole K per block, no workspace. split_k >= 1 runs the tiled kernel;
+// split_k > 1 splits the K groups over blocks and reduces through `workspace` (float32 [M, N],
+// zeroed by the callee) for shapes whose tiles do not fill the GPU.
 // use_int4_mma selects int4 tensor cores for A4 groups (sm_80/86/89; emulated on sm_90).
 cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* ascale,
                            const uint8_t* qweight, const void* wscale, void* out, DType out_dtype,
                            int M, int N, int Kpad, int groups8, int split_k, bool use_int4_mma,
                            float* workspace, cudaStream_t stream);
 
-// A split_k that fills `num_sms` multiprocessors for this shape (1 when the tiles already do).
+// The kernel choice for split_k = "auto": 0 (decode kernel) for M <= kDecodeMaxM, else a split_k
+// that fills `num_sms` multiprocessors with the tiled kernel (1 when its tiles already do).
 int choose_split_k(int M, int N, int Kpad, int num_sms);
 
 }  // namespace comet

@@ -29,6 +29,7 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 constexpr int kActThreads = 256;  // 8 warps: one group per warp at a time
+constexpr int kGatherMaxM = 64;   // below this many tokens, activation quantization gathers from L2
 
 // In-place fast Walsh-Hadamard transform of a 128-channel group held 4 per lane (channel
 // 4 * lane + i in v[i]), scaled to be orthonormal: the group rotation of the QuaRot-like
@@ -50,54 +51,71 @@ __device__ __forceinline__ void hadamard128(float (&v)[4], int lane) {
   for (int i = 0; i < 4; ++i) v[i] *= kNorm;
 }
 
-// One block per token. The row is first copied into shared memory with coalesced 16-byte loads
-// (DRAM reads x exactly once); the permutation then gathers from shared memory. Lane l owns
-// channels 4l..4l+3 of a group, so a group's absmax is one warp reduction and its 4-bit codes
-// pack into 2 bytes. Codes are round(x * (1 / s)) with an IEEE reciprocal per group, exactly as
-// primitives.quantize_symmetric computes them: one division per group instead of per element.
+// Quantizes one permuted group held 4 channels per lane (channel 4 * lane + i of group g in v[i])
+// into the row's codes and scale. Codes are round(x * (1 / s)) with an IEEE reciprocal per
+// group, exactly as primitives.quantize_symmetric computes them: one division per group instead
+// of per element.
+__device__ __forceinline__ void quantize_group(float (&v)[4], size_t row, int g, int lane, int G, int K8,
+                                               int K4, int groups8, bool rotate, int8_t* __restrict__ q8,
+                                               uint8_t* __restrict__ q4, float* __restrict__ scales) {
+  if (rotate) hadamard128(v, lane);
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  amax = warp_max(amax);
+  const bool high = g < groups8;
+  const float qmax = high ? 127.f : 7.f;
+  const float s = fmaxf(__fdiv_rn(amax, qmax), kMinScale);
+  const float inv = __fdiv_rn(1.f, s);
+  int q[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) q[i] = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(v[i], inv)), -qmax), qmax));
+  if (lane == 0) scales[row * G + g] = s;
+  const int c0 = g * kGroup + lane * 4;
+  if (high) {
+    *reinterpret_cast<char4*>(q8 + row * K8 + c0) = make_char4(q[0], q[1], q[2], q[3]);
+  } else {
+    const uint16_t packed = static_cast<uint16_t>((q[0] & 0xF) | ((q[1] & 0xF) << 4) |
+                                                  ((q[2] & 0xF) << 8) | ((q[3] & 0xF) << 12));
+    *reinterpret_cast<uint16_t*>(q4 + row * (K4 / 2) + (c0 - K8) / 2) = packed;
+  }
+}
+
+// Two layouts of the same computation, one warp per group at a time.
+// STAGED (large M): one block per token; the row is first copied into shared memory with
+// coalesced 16-byte loads (DRAM reads x exactly once) and the permutation gathers from there.
+// Gather (small M, decode): blocks of 8 groups x one token read the permuted channels straight
+// from global memory (the row was just written and sits in L2): M x G / 8 blocks instead of M,
+// so a batch of a few tokens still spreads over the GPU.
+template <bool STAGED>
 __global__ void __launch_bounds__(kActThreads)
 quantize_act_kernel(const void* __restrict__ x, DType dt, const int32_t* __restrict__ perm, int K,
                     int Kpad, int groups8, bool rotate, int8_t* __restrict__ q8,
                     uint8_t* __restrict__ q4, float* __restrict__ scales) {
-  extern __shared__ uint16_t row_bits[];  // K raw fp16/bf16 values
-  const size_t row = blockIdx.x;
+  extern __shared__ uint16_t row_bits[];  // STAGED: K raw fp16/bf16 values
+  // STAGED: grid (M); gather: grid (G / 8, M), M < kGatherMaxM (gridDim.y is capped at 65535).
+  const size_t row = STAGED ? blockIdx.x : blockIdx.y;
+  const int gblock = STAGED ? 0 : blockIdx.x, gblocks = STAGED ? 1 : gridDim.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
   const uint16_t* xrow = static_cast<const uint16_t*>(x) + row * K;
-  if (K % 8 == 0) {
-    for (int i = threadIdx.x; i < K / 8; i += kActThreads)
-      reinterpret_cast<uint4*>(row_bits)[i] = __ldg(reinterpret_cast<const uint4*>(xrow) + i);
-  } else {
-    for (int i = threadIdx.x; i < K; i += kActThreads) row_bits[i] = xrow[i];
+  if (STAGED) {
+    if (K % 8 == 0) {
+      for (int i = threadIdx.x; i < K / 8; i += kActThreads)
+        reinterpret_cast<uint4*>(row_bits)[i] = __ldg(reinterpret_cast<const uint4*>(xrow) + i);
+    } else {
+      for (int i = threadIdx.x; i < K; i += kActThreads) row_bits[i] = xrow[i];
+    }
+    __syncthreads();
   }
-  __syncthreads();
-  for (int g = warp; g < G; g += kActThreads / 32) {
-    const int c0 = g * kGroup + lane * 4;
-    const int4 p = __ldg(reinterpret_cast<const int4*>(perm + c0));
+  constexpr int kWarps = kActThreads / 32;
+  for (int g = gblock * kWarps + warp; g < G; g += gblocks * kWarps) {
+    const int4 p = __ldg(reinterpret_cast<const int4*>(perm + g * kGroup + lane * 4));
     const int idx[4] = {p.x, p.y, p.z, p.w};
     float v[4];
-    float amax = 0.f;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = idx[i] < K ? load_x(row_bits, dt, idx[i]) : 0.f;
-    if (rotate) hadamard128(v, lane);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
-    amax = warp_max(amax);
-    const bool high = g < groups8;
-    const float qmax = high ? 127.f : 7.f;
-    const float s = fmaxf(__fdiv_rn(amax, qmax), kMinScale);
-    const float inv = __fdiv_rn(1.f, s);
-    int q[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) q[i] = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(v[i], inv)), -qmax), qmax));
-    if (lane == 0) scales[row * G + g] = s;
-    if (high) {
-      *reinterpret_cast<char4*>(q8 + row * K8 + c0) = make_char4(q[0], q[1], q[2], q[3]);
-    } else {
-      const uint16_t packed = static_cast<uint16_t>((q[0] & 0xF) | ((q[1] & 0xF) << 4) |
-                                                    ((q[2] & 0xF) << 8) | ((q[3] & 0xF) << 12));
-      *reinterpret_cast<uint16_t*>(q4 + row * (K4 / 2) + (c0 - K8) / 2) = packed;
-    }
+    for (int i = 0; i < 4; ++i) v[i] = idx[i] < K ? load_x(STAGED ? row_bits : xrow, dt, idx[i]) : 0.f;
+    quantize_group(v, row, g, lane, G, K8, K4, groups8, rotate, q8, q4, scales);
   }
 }
 
@@ -323,6 +341,165 @@ w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
       }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Decode GEMM (M <= 16)
+// ---------------------------------------------------------------------------------------------
+//
+// Decode is bound by the bytes of the int4 weights, so this kernel streams them straight from
+// global memory into registers (no shared-memory staging, no split-K workspace) and swaps the
+// operands: the weights are the A operand of m16n8k32 (16 output channels per mma) and the
+// tokens the B operand (8 per mma), so a batch of one wastes tensor-core lanes, not bytes.
+//
+// Within a group the dot product does not depend on the order of k, as long as both operands
+// use the same order. Thread (gid, tig) therefore owns the 32 consecutive k of a group starting
+// at 32 * tig: one 16-byte load per weight row (8 codes per mma step, the low nibbles feed the
+// fragment's first k half and the high nibbles its second), and a matching 32-byte (int8) or
+// 16-byte (int4) load of its token's activations, reordered with byte permutes (int8) or
+// expanded the same way as the weights (int4).
+//
+// A block is 16 output channels x all of K: its 8 warps take every 8th group and meet in shared
+// memory at the end. Each warp keeps kGemvDepth groups of loads in flight.
+constexpr int kGemvWarps = 8;
+// Groups of loads in flight per warp; the 16-token variant holds twice the activations per
+// group, so it keeps 3 to stay within 128 registers (two blocks per SM).
+template <int NT>
+constexpr int kGemvDepth = NT == 1 ? 4 : 3;
+
+template <int NT>
+struct GemvFrag {
+  uint4 w[2];        // weight rows gid, gid + 8: 32 packed codes each
+  uint4 a[NT][2];    // per 8-token tile: 32 int8 codes, or 32 packed int4 codes in a[nt][0]
+  float ws[2];       // weight scales of rows gid, gid + 8
+  float as[NT][2];   // activation scales of tokens 2 * tig, 2 * tig + 1 (+ 8 * nt)
+};
+
+template <int NT>
+__device__ __forceinline__ void gemv_load(GemvFrag<NT>& f, int g, int groups8,
+                                          const uint8_t* const (&wrow)[2], const __half* const (&srow)[2],
+                                          const int8_t* const (&a8row)[NT], const uint8_t* const (&a4row)[NT],
+                                          const float* const (&asrow)[NT][2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    f.w[r] = __ldg(reinterpret_cast<const uint4*>(wrow[r] + g * kPackedGroupBytes));
+    f.ws[r] = __half2float(srow[r][g]);
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    if (g < groups8) {
+      const uint4* p = reinterpret_cast<const uint4*>(a8row[nt] + g * kGroup);
+      f.a[nt][0] = __ldg(p);
+      f.a[nt][1] = __ldg(p + 1);
+    } else {
+      f.a[nt][0] = __ldg(reinterpret_cast<const uint4*>(a4row[nt] + (g - groups8) * kPackedGroupBytes));
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) f.as[nt][j] = asrow[nt][j][g];
+  }
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+template <int NT>
+__device__ __forceinline__ void gemv_compute(const GemvFrag<NT>& f, bool a8, float (&acc)[NT][4]) {
+  int c[NT][4] = {};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {  // 8 codes of k per thread per mma step
+    const uint32_t w0 = word(f.w[0], j), w1 = word(f.w[1], j);
+    // Nibble into the high half of each byte: int8 = code * 16, sign extension for free.
+    const uint32_t a[4] = {(w0 << 4) & 0xF0F0F0F0u, (w1 << 4) & 0xF0F0F0F0u, w0 & 0xF0F0F0F0u,
+                           w1 & 0xF0F0F0F0u};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t b[2];
+      if (a8) {
+        const uint32_t x0 = word(f.a[nt][j >> 1], (j & 1) * 2), x1 = word(f.a[nt][j >> 1], (j & 1) * 2 + 1);
+        b[0] = __byte_perm(x0, x1, 0x6420);  // even k: pairs with the low weight nibbles
+        b[1] = __byte_perm(x0, x1, 0x7531);  // odd k
+      } else {
+        const uint32_t x = word(f.a[nt][0], j);
+        b[0] = (x << 4) & 0xF0F0F0F0u;
+        b[1] = x & 0xF0F0F0F0u;
+      }
+      mma_s8(c[nt], a, b);
+    }
+  }
+  const float unscale = a8 ? 1.f / 16.f : 1.f / 256.f;  // the x16 of each expanded int4 operand
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      acc[nt][e] += static_cast<float>(c[nt][e]) * (f.ws[e >> 1] * f.as[nt][e & 1] * unscale);
+}
+
+template <int NT>
+__global__ void __launch_bounds__(kGemvWarps * 32, 2)
+w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
+                 const float* __restrict__ ascale, const uint8_t* __restrict__ qw,
+                 const __half* __restrict__ wscale, void* __restrict__ out, DType out_dtype, int M, int N,
+                 int Kpad, int groups8) {
+  __shared__ float red[kGemvWarps][16][8 * NT];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
+  const int n0 = blockIdx.x * 16;
+  // Rows past N and tokens past M read the last valid one; their results are never stored.
+  const uint8_t* wrow[2];
+  const __half* srow[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int n = min(n0 + gid + 8 * r, N - 1);
+    wrow[r] = qw + static_cast<size_t>(n) * (Kpad / 2) + tig * 16;
+    srow[r] = wscale + static_cast<size_t>(n) * G;
+  }
+  const int8_t* a8row[NT];
+  const uint8_t* a4row[NT];
+  const float* asrow[NT][2];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int m = min(8 * nt + gid, M - 1);
+    a8row[nt] = q8 + static_cast<size_t>(m) * K8 + tig * 32;
+    a4row[nt] = q4 + static_cast<size_t>(m) * (K4 / 2) + tig * 16;
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      asrow[nt][j] = ascale + static_cast<size_t>(min(8 * nt + 2 * tig + j, M - 1)) * G;
+  }
+
+  float acc[NT][4] = {};
+  GemvFrag<NT> f[kGemvDepth<NT>];
+#pragma unroll
+  for (int d = 0; d < kGemvDepth<NT>; ++d) {
+    const int g = warp + d * kGemvWarps;
+    if (g < G) gemv_load(f[d], g, groups8, wrow, srow, a8row, a4row, asrow);
+  }
+  for (int base = warp; base < G; base += kGemvDepth<NT> * kGemvWarps) {
+#pragma unroll
+    for (int d = 0; d < kGemvDepth<NT>; ++d) {
+      const int g = base + d * kGemvWarps;
+      if (g < G) {
+        gemv_compute(f[d], g < groups8, acc);
+        const int next = g + kGemvDepth<NT> * kGemvWarps;
+        if (next < G) gemv_load(f[d], next, groups8, wrow, srow, a8row, a4row, asrow);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[warp][gid + 8 * (e >> 1)][8 * nt + 2 * tig + (e & 1)] = acc[nt][e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < 16 * 8 * NT; i += kGemvWarps * 32) {
+    const int r = i / (8 * NT), m = i % (8 * NT), n = n0 + r;
+    if (n >= N || m >= M) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kGemvWarps; ++w) v += red[w][r][m];
+    store_out(out, out_dtype, static_cast<size_t>(m) * N + n, v);
+  }
+}
+
 __global__ void convert_kernel(const float* __restrict__ src, void* __restrict__ dst, DType dt, size_t n) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
@@ -354,18 +531,25 @@ cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm,
                               int Kpad, int groups8, bool rotate, int8_t* q8, uint8_t* q4,
                               float* scales, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
+  if (M < kGatherMaxM) {
+    const dim3 grid((Kpad / kGroup + kActThreads / 32 - 1) / (kActThreads / 32), M);
+    quantize_act_kernel<false><<<grid, kActThreads, 0, stream>>>(x, x_dtype, perm, K, Kpad, groups8, rotate,
+                                                                 q8, q4, scales);
+    return cudaGetLastError();
+  }
   const size_t smem = sizeof(uint16_t) * static_cast<size_t>(K);
   if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(quantize_act_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    cudaError_t e = cudaFuncSetAttribute(quantize_act_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  quantize_act_kernel<<<M, kActThreads, smem, stream>>>(x, x_dtype, perm, K, Kpad, groups8, rotate, q8,
-                                                        q4, scales);
+  quantize_act_kernel<true><<<M, kActThreads, smem, stream>>>(x, x_dtype, perm, K, Kpad, groups8, rotate,
+                                                                      q8, q4, scales);
   return cudaGetLastError();
 }
 
 int choose_split_k(int M, int N, int Kpad, int num_sms) {
+  if (M <= kDecodeMaxM) return 0;
   const int tiles = ((M + tile_m(M) - 1) / tile_m(M)) * ((N + kBN - 1) / kBN);
   const int G = Kpad / kGroup;
   int split = 1;
@@ -380,6 +564,17 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
                            int M, int N, int Kpad, int groups8, int split_k, bool use_int4_mma,
                            float* workspace, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
+  if (split_k == 0 && M <= kDecodeMaxM) {
+    const __half* wsh = static_cast<const __half*>(wscale);
+    const int blocks = (N + 15) / 16;
+    if (M <= 8)
+      w4ax_gemv_kernel<1><<<blocks, kGemvWarps * 32, 0, stream>>>(q8, q4, ascale, qweight, wsh, out, out_dtype,
+                                                                   M, N, Kpad, groups8);
+    else
+      w4ax_gemv_kernel<2><<<blocks, kGemvWarps * 32, 0, stream>>>(q8, q4, ascale, qweight, wsh, out, out_dtype,
+                                                                   M, N, Kpad, groups8);
+    return cudaGetLastError();
+  }
   const int bm = tile_m(M);
   const int G = Kpad / kGroup;
   split_k = std::max(1, std::min(split_k, G));

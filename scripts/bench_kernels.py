@@ -1,6 +1,7 @@
 """Benchmark the W4Ax GEMM and activation quantization against cuBLAS fp16, fp8 and int8.
 
-Medians of CUDA-event timings; each timed call uses a different copy of its weights so the
+Medians of CUDA-event timings of CUDA-graph replays (so host launch overhead is not counted,
+for any library); each timed call uses a different copy of its weights so the
 working set exceeds L2 and weights stream from HBM as they do in a real model. Prints a
 markdown table and writes it (plus JSON) to --out.
 
@@ -29,18 +30,33 @@ COPY_TBPS = 3.0       # measured device-to-device copy, read + write (DESIGN.md)
 INT8_MMA_TOPS = 1310  # measured mma.sync int8 rate (DESIGN.md)
 
 
-def timeit(fns, reps: int = 30, warmup: int = 5) -> float:
-    """Median milliseconds of calling fns[i % len(fns)]()."""
-    for i in range(warmup):
-        fns[i % len(fns)]()
+def timeit(fns, reps: int = 15, warmup: int = 3, per_graph: int = 24) -> float:
+    """Median milliseconds per call of fns[i % len(fns)]().
+
+    The calls are captured into a CUDA graph (``per_graph`` calls rotating over fns) and the
+    graph is replayed: the time is what the GPU spends, not the host's launch overhead, which
+    would otherwise floor every small kernel at ~20 us (METHOD.md: "capture a graph and time
+    its replays"). The same method for every library in the table.
+    """
+    for fn in fns:  # eager first: cuBLAS handles and workspaces are created outside the capture
+        fn()
+    torch.cuda.synchronize()
+    n = max(per_graph, len(fns))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n):
+            fns[i % len(fns)]()
+    for _ in range(warmup):
+        graph.replay()
     times = []
-    for i in range(reps):
+    for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fns[i % len(fns)]()
+        graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / n)
+    del graph
     return statistics.median(times)
 
 

@@ -63,6 +63,9 @@ def main():
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--profile-batch", type=int, default=16)
+    ap.add_argument("--modes", default="graphs",
+                    help="decode modes to benchmark, comma-separated: graphs (CUDA graph, static "
+                         "caches), eager (growing caches)")
     ap.add_argument("--clip", action="store_true",
                     help="use the weight clipping search (slow on the CPU at 8B; speed does not "
                          "depend on weight values, so the benchmark skips it by default)")
@@ -83,23 +86,24 @@ def main():
     times["export_s"] = round(time.time() - t, 1)
     print(json.dumps(times), flush=True)
     batches = [int(b) for b in args.batch.split(",")]
-    res = benchmark(str(ck), batches, args.prompt_len, args.gen_len, "cuda", str(work / "model"),
-                    args.repeats, output=out / "bench.json")
-    res["times"] = times
-    (out / "bench.json").write_text(json.dumps(res, indent=2))
+    for mode in args.modes.split(","):
+        res = benchmark(str(ck), batches, args.prompt_len, args.gen_len, "cuda", str(work / "model"),
+                        args.repeats, graphs=mode == "graphs")
+        res["times"] = times
+        (out / f"bench-{mode}.json").write_text(json.dumps(res, indent=2))
 
+    # Per-kernel view of one eager decode step (the same kernels a graph replays).
     from comet_quant.bench import _cache_factory
-    from comet_quant.kvcache import new_cache
     from comet_quant.models import load_model, resolve_model
     from comet_quant.qmodules import load_quantized
 
     model, _ = load_quantized(ck, device="cuda")
-    print(profile_decode(model, _cache_factory(model, True, new_cache), args.profile_batch,
+    print(profile_decode(model, _cache_factory(model, True, False), args.profile_batch,
                          args.prompt_len, "quantized", out)[:4000])
     del model
     torch.cuda.empty_cache()
     fp, _ = load_model(resolve_model(str(work / "model")), dtype=torch.float16, device="cuda")
-    print(profile_decode(fp, _cache_factory(fp, False, new_cache), args.profile_batch,
+    print(profile_decode(fp, _cache_factory(fp, False, False), args.profile_batch,
                          args.prompt_len, "fp16", out)[:4000])
 
 

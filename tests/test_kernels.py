@@ -60,7 +60,7 @@ def kernels():
     return ops
 
 
-M_SWEEP = [1, 2, 7, 16, 17, 64, 127, 128, 129, 1024, 4096]
+M_SWEEP = [1, 2, 7, 9, 16, 17, 64, 127, 128, 129, 1024, 4096]
 
 
 @gpu
@@ -111,7 +111,7 @@ def test_gemm_integer_accumulation_exact(kernels, int4_mma, m, k8_frac):
     x, perm, _, qw, _ = make_case(m, k, n, g8, seed=m + 1, device="cuda")
     q8, q4, _ = torch.ops.comet.quantize_act(x, perm, g8)
     sa, sw = unit_scales(m, n, g)
-    for split in (1, 4):
+    for split in (0, 1, 4):  # 0: automatic (the decode kernel for M <= 16)
         y = torch.ops.comet.w4ax_gemm(q8, q4, sa, qw, sw, g8, split, int4_mma, torch.float32)
         ref = ops.w4ax_gemm_reference(q8.cpu(), q4.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), g8, torch.float32)
         assert torch.equal(y.cpu(), ref), (m, g8, split, (y.cpu() - ref).abs().max())
@@ -298,3 +298,90 @@ def test_kv4_cache_decode_kernel_matches_reference_in_model(kernels, checkpoint,
     ref = run()
     assert calls and real is not kvcache.kv4_decode_attention
     torch.testing.assert_close(fast, ref, rtol=0, atol=2e-2 * float(ref.abs().max()))
+
+
+@gpu
+def test_kv4_device_positions_match_host_positions(kernels):
+    """CUDA-graph decode reads the write position and the length from device tensors: the same
+    bits as the host integers for the append, the reference within tolerance for attention
+    (the launch is sized for the capacity, so the sequence splits differ), also when a captured
+    graph is replayed after the length changed."""
+    from comet_quant.kvcache import kv4_decode_attention_reference, quantize_kv4
+
+    b, h, rep, d, cap = 2, 4, 4, 128, 700
+    x = _kv(b, h, 3, d, torch.float16, 5).cuda()
+    host = [torch.zeros(b, h, cap, d // 2, dtype=torch.uint8, device="cuda"),
+            *(torch.zeros(b, h, cap, dtype=torch.float16, device="cuda") for _ in range(2))]
+    dev = [t.clone() for t in host]
+    torch.ops.comet.kv4_append(x, *host, 301)
+    torch.ops.comet.kv4_append(x, *dev, 0, torch.tensor([301], dtype=torch.int32, device="cuda"))
+    assert all(torch.equal(a, c) for a, c in zip(host, dev)) and host[0][:, :, 301:304].any()
+    torch.ops.comet.kv4_append(x, *dev, 0, torch.tensor([cap - 2], dtype=torch.int32, device="cuda"))
+    assert all(torch.equal(a, c) for a, c in zip(host, dev)), "a write past the capacity must be dropped"
+
+    k, v = (_kv(b, h, cap, d, torch.float16, seed=s).cuda() for s in (1, 2))
+    kc, vc = quantize_kv4(k), quantize_kv4(v)
+    q = (torch.randn(b, h * rep, d, generator=torch.Generator().manual_seed(3)) * 0.5).half().cuda()
+    length = torch.tensor([37], dtype=torch.int32, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    torch.ops.comet.kv4_decode_attention(q, *kc, *vc, cap, 0.09, length)  # warm-up outside capture
+    with torch.cuda.graph(graph):
+        out = torch.ops.comet.kv4_decode_attention(q, *kc, *vc, cap, 0.09, length)
+    for n in (37, 1, 256, 699, cap):
+        length.fill_(n)
+        graph.replay()
+        ref = kv4_decode_attention_reference(q.float(), *kc, *vc, n, 0.09)
+        torch.testing.assert_close(out.float(), ref, rtol=8e-3, atol=8e-3 * float(ref.abs().max()))
+
+
+@gpu
+def test_graph_decode_matches_eager_decode(kernels, checkpoint):
+    """A decode step captured in a CUDA graph over the 4-bit cache in device-position mode and
+    replayed gives the logits of eager decode steps (same tokens fed)."""
+    from comet_quant.qmodules import load_quantized, new_kv_cache
+
+    model, tok = load_quantized(checkpoint, device="cuda")
+    ids = tok("Children ran along the quay counting boats and arguing about", return_tensors="pt").input_ids.cuda()
+    ids = ids.repeat(2, 1)  # batch 2
+    n0 = 4
+    with torch.no_grad():
+        cache = new_kv_cache(model, ids.shape[1] + 4)
+        model(ids[:, :n0], past_key_values=cache, use_cache=True)
+        eager = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1].float()
+                 for i in range(n0, ids.shape[1])]
+
+        cache = new_kv_cache(model, ids.shape[1] + 4)
+        model(ids[:, :n0], past_key_values=cache, use_cache=True)
+        cache.use_device_positions()
+        step_ids = ids[:, n0:n0 + 1].clone()
+        pos = torch.full_like(step_ids, n0)
+        model(step_ids, position_ids=pos, past_key_values=cache, use_cache=True)  # warm-up: writes n0
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = model(step_ids, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+            pos.add_(1)
+            cache.advance()
+        # The warm-up step already wrote token n0 without advancing: the first replay rewrites it.
+        got = []
+        for i in range(n0, ids.shape[1]):
+            step_ids.copy_(ids[:, i:i + 1])
+            graph.replay()
+            got.append(logits.float().clone())
+    assert cache.positions.tolist() == [ids.shape[1], ids.shape[1] + 1]
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * float(b.abs().max()))
+
+
+@gpu
+def test_bench_cuda_graphs_both_models(kernels, checkpoint, tiny_model, tmp_path):
+    """`comet-quant bench` captures the decode step of the quantized model (4-bit cache) and of
+    the FP16 model (transformers StaticCache) and replays it."""
+    from comet_quant.bench import benchmark
+
+    res = benchmark(str(checkpoint), [1, 3], 16, 5, "cuda", str(tiny_model), repeats=1, graphs=True)
+    assert res["decode_mode"] == "cuda-graph"
+    for run in ("quantized", "fp16"):
+        rows = res["runs"][run]["rows"]
+        assert [r["batch"] for r in rows] == [1, 3] and all(r["decode_tok_s"] > 0 for r in rows)
+    q, f = res["runs"]["quantized"]["rows"][1], res["runs"]["fp16"]["rows"][1]
+    assert q["kv_cache_bytes"] < 0.4 * f["kv_cache_bytes"]

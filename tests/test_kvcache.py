@@ -100,3 +100,5 @@ def test_bench_cli_runs_on_cpu(checkpoint, tmp_path):
     solo = CliRunner().invoke(main, ["bench", str(checkpoint), "--batch", "1", "--prompt-len", "4",
                                      "--gen-len", "2", "--repeats", "1", "--device", "cpu", "--no-reference"])
     assert solo.exit_code == 0, solo.output
+    graphs = CliRunner().invoke(main, ["bench", str(checkpoint), "--device", "cpu", "--cuda-graphs"])
+    assert graphs.exit_code == 2 and "--eager" in graphs.output and graphs.output.count("error:") == 1
