@@ -10,11 +10,12 @@
 namespace comet {
 namespace {
 
-constexpr int kThreads = 128;            // GEMM block: 4 warps
 constexpr float kMinScale = 1e-8f;       // primitives.MIN_SCALE: all-zero groups stay finite
 constexpr int kPackedGroupBytes = kGroup / 2;
-// Smem row strides padded by 16 B so the 8 rows one fragment load touches hit distinct banks.
-constexpr int kStrideA8 = kGroup + 16;
+// Smem row strides padded so the rows one fragment load touches hit distinct banks: int8 rows
+// are read 8 bytes per thread (4 rows per half-warp phase: stride = 32 mod 128 bytes), packed
+// rows 4 bytes per thread (8 rows per warp: stride = 16 mod 128 bytes).
+constexpr int kStrideA8 = kGroup + 32;
 constexpr int kStrideP = kPackedGroupBytes + 16;
 
 __device__ __forceinline__ float load_x(const void* x, DType dt, size_t i) {
@@ -123,13 +124,19 @@ quantize_act_kernel(const void* __restrict__ x, DType dt, const int32_t* __restr
 // GEMM
 // ---------------------------------------------------------------------------------------------
 
-// 4 packed int4 codes (16 bits, first code lowest) -> 4 int8 bytes holding code * 16. Placing
-// the nibble in the high half of the byte makes sign extension free; the 16x goes into the
-// float rescale, which is exact (a power of two).
-__device__ __forceinline__ uint32_t expand4(uint32_t w16) {
-  const uint32_t lo = (w16 << 4) & 0x0000F0F0u;
-  const uint32_t hi = w16 & 0x0000F0F0u;
-  return __byte_perm(lo, hi, 0x5140);
+// 8 packed int4 codes (32 bits, even k in the low nibble of each byte) -> two registers of 4
+// int8 holding code * 16: the even-k codes (lo_nibbles) and the odd-k codes (hi_nibbles).
+// Placing the nibble in the high half of the byte makes sign extension free; the 16x goes into
+// the float rescale, which is exact (a power of two).
+__device__ __forceinline__ uint32_t lo_nibbles(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
+__device__ __forceinline__ uint32_t hi_nibbles(uint32_t w) { return w & 0xF0F0F0F0u; }
+
+// int32 -> float for |v| < 2^22 with two full-rate ops (integer add, float subtract) instead
+// of the quarter-rate I2F: 0x4B400000 is the float 1.5 * 2^23, whose ulp is 1. A group's
+// accumulator is at most 128 * 127 * 128 (int8 x int4*16) or 128 * 128 * 128 (int4*16 x int4*16)
+// in magnitude, below 2^22, so the conversion is exact.
+__device__ __forceinline__ float exact_float(int v) {
+  return __int_as_float(v + 0x4B400000) - 12582912.f;
 }
 
 __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -168,19 +175,19 @@ struct Stage {
   float sw[BN];
 };
 
-template <int BM, int BN>
+template <int BM, int BN, int THREADS>
 __device__ __forceinline__ void load_group(Stage<BM, BN>& st, int g, int groups8, int m0, int n0,
                                            int M, int N, int Kpad, const int8_t* q8,
                                            const uint8_t* q4, const uint8_t* qw) {
   const int K8 = groups8 * kGroup, K4 = Kpad - K8;
   if (g < groups8) {
-    for (int i = threadIdx.x; i < BM * (kGroup / 16); i += kThreads) {
+    for (int i = threadIdx.x; i < BM * (kGroup / 16); i += THREADS) {
       const int r = i / (kGroup / 16), c = (i % (kGroup / 16)) * 16;
       const int m = min(m0 + r, M - 1);
       cp_async16(st.a + r * kStrideA8 + c, q8 + static_cast<size_t>(m) * K8 + g * kGroup + c, m0 + r < M);
     }
   } else {
-    for (int i = threadIdx.x; i < BM * (kPackedGroupBytes / 16); i += kThreads) {
+    for (int i = threadIdx.x; i < BM * (kPackedGroupBytes / 16); i += THREADS) {
       const int r = i / (kPackedGroupBytes / 16), c = (i % (kPackedGroupBytes / 16)) * 16;
       const int m = min(m0 + r, M - 1);
       cp_async16(st.a + r * kStrideP + c,
@@ -188,7 +195,7 @@ __device__ __forceinline__ void load_group(Stage<BM, BN>& st, int g, int groups8
                  m0 + r < M);
     }
   }
-  for (int i = threadIdx.x; i < BN * (kPackedGroupBytes / 16); i += kThreads) {
+  for (int i = threadIdx.x; i < BN * (kPackedGroupBytes / 16); i += THREADS) {
     const int r = i / (kPackedGroupBytes / 16), c = (i % (kPackedGroupBytes / 16)) * 16;
     const int n = min(n0 + r, N - 1);
     cp_async16(st.b + r * kStrideP + c, qw + static_cast<size_t>(n) * (Kpad / 2) + g * kPackedGroupBytes + c,
@@ -203,20 +210,22 @@ __device__ __forceinline__ void store_out(void* out, DType dt, size_t i, float v
   else static_cast<float*>(out)[i] = v;
 }
 
-// Block tile BM x BN, 4 warps as WARPS_M x (4 / WARPS_M); each warp owns MT x NT mma tiles.
+// Block tile BM x BN, WARPS_M x WARPS_N warps; each warp owns MT x NT mma tiles.
 // Per K group: int32 accumulation on tensor cores, then one float rescale per tile element by
-// ascale[m, g] * wscale[n, g] (the per-group rescale the format's scales require).
-template <int BM, int BN, int WARPS_M, bool INT4MMA>
-__global__ void __launch_bounds__(kThreads)
+// ascale[m, g] * wscale[n, g] (the per-group rescale the format's scales require). Two stages
+// in dynamic shared memory: group g + 1 is copied in (cp.async) while group g computes.
+template <int BM, int BN, int WARPS_M, int WARPS_N, bool INT4MMA>
+__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
 w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
                  const float* __restrict__ ascale, const uint8_t* __restrict__ qw,
                  const __half* __restrict__ wscale, void* __restrict__ out, DType out_dtype,
                  float* __restrict__ workspace, int M, int N, int Kpad, int groups8, int split_k) {
-  constexpr int WARPS_N = 4 / WARPS_M;
+  constexpr int THREADS = 32 * WARPS_M * WARPS_N;
   constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   constexpr int MT = WM / 16, NT = WN / 8;
   static_assert(MT >= 1 && NT >= 1, "tile too small for the warp layout");
-  __shared__ Stage<BM, BN> stages[2];
+  extern __shared__ __align__(16) uint8_t gemm_smem[];
+  Stage<BM, BN>* stages = reinterpret_cast<Stage<BM, BN>*>(gemm_smem);
 
   const int G = Kpad / kGroup;
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
@@ -226,13 +235,13 @@ w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
   const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
   const int gid = lane >> 2, tig = lane & 3;
 
-  static_assert(BN == kThreads && BM <= kThreads, "one scale per thread per group");
+  static_assert(BN <= THREADS && BM <= THREADS, "one scale per thread per group");
   const int t = threadIdx.x;
-  const bool t_n = n0 + t < N, t_m = t < BM && m0 + t < M;
+  const bool t_n = t < BN && n0 + t < N, t_m = t < BM && m0 + t < M;
   float acc[MT][NT][4] = {};
   if (g_begin < g_end) {
-    load_group(stages[0], g_begin, groups8, m0, n0, M, N, Kpad, q8, q4, qw);
-    stages[0].sw[t] = t_n ? __half2float(wscale[static_cast<size_t>(n0 + t) * G + g_begin]) : 0.f;
+    load_group<BM, BN, THREADS>(stages[0], g_begin, groups8, m0, n0, M, N, Kpad, q8, q4, qw);
+    if (t < BN) stages[0].sw[t] = t_n ? __half2float(wscale[static_cast<size_t>(n0 + t) * G + g_begin]) : 0.f;
     if (t < BM) stages[0].sa[t] = t_m ? ascale[static_cast<size_t>(m0 + t) * G + g_begin] : 0.f;
   }
   for (int g = g_begin; g < g_end; ++g) {
@@ -242,7 +251,7 @@ w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
     // Prefetch the next group into the other stage while this one computes.
     float next_sw = 0.f, next_sa = 0.f;
     if (g + 1 < g_end) {
-      load_group(stages[s ^ 1], g + 1, groups8, m0, n0, M, N, Kpad, q8, q4, qw);
+      load_group<BM, BN, THREADS>(stages[s ^ 1], g + 1, groups8, m0, n0, M, N, Kpad, q8, q4, qw);
       if (t_n) next_sw = __half2float(wscale[static_cast<size_t>(n0 + t) * G + g + 1]);
       if (t_m) next_sa = ascale[static_cast<size_t>(m0 + t) * G + g + 1];
     }
@@ -271,31 +280,37 @@ w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
         }
       }
     } else {
+      // Within a k32 step thread tig owns the 8 consecutive k at 8 * tig (both operands agree,
+      // so the dot product is unchanged; see the decode kernel): one 32-bit load of 8 packed
+      // weight codes gives both B registers (low nibbles: even k, high nibbles: odd k), and
+      // int8 activations are split into even/odd k bytes with two byte permutes.
 #pragma unroll
       for (int kk = 0; kk < kGroup; kk += 32) {  // k32 steps in int8 elements
         uint32_t bf[NT][2];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          const uint8_t* p = st.b + (wn + nt * 8 + gid) * kStrideP + (kk + tig * 4) / 2;
-          bf[nt][0] = expand4(*reinterpret_cast<const uint16_t*>(p));
-          bf[nt][1] = expand4(*reinterpret_cast<const uint16_t*>(p + 8));
+          const uint32_t w = *reinterpret_cast<const uint32_t*>(st.b + (wn + nt * 8 + gid) * kStrideP + kk / 2 + tig * 4);
+          bf[nt][0] = lo_nibbles(w);
+          bf[nt][1] = hi_nibbles(w);
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           uint32_t af[4];
           const int r = wm + mt * 16 + gid;
           if (a8) {
-            const uint8_t* p = st.a + r * kStrideA8 + kk + tig * 4;
-            af[0] = *reinterpret_cast<const uint32_t*>(p);
-            af[1] = *reinterpret_cast<const uint32_t*>(p + 8 * kStrideA8);
-            af[2] = *reinterpret_cast<const uint32_t*>(p + 16);
-            af[3] = *reinterpret_cast<const uint32_t*>(p + 8 * kStrideA8 + 16);
+            const uint2 x = *reinterpret_cast<const uint2*>(st.a + r * kStrideA8 + kk + tig * 8);
+            const uint2 y = *reinterpret_cast<const uint2*>(st.a + (r + 8) * kStrideA8 + kk + tig * 8);
+            af[0] = __byte_perm(x.x, x.y, 0x6420);
+            af[1] = __byte_perm(y.x, y.y, 0x6420);
+            af[2] = __byte_perm(x.x, x.y, 0x7531);
+            af[3] = __byte_perm(y.x, y.y, 0x7531);
           } else {
-            const uint8_t* p = st.a + r * kStrideP + (kk + tig * 4) / 2;
-            af[0] = expand4(*reinterpret_cast<const uint16_t*>(p));
-            af[1] = expand4(*reinterpret_cast<const uint16_t*>(p + 8 * kStrideP));
-            af[2] = expand4(*reinterpret_cast<const uint16_t*>(p + 8));
-            af[3] = expand4(*reinterpret_cast<const uint16_t*>(p + 8 * kStrideP + 8));
+            const uint32_t x = *reinterpret_cast<const uint32_t*>(st.a + r * kStrideP + kk / 2 + tig * 4);
+            const uint32_t y = *reinterpret_cast<const uint32_t*>(st.a + (r + 8) * kStrideP + kk / 2 + tig * 4);
+            af[0] = lo_nibbles(x);
+            af[1] = lo_nibbles(y);
+            af[2] = hi_nibbles(x);
+            af[3] = hi_nibbles(y);
           }
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) mma_s8(iacc[mt][nt], af, bf[nt]);
@@ -314,7 +329,7 @@ w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const float sw = st.sw[wn + nt * 8 + tig * 2 + j];
-            acc[mt][nt][h * 2 + j] += static_cast<float>(iacc[mt][nt][h * 2 + j]) * (sa * sw);
+            acc[mt][nt][h * 2 + j] = fmaf(exact_float(iacc[mt][nt][h * 2 + j]), sa * sw, acc[mt][nt][h * 2 + j]);
           }
         }
       }
@@ -322,7 +337,7 @@ w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
     // The other stage was last read before this iteration's barrier; the next barrier orders
     // these writes before the next group's rescale.
     if (g + 1 < g_end) {
-      stages[s ^ 1].sw[t] = next_sw;
+      if (t < BN) stages[s ^ 1].sw[t] = next_sw;
       if (t < BM) stages[s ^ 1].sa[t] = next_sa;
     }
   }
@@ -408,8 +423,7 @@ __device__ __forceinline__ void gemv_compute(const GemvFrag<NT>& f, bool a8, flo
   for (int j = 0; j < 4; ++j) {  // 8 codes of k per thread per mma step
     const uint32_t w0 = word(f.w[0], j), w1 = word(f.w[1], j);
     // Nibble into the high half of each byte: int8 = code * 16, sign extension for free.
-    const uint32_t a[4] = {(w0 << 4) & 0xF0F0F0F0u, (w1 << 4) & 0xF0F0F0F0u, w0 & 0xF0F0F0F0u,
-                           w1 & 0xF0F0F0F0u};
+    const uint32_t a[4] = {lo_nibbles(w0), lo_nibbles(w1), hi_nibbles(w0), hi_nibbles(w1)};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       uint32_t b[2];
@@ -419,8 +433,8 @@ __device__ __forceinline__ void gemv_compute(const GemvFrag<NT>& f, bool a8, flo
         b[1] = __byte_perm(x0, x1, 0x7531);  // odd k
       } else {
         const uint32_t x = word(f.a[nt][0], j);
-        b[0] = (x << 4) & 0xF0F0F0F0u;
-        b[1] = x & 0xF0F0F0F0u;
+        b[0] = lo_nibbles(x);
+        b[1] = hi_nibbles(x);
       }
       mma_s8(c[nt], a, b);
     }
@@ -430,7 +444,7 @@ __device__ __forceinline__ void gemv_compute(const GemvFrag<NT>& f, bool a8, flo
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e)
-      acc[nt][e] += static_cast<float>(c[nt][e]) * (f.ws[e >> 1] * f.as[nt][e & 1] * unscale);
+      acc[nt][e] = fmaf(exact_float(c[nt][e]), f.ws[e >> 1] * f.as[nt][e & 1] * unscale, acc[nt][e]);
 }
 
 template <int NT>
@@ -466,21 +480,25 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
       asrow[nt][j] = ascale + static_cast<size_t>(min(8 * nt + 2 * tig + j, M - 1)) * G;
   }
 
+  // Warp w takes groups w, w + 8, ... (measured on H100: giving each warp a contiguous range
+  // instead is no faster overall, +-10% per shape).
+  const int first = warp, stride = kGemvWarps, end = G;
+  constexpr int D = kGemvDepth<NT>;
   float acc[NT][4] = {};
-  GemvFrag<NT> f[kGemvDepth<NT>];
+  GemvFrag<NT> f[D];
 #pragma unroll
-  for (int d = 0; d < kGemvDepth<NT>; ++d) {
-    const int g = warp + d * kGemvWarps;
-    if (g < G) gemv_load(f[d], g, groups8, wrow, srow, a8row, a4row, asrow);
+  for (int d = 0; d < D; ++d) {
+    const int g = first + d * stride;
+    if (g < end) gemv_load(f[d], g, groups8, wrow, srow, a8row, a4row, asrow);
   }
-  for (int base = warp; base < G; base += kGemvDepth<NT> * kGemvWarps) {
+  for (int base = first; base < end; base += D * stride) {
 #pragma unroll
-    for (int d = 0; d < kGemvDepth<NT>; ++d) {
-      const int g = base + d * kGemvWarps;
-      if (g < G) {
+    for (int d = 0; d < D; ++d) {
+      const int g = base + d * stride;
+      if (g < end) {
         gemv_compute(f[d], g < groups8, acc);
-        const int next = g + kGemvDepth<NT> * kGemvWarps;
-        if (next < G) gemv_load(f[d], next, groups8, wrow, srow, a8row, a4row, asrow);
+        const int next = g + D * stride;
+        if (next < end) gemv_load(f[d], next, groups8, wrow, srow, a8row, a4row, asrow);
       }
     }
   }
@@ -506,21 +524,28 @@ __global__ void convert_kernel(const float* __restrict__ src, void* __restrict__
     store_out(dst, dt, i, src[i]);
 }
 
-template <int BM, int BN, int WARPS_M>
+template <int BM, int BN, int WARPS_M, int WARPS_N>
 cudaError_t launch(bool int4mma, dim3 grid, const int8_t* q8, const uint8_t* q4, const float* as,
                    const uint8_t* qw, const void* ws, void* out, DType dt, float* work, int M, int N,
                    int Kpad, int groups8, int split_k, cudaStream_t stream) {
   const __half* wsh = static_cast<const __half*>(ws);
-  if (int4mma)
-    w4ax_gemm_kernel<BM, BN, WARPS_M, true><<<grid, kThreads, 0, stream>>>(
-        q8, q4, as, qw, wsh, out, dt, work, M, N, Kpad, groups8, split_k);
-  else
-    w4ax_gemm_kernel<BM, BN, WARPS_M, false><<<grid, kThreads, 0, stream>>>(
-        q8, q4, as, qw, wsh, out, dt, work, M, N, Kpad, groups8, split_k);
+  constexpr size_t smem = 2 * sizeof(Stage<BM, BN>);
+  constexpr int threads = 32 * WARPS_M * WARPS_N;
+  auto kernel = int4mma ? w4ax_gemm_kernel<BM, BN, WARPS_M, WARPS_N, true>
+                        : w4ax_gemm_kernel<BM, BN, WARPS_M, WARPS_N, false>;
+  if (smem > 48 * 1024) {  // once per instantiation: no host call in the per-launch path
+    static const cudaError_t e8 = cudaFuncSetAttribute(w4ax_gemm_kernel<BM, BN, WARPS_M, WARPS_N, false>,
+                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    static const cudaError_t e4 = cudaFuncSetAttribute(w4ax_gemm_kernel<BM, BN, WARPS_M, WARPS_N, true>,
+                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e8 != cudaSuccess) return e8;
+    if (e4 != cudaSuccess) return e4;
+  }
+  kernel<<<grid, threads, smem, stream>>>(q8, q4, as, qw, wsh, out, dt, work, M, N, Kpad, groups8, split_k);
   return cudaGetLastError();
 }
 
-constexpr int kSmallM = 16;  // decode-sized batches get a 16-row tile
+constexpr int kSmallM = 16;  // explicit split_k at decode sizes: a 16-row tile
 constexpr int kBN = 128;
 
 int tile_m(int M) { return M <= kSmallM ? 16 : 64; }
@@ -567,12 +592,9 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
   if (split_k == 0 && M <= kDecodeMaxM) {
     const __half* wsh = static_cast<const __half*>(wscale);
     const int blocks = (N + 15) / 16;
-    if (M <= 8)
-      w4ax_gemv_kernel<1><<<blocks, kGemvWarps * 32, 0, stream>>>(q8, q4, ascale, qweight, wsh, out, out_dtype,
-                                                                   M, N, Kpad, groups8);
-    else
-      w4ax_gemv_kernel<2><<<blocks, kGemvWarps * 32, 0, stream>>>(q8, q4, ascale, qweight, wsh, out, out_dtype,
-                                                                   M, N, Kpad, groups8);
+    auto kernel = M <= 8 ? w4ax_gemv_kernel<1> : w4ax_gemv_kernel<2>;
+    kernel<<<blocks, kGemvWarps * 32, 0, stream>>>(q8, q4, ascale, qweight, wsh, out, out_dtype, M, N, Kpad,
+                                                  groups8);
     return cudaGetLastError();
   }
   const int bm = tile_m(M);
@@ -584,10 +606,10 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
     if (e != cudaSuccess) return e;
   }
   cudaError_t e = bm == 16
-      ? launch<16, kBN, 1>(use_int4_mma, grid, q8, q4, ascale, qweight, wscale, out, out_dtype,
-                           workspace, M, N, Kpad, groups8, split_k, stream)
-      : launch<64, kBN, 2>(use_int4_mma, grid, q8, q4, ascale, qweight, wscale, out, out_dtype,
-                           workspace, M, N, Kpad, groups8, split_k, stream);
+      ? launch<16, kBN, 1, 4>(use_int4_mma, grid, q8, q4, ascale, qweight, wscale, out, out_dtype,
+                              workspace, M, N, Kpad, groups8, split_k, stream)
+      : launch<64, kBN, 2, 2>(use_int4_mma, grid, q8, q4, ascale, qweight, wscale, out, out_dtype,
+                              workspace, M, N, Kpad, groups8, split_k, stream);
   if (e != cudaSuccess || split_k == 1) return e;
   const size_t n = static_cast<size_t>(M) * N;
   const int blocks = static_cast<int>(std::min<size_t>((n + 255) / 256, 4096));
