@@ -83,6 +83,40 @@ __device__ __forceinline__ float nib(uint32_t w, int j) {
   return __uint_as_float(((w >> (4 * j)) & 15u) | 0x4B000000u) - 8388608.f;
 }
 
+// Two 4-bit codes of a word, nibbles sh / 4 and sh / 4 + 4 (bits sh..sh+3 and sh+16..sh+19),
+// as a pair of exact fp16 / bf16 values: the bits 0x6400 | c are the half 1024 + c (0x4300 | c
+// the bfloat16 128 + c), so one mask-or and one packed subtraction convert two codes.
+template <typename T> __device__ __forceinline__ uint32_t code_pair(uint32_t w, int sh);
+template <> __device__ __forceinline__ uint32_t code_pair<__half>(uint32_t w, int sh) {
+  const uint32_t bits = ((w >> sh) & 0x000F000Fu) | 0x64006400u;
+  const __half2 v = __hsub2(*reinterpret_cast<const __half2*>(&bits), __half2half2(__ushort_as_half(0x6400)));
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t code_pair<__nv_bfloat16>(uint32_t w, int sh) {
+  const uint32_t bits = ((w >> sh) & 0x000F000Fu) | 0x43004300u;
+  const __nv_bfloat162 v = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&bits),
+                                   __bfloat162bfloat162(__ushort_as_bfloat16(0x4300)));
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// c += a (16 x 16, row) * b (16 x 8, col), fp32 accumulation.
+template <typename T> __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
+                                                                const uint32_t (&b)[2]);
+template <> __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4],
+                                                              const uint32_t (&b)[2]) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                                     const uint32_t (&b)[2]) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
 // The first `length` tokens: the argument, or (CUDA-graph decode) the int32 on the device.
 __device__ __forceinline__ int cache_length(int length, const int* length_dev, int capacity) {
   return length_dev ? min(max(*length_dev, 1), capacity) : length;
@@ -92,9 +126,10 @@ __device__ __forceinline__ int cache_length(int length, const int* length_dev, i
 // [split * chunk, min(length, (split + 1) * chunk)) for the n_rep query heads of KV head h and
 // writes unnormalized partial outputs with their running max (log2 domain) and sum.
 //
-// Memory-bound by design: the whole chunk of packed K and V is requested at once with
-// cp.async (one latency round), q is staged while it lands, and both products run from shared
-// memory. The dequantization is folded out of the loops:
+// The whole chunk of packed K and V is requested at once with cp.async (one latency round), q
+// is staged while it lands, and both products run from shared memory: the scores on tensor
+// cores (m16n8k16, codes converted to fp16/bf16 exactly), P V on CUDA cores with every V word
+// read once for all heads. The dequantization is folded out of the loops:
 //   q.k_t  = s_t * (q.c_t - z_t * sum(q))            (one correction per token and head)
 //   sum_t p_t v_t = sum_t (p_t s_t) c_t - sum_t p_t s_t z_t   (one correction per head)
 template <typename T, int D>
@@ -109,8 +144,9 @@ kv4_decode_split_kernel(const T* __restrict__ q, const uint8_t* __restrict__ kc,
   extern __shared__ __align__(16) uint8_t smem_raw[];
   uint8_t* kq = smem_raw;                                                // [chunk][kRow]
   uint8_t* vq = kq + chunk * kRow;                                       // [chunk][kRow]
-  float* qs = reinterpret_cast<float*>(vq + chunk * kRow);               // [n_rep][D]
-  float* sc = qs + n_rep * D;                                            // [n_rep][chunk]
+  const int nht = (n_rep + 7) / 8;                                       // 8-head mma tiles
+  T* qh = reinterpret_cast<T*>(vq + chunk * kRow);                       // [nht * 8][D], permuted
+  float* sc = reinterpret_cast<float*>(qh + nht * 8 * D);                // [n_rep][chunk]
   float* tok = sc + n_rep * chunk;                                       // [4][chunk]: ks kz vs vz
   float* hs = tok + 4 * chunk;                                           // [n_rep][4]: sum q, m, l, zc
   float* red = hs + 4 * n_rep;                                           // [warps][n_rep][D]
@@ -121,6 +157,7 @@ kv4_decode_split_kernel(const T* __restrict__ q, const uint8_t* __restrict__ kc,
   const int len = min(chunk, length - t0);
   if (len <= 0) return;  // graph decode: splits past the current length (the combine skips them)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int gid = lane >> 2, tig = lane & 3;
   const int Hq = H * n_rep;
   const long base = static_cast<long>(bh) * capacity + t0;
 
@@ -136,14 +173,17 @@ kv4_decode_split_kernel(const T* __restrict__ q, const uint8_t* __restrict__ kc,
     tok[2 * chunk + t] = __half2float(vs[base + t]);
     tok[3 * chunk + t] = __half2float(vz[base + t]);
   }
-  for (int i = tid; i < n_rep * D; i += kThreads) {
-    const int r = i / D, d = i - r * D;
-    qs[i] = to_float(q[(static_cast<long>(b) * Hq + h * n_rep + r) * D + d]);
+  // q as the B operand of the score mma, in the order the code unpacking produces: within
+  // each 8-dim block, dims 0,4,1,5,2,6,3,7 (see below). Heads past n_rep are zeros.
+  for (int i = tid; i < nht * 8 * D; i += kThreads) {
+    const int r = i / D, d = i - r * D, o = d & 7;
+    const T v = r < n_rep ? q[(static_cast<long>(b) * Hq + h * n_rep + r) * D + d] : from_float<T>(0.f);
+    qh[r * D + (d & ~7) + (o < 4 ? 2 * o : 2 * (o - 4) + 1)] = v;
   }
   __syncthreads();
   for (int r = warp; r < n_rep; r += kThreads / 32) {
     float sum = 0.f;
-    for (int d = lane; d < D; d += 32) sum += qs[r * D + d];
+    for (int d = lane; d < D; d += 32) sum += to_float(qh[r * D + d]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     if (lane == 0) hs[4 * r] = sum;
@@ -151,30 +191,36 @@ kv4_decode_split_kernel(const T* __restrict__ q, const uint8_t* __restrict__ kc,
   asm volatile("cp.async.wait_group 0;\n" ::);
   __syncthreads();
 
-  // Scores: one token per thread, its 8-code words reused across up to kMaxRep heads.
-  for (int t = tid; t < len; t += kThreads) {
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(kq + t * kRow);
-    for (int r0 = 0; r0 < n_rep; r0 += kMaxRep) {
-      float acc[kMaxRep] = {};
-#pragma unroll 4
-      for (int w = 0; w < W; ++w) {
-        const uint32_t word = row[w];
-        float c[8];
+  // Scores on tensor cores: S^T[t, r] = codes[t, :] . q[r, :] with m16n8k16 (16 tokens x 8
+  // heads per mma, fp32 accumulation of exact products: codes are small integers). Thread
+  // (gid, tig) reads word 4s + tig of its token rows (8 codes: dims 32s + 8tig + 0..7) and turns
+  // it into four register pairs (n0,n4) (n1,n5) (n2,n6) (n3,n7): the first two feed k-step 2s,
+  // the last two k-step 2s + 1; q is stored in the matching order, so the dot product is over
+  // the same dims in the same pairs.
+  const int ntiles = (len + 15) / 16;
+  for (int tile = warp; tile < ntiles; tile += kThreads / 32) {
+    const int tt = tile * 16;
+    const uint32_t* r0 = reinterpret_cast<const uint32_t*>(kq + (tt + gid) * kRow);
+    const uint32_t* r1 = reinterpret_cast<const uint32_t*>(kq + (tt + gid + 8) * kRow);
+    for (int ht = 0; ht < nht; ++ht) {
+      const T* qrow = qh + (ht * 8 + gid) * D;
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int j = 0; j < 8; ++j) c[j] = nib(word, j);
-#pragma unroll
-        for (int r = 0; r < kMaxRep; ++r) {
-          if (r0 + r >= n_rep) break;
-          const float4 qa = *reinterpret_cast<const float4*>(qs + (r0 + r) * D + w * 8);
-          const float4 qb = *reinterpret_cast<const float4*>(qs + (r0 + r) * D + w * 8 + 4);
-          acc[r] = fmaf(qa.x, c[0], fmaf(qa.y, c[1], fmaf(qa.z, c[2], fmaf(qa.w, c[3], acc[r]))));
-          acc[r] = fmaf(qb.x, c[4], fmaf(qb.y, c[5], fmaf(qb.z, c[6], fmaf(qb.w, c[7], acc[r]))));
-        }
+      for (int s2 = 0; s2 < D / 32; ++s2) {
+        const uint32_t w0 = r0[4 * s2 + tig], w1 = r1[4 * s2 + tig];
+        const uint4 qb = *reinterpret_cast<const uint4*>(qrow + 32 * s2 + 8 * tig);
+        const uint32_t a0[4] = {code_pair<T>(w0, 0), code_pair<T>(w1, 0), code_pair<T>(w0, 4), code_pair<T>(w1, 4)};
+        const uint32_t b0[2] = {qb.x, qb.y};
+        mma_16816<T>(c, a0, b0);
+        const uint32_t a1[4] = {code_pair<T>(w0, 8), code_pair<T>(w1, 8), code_pair<T>(w0, 12), code_pair<T>(w1, 12)};
+        const uint32_t b1[2] = {qb.z, qb.w};
+        mma_16816<T>(c, a1, b1);
       }
-      const float s = tok[t], z = tok[chunk + t];
 #pragma unroll
-      for (int r = 0; r < kMaxRep; ++r)
-        if (r0 + r < n_rep) sc[(r0 + r) * chunk + t] = s * (acc[r] - z * hs[4 * (r0 + r)]) * scale_log2;
+      for (int e = 0; e < 4; ++e) {
+        const int t = tt + gid + 8 * (e >> 1), r = ht * 8 + 2 * tig + (e & 1);
+        if (t < len && r < n_rep) sc[r * chunk + t] = tok[t] * (c[e] - tok[chunk + t] * hs[4 * r]) * scale_log2;
+      }
     }
   }
   __syncthreads();
@@ -279,24 +325,16 @@ __global__ void kv4_decode_combine_kernel(const float* __restrict__ part_o, cons
 int decode_chunk(int B, int H, int n_rep, int length, int num_sms) {
   const int want_splits = (4 * num_sms + B * H - 1) / (B * H);
   int chunk = (length + want_splits - 1) / want_splits;
+  chunk = (chunk + 15) / 16 * 16;  // whole 16-token mma tiles
   chunk = chunk < 64 ? 64 : chunk;
   return chunk > kMaxChunk ? kMaxChunk : chunk;
 }
 
 template <int D>
 size_t decode_smem(int n_rep, int chunk) {
-  return 2 * static_cast<size_t>(chunk) * (D / 2 + 16) +
-         sizeof(float) * (n_rep * D + n_rep * chunk + 4 * chunk + 4 * n_rep + (kThreads / 32) * n_rep * D);
-}
-
-// cudaFuncSetAttribute once per kernel and size, not per call: host work stays out of the
-// decode step, and the call is not repeated inside a CUDA-graph capture.
-template <typename K>
-cudaError_t allow_smem(K kernel, size_t smem, int& allowed) {
-  if (smem <= 48 * 1024 || static_cast<int>(smem) <= allowed) return cudaSuccess;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (e == cudaSuccess) allowed = static_cast<int>(smem);
-  return e;
+  const size_t heads_padded = (n_rep + 7) / 8 * 8;
+  return 2 * static_cast<size_t>(chunk) * (D / 2 + 16) + 2 * heads_padded * D +
+         sizeof(float) * (n_rep * chunk + 4 * chunk + 4 * n_rep + (kThreads / 32) * n_rep * D);
 }
 
 template <typename T, int D>
@@ -314,8 +352,7 @@ cudaError_t launch_decode(const void* q, const uint8_t* kc, const void* ks, cons
   float* part_ml = partial + static_cast<long>(nsplit) * B * Hq * D;
   const size_t smem = decode_smem<D>(n_rep, chunk);
   auto kernel = kv4_decode_split_kernel<T, D>;
-  static int allowed = 0;
-  cudaError_t e = allow_smem(kernel, smem, allowed);
+  cudaError_t e = allow_dynamic_smem(kernel, smem);
   if (e != cudaSuccess) return e;
   kernel<<<dim3(nsplit, B * H), kThreads, smem, stream>>>(
       static_cast<const T*>(q), kc, static_cast<const __half*>(ks), static_cast<const __half*>(kz), vc,

@@ -17,6 +17,15 @@ constexpr int kDecodeMaxM = 16;
 
 enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };
 
+// Opt a kernel into more than 48 KB of dynamic shared memory. Called before every such launch
+// (a host-side attribute, cheap, allowed during CUDA-graph capture, and per device, so no cache
+// that could go stale on another GPU).
+template <typename Kernel>
+inline cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
 // Fused activation quantization (permute + per-token per-group scales + int8/packed int4).
 //   x       [M, K] fp16/bf16, row-major, original channel order
 //   perm    [Kpad] int32; permuted channel j reads x[:, perm[j]] (perm[j] >= K reads 0)

@@ -18,10 +18,16 @@ constexpr int kPackedGroupBytes = kGroup / 2;
 constexpr int kStrideA8 = kGroup + 32;
 constexpr int kStrideP = kPackedGroupBytes + 16;
 
-__device__ __forceinline__ float load_x(const void* x, DType dt, size_t i) {
-  if (dt == DType::kHalf) return __half2float(static_cast<const __half*>(x)[i]);
-  return __bfloat162float(static_cast<const __nv_bfloat16*>(x)[i]);
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int bytes = valid ? 16 : 0;  // zero-fill rows past M or N
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
 }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -83,41 +89,94 @@ __device__ __forceinline__ void quantize_group(float (&v)[4], size_t row, int g,
 }
 
 // Two layouts of the same computation, one warp per group at a time.
-// STAGED (large M): one block per token; the row is first copied into shared memory with
-// coalesced 16-byte loads (DRAM reads x exactly once) and the permutation gathers from there.
+//
+// Rows (large M): a persistent grid; block b quantizes rows b, b + gridDim.x, ... . Each row is
+// copied into shared memory with coalesced 16-byte cp.async (DRAM reads x exactly once), the
+// next row's copy in flight while this one is quantized (double buffer), and the permutation
+// gathers from shared memory.
+template <typename T>
+__global__ void __launch_bounds__(kActThreads)
+quantize_act_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ perm, int M, int K, int Kpad,
+                         int groups8, bool rotate, int8_t* __restrict__ q8, uint8_t* __restrict__ q4,
+                         float* __restrict__ scales) {
+  extern __shared__ __align__(16) uint8_t act_smem[];
+  T* rows = reinterpret_cast<T*>(act_smem);  // [2][K]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
+  const bool vec = K % 8 == 0;  // rows 16-byte aligned: asynchronous copies
+  auto fetch = [&](size_t row, int buf) {
+    const T* src = x + row * K;
+    T* dst = rows + buf * K;
+    if (vec) {
+      for (int i = threadIdx.x; i < K / 8; i += kActThreads) cp_async16(dst + 8 * i, src + 8 * i, true);
+    } else {
+      for (int i = threadIdx.x; i < K; i += kActThreads) dst[i] = src[i];
+    }
+    cp_async_commit();
+  };
+  int buf = 0;
+  if (blockIdx.x < M) fetch(blockIdx.x, 0);
+  for (size_t row = blockIdx.x; row < static_cast<size_t>(M); row += gridDim.x, buf ^= 1) {
+    if (row + gridDim.x < static_cast<size_t>(M)) fetch(row + gridDim.x, buf ^ 1);
+    else cp_async_commit();  // an empty group keeps the wait below uniform
+    asm volatile("cp.async.wait_group 1;\n" ::);
+    __syncthreads();
+    const T* cur = rows + buf * K;
+    for (int g = warp; g < G; g += kActThreads / 32) {
+      const int4 p = __ldg(reinterpret_cast<const int4*>(perm + g * kGroup + lane * 4));
+      const int idx[4] = {p.x, p.y, p.z, p.w};
+      float v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = idx[i] < K ? to_float(cur[idx[i]]) : 0.f;
+      quantize_group(v, row, g, lane, G, K8, K4, groups8, rotate, q8, q4, scales);
+    }
+    __syncthreads();  // every read of this buffer is done before it is refilled
+  }
+}
+
 // Gather (small M, decode): blocks of 8 groups x one token read the permuted channels straight
 // from global memory (the row was just written and sits in L2): M x G / 8 blocks instead of M,
 // so a batch of a few tokens still spreads over the GPU.
-template <bool STAGED>
+template <typename T>
 __global__ void __launch_bounds__(kActThreads)
-quantize_act_kernel(const void* __restrict__ x, DType dt, const int32_t* __restrict__ perm, int K,
-                    int Kpad, int groups8, bool rotate, int8_t* __restrict__ q8,
-                    uint8_t* __restrict__ q4, float* __restrict__ scales) {
-  extern __shared__ uint16_t row_bits[];  // STAGED: K raw fp16/bf16 values
-  // STAGED: grid (M); gather: grid (G / 8, M), M < kGatherMaxM (gridDim.y is capped at 65535).
-  const size_t row = STAGED ? blockIdx.x : blockIdx.y;
-  const int gblock = STAGED ? 0 : blockIdx.x, gblocks = STAGED ? 1 : gridDim.x;
+quantize_act_gather_kernel(const T* __restrict__ x, const int32_t* __restrict__ perm, int K, int Kpad,
+                           int groups8, bool rotate, int8_t* __restrict__ q8, uint8_t* __restrict__ q4,
+                           float* __restrict__ scales) {
+  const size_t row = blockIdx.y;  // M < kGatherMaxM: within gridDim.y's limit
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
-  const uint16_t* xrow = static_cast<const uint16_t*>(x) + row * K;
-  if (STAGED) {
-    if (K % 8 == 0) {
-      for (int i = threadIdx.x; i < K / 8; i += kActThreads)
-        reinterpret_cast<uint4*>(row_bits)[i] = __ldg(reinterpret_cast<const uint4*>(xrow) + i);
-    } else {
-      for (int i = threadIdx.x; i < K; i += kActThreads) row_bits[i] = xrow[i];
-    }
-    __syncthreads();
-  }
-  constexpr int kWarps = kActThreads / 32;
-  for (int g = gblock * kWarps + warp; g < G; g += gblocks * kWarps) {
-    const int4 p = __ldg(reinterpret_cast<const int4*>(perm + g * kGroup + lane * 4));
-    const int idx[4] = {p.x, p.y, p.z, p.w};
-    float v[4];
+  const int g = blockIdx.x * (kActThreads / 32) + warp;
+  if (g >= G) return;
+  const T* xrow = x + row * K;
+  const int4 p = __ldg(reinterpret_cast<const int4*>(perm + g * kGroup + lane * 4));
+  const int idx[4] = {p.x, p.y, p.z, p.w};
+  float v[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = idx[i] < K ? load_x(STAGED ? row_bits : xrow, dt, idx[i]) : 0.f;
-    quantize_group(v, row, g, lane, G, K8, K4, groups8, rotate, q8, q4, scales);
+  for (int i = 0; i < 4; ++i) v[i] = idx[i] < K ? to_float(xrow[idx[i]]) : 0.f;
+  quantize_group(v, row, g, lane, G, K8, K4, groups8, rotate, q8, q4, scales);
+}
+
+template <typename T>
+cudaError_t launch_quantize_act(const T* x, const int32_t* perm, int M, int K, int Kpad, int groups8, bool rotate,
+                                int8_t* q8, uint8_t* q4, float* scales, cudaStream_t stream) {
+  if (M < kGatherMaxM) {
+    const dim3 grid((Kpad / kGroup + kActThreads / 32 - 1) / (kActThreads / 32), M);
+    quantize_act_gather_kernel<T><<<grid, kActThreads, 0, stream>>>(x, perm, K, Kpad, groups8, rotate, q8, q4,
+                                                                    scales);
+    return cudaGetLastError();
   }
+  const int smem = static_cast<int>(2 * sizeof(T) * static_cast<size_t>(K));
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t e = allow_dynamic_smem(quantize_act_rows_kernel<T>, smem);
+  if (e == cudaSuccess) e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (e == cudaSuccess)
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, quantize_act_rows_kernel<T>, kActThreads, smem);
+  if (e != cudaSuccess) return e;
+  const int blocks = std::max(1, std::min(M, sms * std::max(per_sm, 1)));
+  quantize_act_rows_kernel<T><<<blocks, kActThreads, smem, stream>>>(x, perm, M, K, Kpad, groups8, rotate, q8,
+                                                                     q4, scales);
+  return cudaGetLastError();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -154,14 +213,6 @@ __device__ __forceinline__ void mma_s4(int (&c)[4], const uint32_t (&a)[4], cons
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;  // zero-fill rows past M or N
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 template <int BM, int BN>
 struct Stage {
@@ -533,14 +584,8 @@ cudaError_t launch(bool int4mma, dim3 grid, const int8_t* q8, const uint8_t* q4,
   constexpr int threads = 32 * WARPS_M * WARPS_N;
   auto kernel = int4mma ? w4ax_gemm_kernel<BM, BN, WARPS_M, WARPS_N, true>
                         : w4ax_gemm_kernel<BM, BN, WARPS_M, WARPS_N, false>;
-  if (smem > 48 * 1024) {  // once per instantiation: no host call in the per-launch path
-    static const cudaError_t e8 = cudaFuncSetAttribute(w4ax_gemm_kernel<BM, BN, WARPS_M, WARPS_N, false>,
-                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    static const cudaError_t e4 = cudaFuncSetAttribute(w4ax_gemm_kernel<BM, BN, WARPS_M, WARPS_N, true>,
-                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e8 != cudaSuccess) return e8;
-    if (e4 != cudaSuccess) return e4;
-  }
+  cudaError_t e = allow_dynamic_smem(kernel, smem);
+  if (e != cudaSuccess) return e;
   kernel<<<grid, threads, smem, stream>>>(q8, q4, as, qw, wsh, out, dt, work, M, N, Kpad, groups8, split_k);
   return cudaGetLastError();
 }
@@ -556,21 +601,13 @@ cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm,
                               int Kpad, int groups8, bool rotate, int8_t* q8, uint8_t* q4,
                               float* scales, cudaStream_t stream) {
   if (M == 0) return cudaSuccess;
-  if (M < kGatherMaxM) {
-    const dim3 grid((Kpad / kGroup + kActThreads / 32 - 1) / (kActThreads / 32), M);
-    quantize_act_kernel<false><<<grid, kActThreads, 0, stream>>>(x, x_dtype, perm, K, Kpad, groups8, rotate,
-                                                                 q8, q4, scales);
-    return cudaGetLastError();
-  }
-  const size_t smem = sizeof(uint16_t) * static_cast<size_t>(K);
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(quantize_act_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-  }
-  quantize_act_kernel<true><<<M, kActThreads, smem, stream>>>(x, x_dtype, perm, K, Kpad, groups8, rotate,
-                                                                      q8, q4, scales);
-  return cudaGetLastError();
+  if (x_dtype == DType::kHalf)
+    return launch_quantize_act(static_cast<const __half*>(x), perm, M, K, Kpad, groups8, rotate, q8, q4, scales,
+                               stream);
+  if (x_dtype == DType::kBFloat16)
+    return launch_quantize_act(static_cast<const __nv_bfloat16*>(x), perm, M, K, Kpad, groups8, rotate, q8, q4,
+                               scales, stream);
+  return cudaErrorInvalidValue;
 }
 
 int choose_split_k(int M, int N, int Kpad, int num_sms) {
