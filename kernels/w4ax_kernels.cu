@@ -27,7 +27,8 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -90,47 +91,35 @@ __device__ __forceinline__ void quantize_group(float (&v)[4], size_t row, int g,
 
 // Two layouts of the same computation, one warp per group at a time.
 //
-// Rows (large M): a persistent grid; block b quantizes rows b, b + gridDim.x, ... . Each row is
-// copied into shared memory with coalesced 16-byte cp.async (DRAM reads x exactly once), the
-// next row's copy in flight while this one is quantized (double buffer), and the permutation
-// gathers from shared memory.
+// Rows (large M): one block per token. The row is first copied into shared memory with
+// coalesced 16-byte loads (DRAM reads x exactly once); the permutation then gathers from shared
+// memory. (Measured on H100: a persistent grid that double-buffers rows with cp.async was
+// slower, 1.05-1.5 vs 1.3-1.8 TB/s at M = 4096, as its shared memory halves the resident rows.)
 template <typename T>
 __global__ void __launch_bounds__(kActThreads)
-quantize_act_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ perm, int M, int K, int Kpad,
+quantize_act_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ perm, int K, int Kpad,
                          int groups8, bool rotate, int8_t* __restrict__ q8, uint8_t* __restrict__ q4,
                          float* __restrict__ scales) {
   extern __shared__ __align__(16) uint8_t act_smem[];
-  T* rows = reinterpret_cast<T*>(act_smem);  // [2][K]
+  T* cur = reinterpret_cast<T*>(act_smem);  // [K]
+  const size_t row = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
-  const bool vec = K % 8 == 0;  // rows 16-byte aligned: asynchronous copies
-  auto fetch = [&](size_t row, int buf) {
-    const T* src = x + row * K;
-    T* dst = rows + buf * K;
-    if (vec) {
-      for (int i = threadIdx.x; i < K / 8; i += kActThreads) cp_async16(dst + 8 * i, src + 8 * i, true);
-    } else {
-      for (int i = threadIdx.x; i < K; i += kActThreads) dst[i] = src[i];
-    }
-    cp_async_commit();
-  };
-  int buf = 0;
-  if (blockIdx.x < M) fetch(blockIdx.x, 0);
-  for (size_t row = blockIdx.x; row < static_cast<size_t>(M); row += gridDim.x, buf ^= 1) {
-    if (row + gridDim.x < static_cast<size_t>(M)) fetch(row + gridDim.x, buf ^ 1);
-    else cp_async_commit();  // an empty group keeps the wait below uniform
-    asm volatile("cp.async.wait_group 1;\n" ::);
-    __syncthreads();
-    const T* cur = rows + buf * K;
-    for (int g = warp; g < G; g += kActThreads / 32) {
-      const int4 p = __ldg(reinterpret_cast<const int4*>(perm + g * kGroup + lane * 4));
-      const int idx[4] = {p.x, p.y, p.z, p.w};
-      float v[4];
+  const T* src = x + row * K;
+  if (K % 8 == 0) {
+    for (int i = threadIdx.x; i < K / 8; i += kActThreads)
+      reinterpret_cast<uint4*>(cur)[i] = __ldg(reinterpret_cast<const uint4*>(src) + i);
+  } else {
+    for (int i = threadIdx.x; i < K; i += kActThreads) cur[i] = src[i];
+  }
+  __syncthreads();
+  for (int g = warp; g < G; g += kActThreads / 32) {
+    const int4 p = __ldg(reinterpret_cast<const int4*>(perm + g * kGroup + lane * 4));
+    const int idx[4] = {p.x, p.y, p.z, p.w};
+    float v[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = idx[i] < K ? to_float(cur[idx[i]]) : 0.f;
-      quantize_group(v, row, g, lane, G, K8, K4, groups8, rotate, q8, q4, scales);
-    }
-    __syncthreads();  // every read of this buffer is done before it is refilled
+    for (int i = 0; i < 4; ++i) v[i] = idx[i] < K ? to_float(cur[idx[i]]) : 0.f;
+    quantize_group(v, row, g, lane, G, K8, K4, groups8, rotate, q8, q4, scales);
   }
 }
 
@@ -165,17 +154,10 @@ cudaError_t launch_quantize_act(const T* x, const int32_t* perm, int M, int K, i
                                                                     scales);
     return cudaGetLastError();
   }
-  const int smem = static_cast<int>(2 * sizeof(T) * static_cast<size_t>(K));
-  int device = 0, sms = 0, per_sm = 0;
+  const size_t smem = sizeof(T) * static_cast<size_t>(K);
   cudaError_t e = allow_dynamic_smem(quantize_act_rows_kernel<T>, smem);
-  if (e == cudaSuccess) e = cudaGetDevice(&device);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (e == cudaSuccess)
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, quantize_act_rows_kernel<T>, kActThreads, smem);
   if (e != cudaSuccess) return e;
-  const int blocks = std::max(1, std::min(M, sms * std::max(per_sm, 1)));
-  quantize_act_rows_kernel<T><<<blocks, kActThreads, smem, stream>>>(x, perm, M, K, Kpad, groups8, rotate, q8,
-                                                                     q4, scales);
+  quantize_act_rows_kernel<T><<<M, kActThreads, smem, stream>>>(x, perm, K, Kpad, groups8, rotate, q8, q4, scales);
   return cudaGetLastError();
 }
 
@@ -252,7 +234,6 @@ __device__ __forceinline__ void load_group(Stage<BM, BN>& st, int g, int groups8
     cp_async16(st.b + r * kStrideP + c, qw + static_cast<size_t>(n) * (Kpad / 2) + g * kPackedGroupBytes + c,
                n0 + r < N);
   }
-  cp_async_commit();
 }
 
 __device__ __forceinline__ void store_out(void* out, DType dt, size_t i, float v) {
@@ -263,9 +244,10 @@ __device__ __forceinline__ void store_out(void* out, DType dt, size_t i, float v
 
 // Block tile BM x BN, WARPS_M x WARPS_N warps; each warp owns MT x NT mma tiles.
 // Per K group: int32 accumulation on tensor cores, then one float rescale per tile element by
-// ascale[m, g] * wscale[n, g] (the per-group rescale the format's scales require). Two stages
-// in dynamic shared memory: group g + 1 is copied in (cp.async) while group g computes.
-template <int BM, int BN, int WARPS_M, int WARPS_N, bool INT4MMA>
+// ascale[m, g] * wscale[n, g] (the per-group rescale the format's scales require). A ring of
+// STAGES groups in dynamic shared memory: groups g + 1 .. g + STAGES - 1 are being copied in
+// (cp.async) while group g computes.
+template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, bool INT4MMA>
 __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
 w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
                  const float* __restrict__ ascale, const uint8_t* __restrict__ qw,
@@ -290,19 +272,31 @@ w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
   const int t = threadIdx.x;
   const bool t_n = t < BN && n0 + t < N, t_m = t < BM && m0 + t < M;
   float acc[MT][NT][4] = {};
+  // Prologue: groups g_begin .. g_begin + STAGES - 2 in flight, one cp.async group each (empty
+  // groups past the end keep the wait count below uniform).
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    if (g_begin + i < g_end)
+      load_group<BM, BN, THREADS>(stages[i], g_begin + i, groups8, m0, n0, M, N, Kpad, q8, q4, qw);
+    cp_async_commit();
+  }
   if (g_begin < g_end) {
-    load_group<BM, BN, THREADS>(stages[0], g_begin, groups8, m0, n0, M, N, Kpad, q8, q4, qw);
     if (t < BN) stages[0].sw[t] = t_n ? __half2float(wscale[static_cast<size_t>(n0 + t) * G + g_begin]) : 0.f;
     if (t < BM) stages[0].sa[t] = t_m ? ascale[static_cast<size_t>(m0 + t) * G + g_begin] : 0.f;
   }
   for (int g = g_begin; g < g_end; ++g) {
-    const int s = (g - g_begin) & 1;
-    cp_async_wait_all();
+    const int s = (g - g_begin) % STAGES;
+    cp_async_wait<STAGES - 2>();  // group g has landed; later ones may still be in flight
     __syncthreads();
-    // Prefetch the next group into the other stage while this one computes.
+    // Refill the slot computed on in the previous iteration (ordered by the barrier above) with
+    // group g + STAGES - 1; scales go one group ahead through registers.
+    const int ahead = g + STAGES - 1;
+    if (ahead < g_end)
+      load_group<BM, BN, THREADS>(stages[(ahead - g_begin) % STAGES], ahead, groups8, m0, n0, M, N, Kpad, q8, q4,
+                                  qw);
+    cp_async_commit();
     float next_sw = 0.f, next_sa = 0.f;
     if (g + 1 < g_end) {
-      load_group<BM, BN, THREADS>(stages[s ^ 1], g + 1, groups8, m0, n0, M, N, Kpad, q8, q4, qw);
       if (t_n) next_sw = __half2float(wscale[static_cast<size_t>(n0 + t) * G + g + 1]);
       if (t_m) next_sa = ascale[static_cast<size_t>(m0 + t) * G + g + 1];
     }
@@ -385,11 +379,12 @@ w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
         }
       }
     }
-    // The other stage was last read before this iteration's barrier; the next barrier orders
-    // these writes before the next group's rescale.
+    // The next slot's scales were last read before this iteration's barrier; the next barrier
+    // orders these writes before the next group's rescale.
     if (g + 1 < g_end) {
-      if (t < BN) stages[s ^ 1].sw[t] = next_sw;
-      if (t < BM) stages[s ^ 1].sa[t] = next_sa;
+      const int sn = (s + 1) % STAGES;
+      if (t < BN) stages[sn].sw[t] = next_sw;
+      if (t < BM) stages[sn].sa[t] = next_sa;
     }
   }
 #pragma unroll
@@ -575,15 +570,15 @@ __global__ void convert_kernel(const float* __restrict__ src, void* __restrict__
     store_out(dst, dt, i, src[i]);
 }
 
-template <int BM, int BN, int WARPS_M, int WARPS_N>
+template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
 cudaError_t launch(bool int4mma, dim3 grid, const int8_t* q8, const uint8_t* q4, const float* as,
                    const uint8_t* qw, const void* ws, void* out, DType dt, float* work, int M, int N,
                    int Kpad, int groups8, int split_k, cudaStream_t stream) {
   const __half* wsh = static_cast<const __half*>(ws);
-  constexpr size_t smem = 2 * sizeof(Stage<BM, BN>);
+  constexpr size_t smem = STAGES * sizeof(Stage<BM, BN>);
   constexpr int threads = 32 * WARPS_M * WARPS_N;
-  auto kernel = int4mma ? w4ax_gemm_kernel<BM, BN, WARPS_M, WARPS_N, true>
-                        : w4ax_gemm_kernel<BM, BN, WARPS_M, WARPS_N, false>;
+  auto kernel = int4mma ? w4ax_gemm_kernel<BM, BN, WARPS_M, WARPS_N, STAGES, true>
+                        : w4ax_gemm_kernel<BM, BN, WARPS_M, WARPS_N, STAGES, false>;
   cudaError_t e = allow_dynamic_smem(kernel, smem);
   if (e != cudaSuccess) return e;
   kernel<<<grid, threads, smem, stream>>>(q8, q4, as, qw, wsh, out, dt, work, M, N, Kpad, groups8, split_k);
@@ -592,6 +587,7 @@ cudaError_t launch(bool int4mma, dim3 grid, const int8_t* q8, const uint8_t* q4,
 
 constexpr int kSmallM = 16;  // explicit split_k at decode sizes: a 16-row tile
 constexpr int kBN = 128;
+constexpr int kStages = 4;   // groups in flight per block (87 KB of shared memory at the 64-row tile)
 
 int tile_m(int M) { return M <= kSmallM ? 16 : 64; }
 
@@ -643,9 +639,9 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
     if (e != cudaSuccess) return e;
   }
   cudaError_t e = bm == 16
-      ? launch<16, kBN, 1, 4>(use_int4_mma, grid, q8, q4, ascale, qweight, wscale, out, out_dtype,
+      ? launch<16, kBN, 1, 4, kStages>(use_int4_mma, grid, q8, q4, ascale, qweight, wscale, out, out_dtype,
                               workspace, M, N, Kpad, groups8, split_k, stream)
-      : launch<64, kBN, 2, 2>(use_int4_mma, grid, q8, q4, ascale, qweight, wscale, out, out_dtype,
+      : launch<64, kBN, 2, 2, kStages>(use_int4_mma, grid, q8, q4, ascale, qweight, wscale, out, out_dtype,
                               workspace, M, N, Kpad, groups8, split_k, stream);
   if (e != cudaSuccess || split_k == 1) return e;
   const size_t n = static_cast<size_t>(M) * N;
