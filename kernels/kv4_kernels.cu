@@ -86,16 +86,17 @@ __device__ __forceinline__ float nib(uint32_t w, int j) {
 // Two 4-bit codes of a word, nibbles sh / 4 and sh / 4 + 4 (bits sh..sh+3 and sh+16..sh+19),
 // as a pair of exact fp16 / bf16 values: the bits 0x6400 | c are the half 1024 + c (0x4300 | c
 // the bfloat16 128 + c), so one mask-or and one packed subtraction convert two codes.
-template <typename T> __device__ __forceinline__ uint32_t code_pair(uint32_t w, int sh);
-template <> __device__ __forceinline__ uint32_t code_pair<__half>(uint32_t w, int sh) {
-  const uint32_t bits = ((w >> sh) & 0x000F000Fu) | 0x64006400u;
-  const __half2 v = __hsub2(*reinterpret_cast<const __half2*>(&bits), __half2half2(__ushort_as_half(0x6400)));
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-template <> __device__ __forceinline__ uint32_t code_pair<__nv_bfloat16>(uint32_t w, int sh) {
-  const uint32_t bits = ((w >> sh) & 0x000F000Fu) | 0x43004300u;
-  const __nv_bfloat162 v = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&bits),
-                                   __bfloat162bfloat162(__ushort_as_bfloat16(0x4300)));
+template <typename T> struct CodePair;  // the packed pair type and the bits of 1024 / 128, twice
+template <> struct CodePair<__half> { using T2 = __half2; static constexpr uint32_t kMagic = 0x64006400u; };
+template <> struct CodePair<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x43004300u;
+};
+template <typename T>
+__device__ __forceinline__ uint32_t code_pair(uint32_t w, int sh) {
+  using T2 = typename CodePair<T>::T2;
+  const uint32_t bits = ((w >> sh) & 0x000F000Fu) | CodePair<T>::kMagic, magic = CodePair<T>::kMagic;
+  const T2 v = __hsub2(*reinterpret_cast<const T2*>(&bits), *reinterpret_cast<const T2*>(&magic));
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 

@@ -89,6 +89,21 @@ __device__ __forceinline__ void quantize_group(float (&v)[4], size_t row, int g,
   }
 }
 
+// Gathers permuted group g of a row (from shared or global memory) and quantizes it: lane l
+// reads the channels perm[g * 128 + 4l .. 4l + 3] (past K: zeros).
+template <typename T>
+__device__ __forceinline__ void quantize_permuted_group(const T* src, const int32_t* __restrict__ perm, size_t row,
+                                                        int g, int lane, int K, int G, int K8, int K4, int groups8,
+                                                        bool rotate, int8_t* __restrict__ q8,
+                                                        uint8_t* __restrict__ q4, float* __restrict__ scales) {
+  const int4 p = __ldg(reinterpret_cast<const int4*>(perm + g * kGroup + lane * 4));
+  const int idx[4] = {p.x, p.y, p.z, p.w};
+  float v[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = idx[i] < K ? to_float(src[idx[i]]) : 0.f;
+  quantize_group(v, row, g, lane, G, K8, K4, groups8, rotate, q8, q4, scales);
+}
+
 // Two layouts of the same computation, one warp per group at a time.
 //
 // Rows (large M): one block per token. The row is first copied into shared memory with
@@ -113,14 +128,8 @@ quantize_act_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ pe
     for (int i = threadIdx.x; i < K; i += kActThreads) cur[i] = src[i];
   }
   __syncthreads();
-  for (int g = warp; g < G; g += kActThreads / 32) {
-    const int4 p = __ldg(reinterpret_cast<const int4*>(perm + g * kGroup + lane * 4));
-    const int idx[4] = {p.x, p.y, p.z, p.w};
-    float v[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = idx[i] < K ? to_float(cur[idx[i]]) : 0.f;
-    quantize_group(v, row, g, lane, G, K8, K4, groups8, rotate, q8, q4, scales);
-  }
+  for (int g = warp; g < G; g += kActThreads / 32)
+    quantize_permuted_group(cur, perm, row, g, lane, K, G, K8, K4, groups8, rotate, q8, q4, scales);
 }
 
 // Gather (small M, decode): blocks of 8 groups x one token read the permuted channels straight
@@ -135,14 +144,7 @@ quantize_act_gather_kernel(const T* __restrict__ x, const int32_t* __restrict__ 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
   const int g = blockIdx.x * (kActThreads / 32) + warp;
-  if (g >= G) return;
-  const T* xrow = x + row * K;
-  const int4 p = __ldg(reinterpret_cast<const int4*>(perm + g * kGroup + lane * 4));
-  const int idx[4] = {p.x, p.y, p.z, p.w};
-  float v[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) v[i] = idx[i] < K ? to_float(xrow[idx[i]]) : 0.f;
-  quantize_group(v, row, g, lane, G, K8, K4, groups8, rotate, q8, q4, scales);
+  if (g < G) quantize_permuted_group(x + row * K, perm, row, g, lane, K, G, K8, K4, groups8, rotate, q8, q4, scales);
 }
 
 template <typename T>
