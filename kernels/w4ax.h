@@ -12,8 +12,8 @@ namespace comet {
 // the kernels take this one (the Python wrapper falls back to the reference otherwise).
 constexpr int kGroup = 128;
 
-// Largest M the decode GEMM kernel takes (two 8-token mma tiles).
-constexpr int kDecodeMaxM = 16;
+// Largest M the decode GEMM kernel takes (four 8-token mma tiles).
+constexpr int kDecodeMaxM = 32;
 
 enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };
 
@@ -50,8 +50,9 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
                            int M, int N, int Kpad, int groups8, int split_k, bool use_int4_mma,
                            float* workspace, cudaStream_t stream);
 
-// The kernel choice for split_k = "auto": 0 (decode kernel) for M <= kDecodeMaxM, else a split_k
-// that fills `num_sms` multiprocessors with the tiled kernel (1 when its tiles already do).
+// The kernel choice for split_k = "auto": 0 (decode kernel) for M <= 16, and for M <= kDecodeMaxM
+// on shapes where it measured faster; else a split_k that fills `num_sms` multiprocessors with
+// the tiled kernel (1 when its tiles already do).
 int choose_split_k(int M, int N, int Kpad, int num_sms);
 
 }  // namespace comet
