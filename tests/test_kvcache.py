@@ -67,6 +67,34 @@ def test_cache_grows_and_matches_simulated_kv4(checkpoint, tiny_model):
     assert all(torch.equal(a, t[:, :, :layer.length]) for a, t in zip(before, layer.k))
 
 
+def test_device_positions_need_cuda_and_one_token_steps(checkpoint):
+    """CUDA-graph decode mode: refused on a CPU cache (one clear error), and the reference
+    paths refuse device-side positions instead of silently ignoring them."""
+    import pytest
+
+    from comet_quant.errors import CometError
+    from comet_quant.kvcache import kv4_append, kv4_decode_attention
+
+    model, tok = load_quantized(checkpoint)
+    cache = new_kv_cache(model, 16)
+    with pytest.raises(CometError, match="CUDA cache that already holds the prompt"):
+        cache.use_device_positions()
+    ids = tok("The harbor town", return_tensors="pt").input_ids
+    model(ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(CometError, match="CUDA cache"):
+        cache.use_device_positions()
+    layer = cache.layers[0]
+    pos = torch.tensor([3], dtype=torch.int32)
+    x = torch.randn(1, layer.k[0].shape[1], 1, 2 * layer.k[0].shape[3])
+    with pytest.raises(CometError, match="need the CUDA kernels"):
+        kv4_append(x, *layer.k, 0, pos)
+    with pytest.raises(CometError, match="need the CUDA kernels"):
+        kv4_decode_attention(x[:, :, 0], *layer.k, *layer.v, 4, 0.1, pos)
+    layer.positions = (pos, pos + 1)  # as use_device_positions sets it on a GPU
+    with pytest.raises(CometError, match="one token per forward"):
+        layer.append(torch.randn(1, x.shape[1], 2, x.shape[3]), torch.randn(1, x.shape[1], 2, x.shape[3]))
+
+
 def test_generate_uses_kv4_cache(checkpoint):
     model, tok = load_quantized(checkpoint)
     ids = tok("The harbor town", return_tensors="pt").input_ids
