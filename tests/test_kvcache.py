@@ -130,3 +130,24 @@ def test_bench_cli_runs_on_cpu(checkpoint, tmp_path):
     assert solo.exit_code == 0, solo.output
     graphs = CliRunner().invoke(main, ["bench", str(checkpoint), "--device", "cpu", "--cuda-graphs"])
     assert graphs.exit_code == 2 and "--eager" in graphs.output and graphs.output.count("error:") == 1
+
+
+def test_kv_bytes_counts_per_token_for_every_cache_kind(checkpoint, tiny_model):
+    """bench reports bytes per held token x tokens: growing, preallocated and static caches of
+    the same model compare on what they hold, not on what they reserved."""
+    from transformers import DynamicCache, StaticCache
+
+    from comet_quant.bench import _kv_bytes
+    from comet_quant.models import load_model, resolve_model
+
+    fp, _ = load_model(resolve_model(str(tiny_model)), dtype=torch.float32, device="cpu")
+    cfg = fp.config
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    per_token = 2 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # K+V fp32, batch 2
+    for cache in (DynamicCache(config=cfg), StaticCache(config=cfg, max_cache_len=40)):
+        fp(ids, past_key_values=cache, use_cache=True)
+        assert _kv_bytes(cache, 10) == per_token * 10, type(cache).__name__
+    model, _ = load_quantized(checkpoint)
+    kv4 = new_kv_cache(model, 300)  # capacity rounds up to 512
+    model(ids, past_key_values=kv4, use_cache=True)
+    assert _kv_bytes(kv4, 10) == 2 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.head_dim // 2 + 4) * 10
