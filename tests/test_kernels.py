@@ -385,3 +385,19 @@ def test_bench_cuda_graphs_both_models(kernels, checkpoint, tiny_model, tmp_path
         assert [r["batch"] for r in rows] == [1, 3] and all(r["decode_tok_s"] > 0 for r in rows)
     q, f = res["runs"]["quantized"]["rows"][1], res["runs"]["fp16"]["rows"][1]
     assert q["kv_cache_bytes"] < 0.4 * f["kv_cache_bytes"]
+
+
+@gpu
+@pytest.mark.parametrize("kv_bits", [8, 16])
+def test_bench_cuda_graphs_without_kv4(kernels, tiny_model, calib_dir, tmp_path, kv_bits):
+    """Schemes without the 4-bit cache decode through transformers' StaticCache on the
+    quantized side too (KV8: fake-quantized K/V inside attention); both capture and replay."""
+    from comet_quant.bench import benchmark
+    from comet_quant.export import export
+    from comet_quant.scheme import get_scheme
+
+    ck = export(str(tiny_model), calib_dir, get_scheme("w4ax-kv4", kv_bits=kv_bits), tmp_path / "q")
+    res = benchmark(str(ck), [2], 12, 4, "cuda", str(tiny_model), repeats=1, graphs=True)
+    q, f = res["runs"]["quantized"], res["runs"]["fp16"]
+    assert q["kv_cache"] == "static" and q["rows"][0]["decode_tok_s"] > 0 and f["rows"][0]["decode_tok_s"] > 0
+    assert q["rows"][0]["kv_cache_bytes"] == f["rows"][0]["kv_cache_bytes"]  # both fp16 static caches
