@@ -245,10 +245,6 @@ class Kv4Cache(Cache):
         """After a decode step in device-position mode: one token further (graph-capturable)."""
         self.positions.add_(1)
 
-    def capacity(self) -> int:
-        first = self.layers[0]
-        return 0 if first.k is None else first.k[0].shape[2]
-
     def mask_is_trivial(self, mask) -> bool:
         """Whether ``mask`` lets every query see every cached token (no padding)."""
         if mask is None:
