@@ -202,13 +202,6 @@ class Kv4Layer(DynamicLayer):
             self.k = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self.k)
             self.v = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self.v)
 
-    def memory_bytes(self, used: bool = False) -> int:
-        """Bytes allocated (or, with ``used``, holding the cached tokens) for K and V."""
-        if self.k is None:
-            return 0
-        total = sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
-        return total * self.length // self.k[0].shape[2] if used else total
-
 
 class Kv4Cache(Cache):
     """A transformers ``Cache`` holding every layer's K/V in 4 bits (pass to ``generate``)."""
@@ -217,9 +210,6 @@ class Kv4Cache(Cache):
         super().__init__(layers=[Kv4Layer(max_cache_len) for _ in range(num_layers)])
         self._mask_memo = (None, False)
         self.positions = None
-
-    def memory_bytes(self, used: bool = False) -> int:
-        return sum(layer.memory_bytes(used) for layer in self.layers)
 
     def use_device_positions(self) -> torch.Tensor:
         """Switch to device-side positions for CUDA-graph decode and return them.

@@ -56,10 +56,12 @@ def test_cache_grows_and_matches_simulated_kv4(checkpoint, tiny_model):
     # Same K/V values; only the attention's summation order differs.
     torch.testing.assert_close(cached, full, rtol=0, atol=1e-4 * float(full.abs().max()))
     # The cache really is 4-bit: codes + fp16 scale and zero per token and head.
+    from comet_quant.bench import _kv_bytes
+
     layer = cache.layers[0]
     n_kv, d = model.config.num_key_value_heads, model.config.head_dim
     per_token = 2 * n_kv * (d // 2 + 4)
-    assert layer.memory_bytes(used=True) == per_token * ids.shape[1]
+    assert _kv_bytes(cache, ids.shape[1]) == model.config.num_hidden_layers * per_token * ids.shape[1]
     assert layer.k[0].dtype == torch.uint8
     # Growth keeps the data: force a reallocation and compare.
     before = [t[:, :, :layer.length].clone() for t in layer.k]
