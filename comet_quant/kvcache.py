@@ -24,7 +24,7 @@ from .errors import CometError
 from .primitives import pack_int4, quantize_kv, unpack_int4
 
 KERNEL_HEAD_DIMS = (64, 128, 256)
-MAX_HEADS_PER_KV = 16  # GQA ratio the decode kernel takes (kernels/kv4_kernels.cu)
+MAX_HEADS_PER_KV = 16  # GQA ratio the decode kernel takes (kernels/kv4.h kMaxHeadsPerKv)
 ALLOC_STEP = 256
 
 

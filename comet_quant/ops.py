@@ -18,9 +18,22 @@ from .errors import CometError
 from .primitives import pack_int4, pad_channels, quantize_activation, rotate_groups, unpack_int4
 
 GROUP = 128  # kernels/w4ax.h kGroup
-SOURCES = ("binding.cpp", "w4ax_kernels.cu", "kv4_kernels.cu")
-HEADERS = ("w4ax.h", "kv4.h")
+SOURCES = ("binding.cpp", "w4ax_kernels.cu", "w4ax_wgmma.cu", "kv4_kernels.cu")
+HEADERS = ("w4ax.h", "w4ax_common.cuh", "kv4.h")
 _state: dict = {"loaded": False, "error": None}
+# From this many tokens on, an sm_90 GPU runs the wgmma GEMM on wide activations (measured on
+# H100: docs/BENCHMARKS.md); fewer tokens take the decode or tiled mma.sync kernels.
+WIDE_MIN_M = 64
+
+
+def _wide_position(c: int) -> int:
+    """kernels/w4ax.h wide_position: where channel c of a group sits in the wide layout."""
+    return 32 * ((c >> 3) & 3) + 16 * (c & 1) + 4 * (c >> 5) + ((c >> 1) & 3)
+
+
+# WIDE_ORDER[p] = the channel of a group stored at position p of the wide layout.
+WIDE_ORDER = torch.empty(GROUP, dtype=torch.long)
+WIDE_ORDER[torch.tensor([_wide_position(c) for c in range(GROUP)])] = torch.arange(GROUP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,6 +74,34 @@ def w4ax_gemm_reference(q8, q4, ascale, qweight, wscale, groups8: int,
     dots = torch.einsum("mgk,ngk->mng", qa.reshape(m, g, GROUP), qw.reshape(-1, g, GROUP))
     y = (dots * ascale.double()[:, None, :] * wscale.double()[None]).sum(-1)
     return y.to(out_dtype)
+
+
+def quantize_act_wide_reference(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool = False):
+    """Reference of ``comet::quantize_act_wide``: the codes of :func:`quantize_act_reference`
+    laid out for the Hopper GEMM.
+
+    Returns:
+        qa int8 [M, K_pad]: every group as int8 (4-bit groups keep codes in [-7, 7]), the channels
+        of each group in WIDE_ORDER; scales_t f32 [G, M_pad]: the scales transposed, M_pad = M
+        rounded up to 4, padding zero.
+    """
+    q8, q4, scales = quantize_act_reference(x, perm, groups8, rotate)
+    qa = torch.cat((q8, unpack_int4(q4, signed=True)), dim=1)
+    m, kp = qa.shape
+    qa = qa.reshape(m, kp // GROUP, GROUP)[:, :, WIDE_ORDER.to(qa.device)].reshape(m, kp)
+    scales_t = scales.new_zeros(scales.shape[1], -(-m // 4) * 4)
+    scales_t[:, :m] = scales.t()
+    return qa.contiguous(), scales_t
+
+
+def w4ax_gemm_wide_reference(qa, scales_t, qweight, wscale, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Reference of ``comet::w4ax_gemm_wide``: :func:`w4ax_gemm_reference` with every group
+    treated as int8, after undoing the wide channel order."""
+    m, kp = qa.shape
+    inverse = torch.argsort(WIDE_ORDER).to(qa.device)
+    logical = qa.reshape(m, kp // GROUP, GROUP)[:, :, inverse].reshape(m, kp)
+    empty4 = torch.empty(m, 0, dtype=torch.uint8, device=qa.device)
+    return w4ax_gemm_reference(logical, empty4, scales_t[:, :m].t(), qweight, wscale, kp // GROUP, out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +179,16 @@ def _register_fakes() -> None:
         return (x.new_empty(m, k8, dtype=torch.int8), x.new_empty(m, (kp - k8) // 2, dtype=torch.uint8),
                 x.new_empty(m, kp // GROUP, dtype=torch.float32))
 
+    @torch.library.register_fake("comet::quantize_act_wide")
+    def _(x, perm, groups8, rotate=False):
+        m, kp = x.shape[0], perm.shape[0]
+        return (x.new_empty(m, kp, dtype=torch.int8),
+                x.new_empty(kp // GROUP, -(-m // 4) * 4, dtype=torch.float32))
+
+    @torch.library.register_fake("comet::w4ax_gemm_wide")
+    def _(qa, scales_t, qweight, wscale, split_k, out_dtype):
+        return qweight.new_empty(qa.shape[0], qweight.shape[0], dtype=out_dtype)
+
     @torch.library.register_fake("comet::kv4_append")
     def _(x, codes, scale, zero, start, start_tensor=None):
         return None
@@ -178,10 +229,21 @@ def w4ax_gemm(q8, q4, ascale, qweight, wscale, groups8: int, out_dtype=torch.flo
     return w4ax_gemm_reference(q8, q4, ascale, qweight, wscale, groups8, out_dtype)
 
 
+def uses_wide_gemm(x: torch.Tensor) -> bool:
+    """Whether :func:`w4ax_linear` takes the Hopper wgmma path for this input."""
+    return (x.is_cuda and x.shape[0] >= WIDE_MIN_M and kernels_available()
+            and torch.cuda.get_device_capability(x.device) == (9, 0))
+
+
 def w4ax_linear(x: torch.Tensor, perm: torch.Tensor, groups8: int, qweight: torch.Tensor,
                 wscale: torch.Tensor, out_dtype=None, rotate: bool = False) -> torch.Tensor:
     """y = W4Ax(x): x float16/bfloat16 [M, K] (original channel order) -> [M, N].
 
-    With ``rotate`` the activation groups are Hadamard-rotated (the weights already are)."""
+    With ``rotate`` the activation groups are Hadamard-rotated (the weights already are). On
+    sm_90 from WIDE_MIN_M tokens on, the activations are quantized into the wide layout and
+    multiplied by the wgmma kernel; elsewhere the packed layout and the mma.sync kernels."""
+    if uses_wide_gemm(x):
+        qa, scales_t = torch.ops.comet.quantize_act_wide(x.contiguous(), perm, groups8, rotate)
+        return torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qweight, wscale, 0, out_dtype or x.dtype)
     q8, q4, s = quantize_act(x, perm, groups8, rotate)
     return w4ax_gemm(q8, q4, s, qweight, wscale, groups8, out_dtype or x.dtype)

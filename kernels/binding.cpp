@@ -86,6 +86,62 @@ at::Tensor w4ax_gemm(const at::Tensor& q8, const at::Tensor& q4, const at::Tenso
   return out;
 }
 
+// Activation quantization into the Hopper GEMM's wide layout (w4ax.h): qa int8 [M, Kpad],
+// scales_t float32 [G, Mpad] with Mpad = M rounded up to 4 (the TMA's 16-byte row alignment),
+// padding zero.
+std::tuple<at::Tensor, at::Tensor> quantize_act_wide(const at::Tensor& x, const at::Tensor& perm, int64_t groups8,
+                                                     bool rotate) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "comet: x must be a contiguous 2-D CUDA tensor");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "comet: x must be float16 or bfloat16");
+  check(perm, "perm", at::kInt, 1);
+  const int64_t M = x.size(0), K = x.size(1), Kpad = perm.size(0);
+  TORCH_CHECK(Kpad % comet::kGroup == 0 && Kpad >= K, "comet: perm length must be a multiple of ",
+              comet::kGroup, " and >= K");
+  const int64_t G = Kpad / comet::kGroup, Mpad = (M + 3) / 4 * 4;
+  TORCH_CHECK(groups8 >= 0 && groups8 <= G, "comet: groups8 out of range");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto opts = x.options();
+  at::Tensor qa = at::empty({M, Kpad}, opts.dtype(at::kChar));
+  at::Tensor scales_t = Mpad == M ? at::empty({G, Mpad}, opts.dtype(at::kFloat))
+                                  : at::zeros({G, Mpad}, opts.dtype(at::kFloat));
+  check_cuda(comet::quantize_act_wide_host(x.data_ptr(), to_dtype(x.scalar_type()), perm.data_ptr<int32_t>(), M, K,
+                                           Kpad, groups8, rotate, qa.data_ptr<int8_t>(), scales_t.data_ptr<float>(),
+                                           Mpad, at::cuda::getCurrentCUDAStream()),
+             "quantize_act_wide");
+  return {qa, scales_t};
+}
+
+at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, const at::Tensor& qweight,
+                          const at::Tensor& wscale, int64_t split_k, at::ScalarType out_dtype) {
+  check(qa, "qa", at::kChar, 2);
+  check(scales_t, "scales_t", at::kFloat, 2);
+  check(qweight, "qweight", at::kByte, 2);
+  check(wscale, "wscale", at::kHalf, 2);
+  const int64_t M = qa.size(0), N = qweight.size(0), Kpad = qweight.size(1) * 2;
+  const int64_t G = Kpad / comet::kGroup, Mpad = scales_t.size(1);
+  TORCH_CHECK(Kpad % comet::kGroup == 0, "comet: K must be a multiple of ", comet::kGroup);
+  TORCH_CHECK(qa.size(1) == Kpad, "comet: qa must be [M, K] with the weights' K");
+  TORCH_CHECK(scales_t.size(0) == G && Mpad >= M && Mpad % 4 == 0 && Mpad < M + 4,
+              "comet: scales_t must be [K / ", comet::kGroup, ", M rounded up to 4]");
+  TORCH_CHECK(wscale.size(0) == N && wscale.size(1) == G, "comet: wscale must be [N, K / ", comet::kGroup, "]");
+  TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major == 9, "comet: w4ax_gemm_wide needs an sm_90 GPU");
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  at::Tensor out = at::empty({M, N}, qweight.options().dtype(out_dtype));
+  if (split_k <= 0) {
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    split_k = comet::choose_wide_split_k(M, N, Kpad, sms);
+  }
+  at::Tensor work = split_k > 1 ? at::empty({M, N}, qweight.options().dtype(at::kFloat)) : at::Tensor();
+  check_cuda(comet::w4ax_gemm_wide_host(qa.data_ptr<int8_t>(), scales_t.data_ptr<float>(), Mpad,
+                                        qweight.data_ptr<uint8_t>(), wscale.data_ptr(), out.data_ptr(),
+                                        to_dtype(out_dtype), M, N, Kpad, split_k,
+                                        split_k > 1 ? work.data_ptr<float>() : nullptr,
+                                        at::cuda::getCurrentCUDAStream()),
+             "w4ax_gemm_wide");
+  return out;
+}
+
 void check_cache(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, const char* what) {
   check(codes, what, at::kByte, 4);
   check(scale, "cache scale", at::kHalf, 3);
@@ -132,7 +188,8 @@ at::Tensor kv4_decode_attention(const at::Tensor& q, const at::Tensor& k_codes, 
   TORCH_CHECK(D == 64 || D == 128 || D == 256, "comet: head_dim must be 64, 128 or 256 for the KV4 kernels");
   TORCH_CHECK(k_codes.size(0) == B && k_codes.size(3) * 2 == D && Hq % H == 0, "comet: cache shape does not match q");
   TORCH_CHECK(length >= 1 && length <= C, "comet: length must be in [1, capacity]");
-  TORCH_CHECK(Hq / H <= 16, "comet: at most 16 query heads per KV head for the KV4 decode kernel");
+  TORCH_CHECK(Hq / H <= comet::kMaxHeadsPerKv, "comet: at most ", comet::kMaxHeadsPerKv,
+              " query heads per KV head for the KV4 decode kernel");
   const int* length_dev = device_int(length_tensor, k_codes, "length_tensor");
   if (length_dev) length = C;  // sized for the capacity; the kernels read the length
   const c10::cuda::CUDAGuard guard(q.device());
@@ -155,6 +212,9 @@ TORCH_LIBRARY(comet, m) {
   m.def("quantize_act(Tensor x, Tensor perm, int groups8, bool rotate=False) -> (Tensor, Tensor, Tensor)");
   m.def("w4ax_gemm(Tensor q8, Tensor q4, Tensor ascale, Tensor qweight, Tensor wscale, int groups8, "
         "int split_k, bool int4_mma, ScalarType out_dtype) -> Tensor");
+  m.def("quantize_act_wide(Tensor x, Tensor perm, int groups8, bool rotate=False) -> (Tensor, Tensor)");
+  m.def("w4ax_gemm_wide(Tensor qa, Tensor scales_t, Tensor qweight, Tensor wscale, int split_k, "
+        "ScalarType out_dtype) -> Tensor");
   m.def("kv4_append(Tensor x, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!) zero, int start, "
         "Tensor? start_tensor=None) -> ()");
   m.def("kv4_decode_attention(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, "
@@ -164,6 +224,8 @@ TORCH_LIBRARY(comet, m) {
 TORCH_LIBRARY_IMPL(comet, CUDA, m) {
   m.impl("quantize_act", &quantize_act);
   m.impl("w4ax_gemm", &w4ax_gemm);
+  m.impl("quantize_act_wide", &quantize_act_wide);
+  m.impl("w4ax_gemm_wide", &w4ax_gemm_wide);
   m.impl("kv4_append", &kv4_append);
   m.impl("kv4_decode_attention", &kv4_decode_attention);
 }

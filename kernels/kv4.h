@@ -18,6 +18,10 @@
 
 namespace comet {
 
+// Query heads per KV head (GQA ratio) the decode attention kernel takes
+// (comet_quant/kvcache.py MAX_HEADS_PER_KV).
+constexpr int kMaxHeadsPerKv = 16;
+
 // Quantize x [B, H, T, D] (fp16/bf16, contiguous) into cache rows [start, start + T).
 // start_dev (nullable): read the start from this device int32 instead (CUDA-graph decode, where
 // the position changes between replays); rows that would pass the capacity are not written.

@@ -13,7 +13,6 @@ constexpr float kZeroLimit = 2048.f;  // fp16 holds every integer zero point up 
 constexpr int kThreads = 128;         // decode-attention block
 constexpr int kMaxRep = 8;            // query heads per KV head handled per pass
 constexpr int kMaxChunk = 256;        // tokens per split: their K and V codes are staged in smem
-constexpr int kMaxHeadsPerKv = 16;    // query heads per KV head (GQA ratio) the kernel takes
 constexpr float kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }

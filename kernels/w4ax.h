@@ -12,6 +12,18 @@ namespace comet {
 // the kernels take this one (the Python wrapper falls back to the reference otherwise).
 constexpr int kGroup = 128;
 
+// The Hopper GEMM (w4ax_wgmma.cu) takes activations "wide": every group as int8 (4-bit groups
+// keep their 4-bit codes, |q| <= 7) with the 128 channels of a group in the order the wgmma
+// fragments consume them. Logical channel c of a group sits at position
+//   32 * s + 16 * h + 4 * t + b,  where t = c / 32, s = (c / 8) % 4, b = (c / 2) % 4, h = c % 2,
+// so that thread t of an mma row reads the 32 weight codes of channels 32t .. 32t + 31 with one
+// 16-byte load, and k32 step s takes the low nibbles of word s as fragment bytes 4t..4t+3 and
+// the high nibbles as bytes 16 + 4t..: the same positions the activations occupy.
+// (comet_quant/ops.py WIDE_ORDER is the inverse table.)
+__host__ __device__ constexpr int wide_position(int c) {
+  return 32 * ((c >> 3) & 3) + 16 * (c & 1) + 4 * (c >> 5) + ((c >> 1) & 3);
+}
+
 // Largest M the decode GEMM kernel takes (four 8-token mma tiles).
 constexpr int kDecodeMaxM = 32;
 
@@ -37,6 +49,12 @@ cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm,
                               int Kpad, int groups8, bool rotate, int8_t* q8, uint8_t* q4,
                               float* scales, cudaStream_t stream);
 
+// Activation quantization into the wide layout (see wide_position): qa [M, Kpad] int8,
+// scales_t [G, Mpad] float32 (Mpad >= M, a multiple of 4; columns past M are not written).
+cudaError_t quantize_act_wide_host(const void* x, DType x_dtype, const int32_t* perm, int M, int K,
+                                   int Kpad, int groups8, bool rotate, int8_t* qa, float* scales_t, int Mpad,
+                                   cudaStream_t stream);
+
 // Mixed-precision GEMM: out[M, N] = sum_g ascale[m, g] * wscale[n, g] * <a[m, g], w[n, g]>,
 // where a is int8 (g < groups8) or int4 (g >= groups8) and w is int4 (checkpoint layout:
 // qweight [N, Kpad / 2] uint8, even k in the low nibble; wscale [N, Kpad / kGroup] fp16).
@@ -54,5 +72,16 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
 // on shapes where it measured faster; else a split_k that fills `num_sms` multiprocessors with
 // the tiled kernel (1 when its tiles already do).
 int choose_split_k(int M, int N, int Kpad, int num_sms);
+
+// The Hopper (sm_90a) GEMM on wide activations: out[M, N] = sum_g scales_t[g, m] * wscale[n, g]
+// * <qa[m, g], w[n, g]>, with 128 x 128 output tiles on wgmma, operands staged by the tensor
+// memory accelerator. split_k > 1 splits the K groups over blocks and reduces through
+// `workspace` (float32 [M, N]). Returns cudaErrorNotSupported off sm_90.
+cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
+                                const void* wscale, void* out, DType out_dtype, int M, int N, int Kpad,
+                                int split_k, float* workspace, cudaStream_t stream);
+
+// split_k for the wide GEMM: enough K splits that the tiles cover `num_sms` multiprocessors.
+int choose_wide_split_k(int M, int N, int Kpad, int num_sms);
 
 }  // namespace comet

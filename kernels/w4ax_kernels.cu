@@ -1,6 +1,7 @@
 // W4Ax kernels: fused activation quantization and the mixed int8/int4 x int4 GEMM.
 // Numerics are defined by comet_quant/primitives.py; comments say why, not what.
 #include "w4ax.h"
+#include "w4ax_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -9,6 +10,12 @@
 
 namespace comet {
 namespace {
+
+using detail::exact_float;
+using detail::hi_nibbles;
+using detail::lo_nibbles;
+using detail::store_out;
+using detail::word;
 
 constexpr float kMinScale = 1e-8f;       // primitives.MIN_SCALE: all-zero groups stay finite
 constexpr int kPackedGroupBytes = kGroup / 2;
@@ -59,13 +66,25 @@ __device__ __forceinline__ void hadamard128(float (&v)[4], int lane) {
   for (int i = 0; i < 4; ++i) v[i] *= kNorm;
 }
 
+// Where quantized activations go. Packed (the GEMM input of the mma.sync kernels): q8
+// [M, K8] int8, q4 [M, K4 / 2] packed int4, scales [M, G]. Wide (the Hopper wgmma GEMM's
+// input): every group as int8 in q8 [M, Kpad], its 128 channels in the wgmma k order
+// (w4ax.h, wide_position), and scales transposed, [G, Mpad].
+struct ActOut {
+  int8_t* q8;
+  uint8_t* q4;
+  float* scales;
+  int G, K8, K4;
+  int Kpad, Mpad;
+};
+
 // Quantizes one permuted group held 4 channels per lane (channel 4 * lane + i of group g in v[i])
 // into the row's codes and scale. Codes are round(x * (1 / s)) with an IEEE reciprocal per
 // group, exactly as primitives.quantize_symmetric computes them: one division per group instead
 // of per element.
-__device__ __forceinline__ void quantize_group(float (&v)[4], size_t row, int g, int lane, int G, int K8,
-                                               int K4, int groups8, bool rotate, int8_t* __restrict__ q8,
-                                               uint8_t* __restrict__ q4, float* __restrict__ scales) {
+template <bool WIDE>
+__device__ __forceinline__ void quantize_group(float (&v)[4], size_t row, int g, int lane, int groups8,
+                                               bool rotate, const ActOut& o) {
   if (rotate) hadamard128(v, lane);
   float amax = 0.f;
 #pragma unroll
@@ -78,30 +97,38 @@ __device__ __forceinline__ void quantize_group(float (&v)[4], size_t row, int g,
   int q[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) q[i] = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(v[i], inv)), -qmax), qmax));
-  if (lane == 0) scales[row * G + g] = s;
+  if (WIDE) {
+    if (lane == 0) o.scales[static_cast<size_t>(g) * o.Mpad + row] = s;
+    // Channel 4 * lane + i sits at wide_position(4 * lane + i): i = 0, 2 side by side, and
+    // i = 1, 3 sixteen bytes further.
+    int8_t* dst = o.q8 + row * o.Kpad + g * kGroup + wide_position(4 * lane);
+    *reinterpret_cast<char2*>(dst) = make_char2(q[0], q[2]);
+    *reinterpret_cast<char2*>(dst + 16) = make_char2(q[1], q[3]);
+    return;
+  }
+  if (lane == 0) o.scales[row * o.G + g] = s;
   const int c0 = g * kGroup + lane * 4;
   if (high) {
-    *reinterpret_cast<char4*>(q8 + row * K8 + c0) = make_char4(q[0], q[1], q[2], q[3]);
+    *reinterpret_cast<char4*>(o.q8 + row * o.K8 + c0) = make_char4(q[0], q[1], q[2], q[3]);
   } else {
     const uint16_t packed = static_cast<uint16_t>((q[0] & 0xF) | ((q[1] & 0xF) << 4) |
                                                   ((q[2] & 0xF) << 8) | ((q[3] & 0xF) << 12));
-    *reinterpret_cast<uint16_t*>(q4 + row * (K4 / 2) + (c0 - K8) / 2) = packed;
+    *reinterpret_cast<uint16_t*>(o.q4 + row * (o.K4 / 2) + (c0 - o.K8) / 2) = packed;
   }
 }
 
 // Gathers permuted group g of a row (from shared or global memory) and quantizes it: lane l
 // reads the channels perm[g * 128 + 4l .. 4l + 3] (past K: zeros).
-template <typename T>
+template <bool WIDE, typename T>
 __device__ __forceinline__ void quantize_permuted_group(const T* src, const int32_t* __restrict__ perm, size_t row,
-                                                        int g, int lane, int K, int G, int K8, int K4, int groups8,
-                                                        bool rotate, int8_t* __restrict__ q8,
-                                                        uint8_t* __restrict__ q4, float* __restrict__ scales) {
+                                                        int g, int lane, int K, int groups8, bool rotate,
+                                                        const ActOut& o) {
   const int4 p = __ldg(reinterpret_cast<const int4*>(perm + g * kGroup + lane * 4));
   const int idx[4] = {p.x, p.y, p.z, p.w};
   float v[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) v[i] = idx[i] < K ? to_float(src[idx[i]]) : 0.f;
-  quantize_group(v, row, g, lane, G, K8, K4, groups8, rotate, q8, q4, scales);
+  quantize_group<WIDE>(v, row, g, lane, groups8, rotate, o);
 }
 
 // Two layouts of the same computation, one warp per group at a time.
@@ -110,16 +137,14 @@ __device__ __forceinline__ void quantize_permuted_group(const T* src, const int3
 // coalesced 16-byte loads (DRAM reads x exactly once); the permutation then gathers from shared
 // memory. (Measured on H100: a persistent grid that double-buffers rows with cp.async was
 // slower, 1.05-1.5 vs 1.3-1.8 TB/s at M = 4096, as its shared memory halves the resident rows.)
-template <typename T>
+template <bool WIDE, typename T>
 __global__ void __launch_bounds__(kActThreads)
-quantize_act_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ perm, int K, int Kpad,
-                         int groups8, bool rotate, int8_t* __restrict__ q8, uint8_t* __restrict__ q4,
-                         float* __restrict__ scales) {
+quantize_act_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ perm, int K, int groups8,
+                         bool rotate, ActOut o) {
   extern __shared__ __align__(16) uint8_t act_smem[];
   T* cur = reinterpret_cast<T*>(act_smem);  // [K]
   const size_t row = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
   const T* src = x + row * K;
   if (K % 8 == 0) {
     for (int i = threadIdx.x; i < K / 8; i += kActThreads)
@@ -128,59 +153,52 @@ quantize_act_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ pe
     for (int i = threadIdx.x; i < K; i += kActThreads) cur[i] = src[i];
   }
   __syncthreads();
-  for (int g = warp; g < G; g += kActThreads / 32)
-    quantize_permuted_group(cur, perm, row, g, lane, K, G, K8, K4, groups8, rotate, q8, q4, scales);
+  for (int g = warp; g < o.G; g += kActThreads / 32)
+    quantize_permuted_group<WIDE>(cur, perm, row, g, lane, K, groups8, rotate, o);
 }
 
 // Gather (small M, decode): blocks of 8 groups x one token read the permuted channels straight
 // from global memory (the row was just written and sits in L2): M x G / 8 blocks instead of M,
 // so a batch of a few tokens still spreads over the GPU.
-template <typename T>
+template <bool WIDE, typename T>
 __global__ void __launch_bounds__(kActThreads)
-quantize_act_gather_kernel(const T* __restrict__ x, const int32_t* __restrict__ perm, int K, int Kpad,
-                           int groups8, bool rotate, int8_t* __restrict__ q8, uint8_t* __restrict__ q4,
-                           float* __restrict__ scales) {
+quantize_act_gather_kernel(const T* __restrict__ x, const int32_t* __restrict__ perm, int K, int groups8,
+                           bool rotate, ActOut o) {
   const size_t row = blockIdx.y;  // M < kGatherMaxM: within gridDim.y's limit
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
   const int g = blockIdx.x * (kActThreads / 32) + warp;
-  if (g < G) quantize_permuted_group(x + row * K, perm, row, g, lane, K, G, K8, K4, groups8, rotate, q8, q4, scales);
+  if (g < o.G) quantize_permuted_group<WIDE>(x + row * K, perm, row, g, lane, K, groups8, rotate, o);
 }
 
-template <typename T>
-cudaError_t launch_quantize_act(const T* x, const int32_t* perm, int M, int K, int Kpad, int groups8, bool rotate,
-                                int8_t* q8, uint8_t* q4, float* scales, cudaStream_t stream) {
+template <bool WIDE, typename T>
+cudaError_t launch_quantize_act(const T* x, const int32_t* perm, int M, int K, int groups8, bool rotate,
+                                const ActOut& o, cudaStream_t stream) {
   if (M < kGatherMaxM) {
-    const dim3 grid((Kpad / kGroup + kActThreads / 32 - 1) / (kActThreads / 32), M);
-    quantize_act_gather_kernel<T><<<grid, kActThreads, 0, stream>>>(x, perm, K, Kpad, groups8, rotate, q8, q4,
-                                                                    scales);
+    const dim3 grid((o.G + kActThreads / 32 - 1) / (kActThreads / 32), M);
+    quantize_act_gather_kernel<WIDE, T><<<grid, kActThreads, 0, stream>>>(x, perm, K, groups8, rotate, o);
     return cudaGetLastError();
   }
   const size_t smem = sizeof(T) * static_cast<size_t>(K);
-  cudaError_t e = allow_dynamic_smem(quantize_act_rows_kernel<T>, smem);
+  cudaError_t e = allow_dynamic_smem(quantize_act_rows_kernel<WIDE, T>, smem);
   if (e != cudaSuccess) return e;
-  quantize_act_rows_kernel<T><<<M, kActThreads, smem, stream>>>(x, perm, K, Kpad, groups8, rotate, q8, q4, scales);
+  quantize_act_rows_kernel<WIDE, T><<<M, kActThreads, smem, stream>>>(x, perm, K, groups8, rotate, o);
   return cudaGetLastError();
+}
+
+template <bool WIDE>
+cudaError_t dispatch_quantize_act(const void* x, DType x_dtype, const int32_t* perm, int M, int K, int groups8,
+                                  bool rotate, const ActOut& o, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  if (x_dtype == DType::kHalf)
+    return launch_quantize_act<WIDE>(static_cast<const __half*>(x), perm, M, K, groups8, rotate, o, stream);
+  if (x_dtype == DType::kBFloat16)
+    return launch_quantize_act<WIDE>(static_cast<const __nv_bfloat16*>(x), perm, M, K, groups8, rotate, o, stream);
+  return cudaErrorInvalidValue;
 }
 
 // ---------------------------------------------------------------------------------------------
 // GEMM
 // ---------------------------------------------------------------------------------------------
-
-// 8 packed int4 codes (32 bits, even k in the low nibble of each byte) -> two registers of 4
-// int8 holding code * 16: the even-k codes (lo_nibbles) and the odd-k codes (hi_nibbles).
-// Placing the nibble in the high half of the byte makes sign extension free; the 16x goes into
-// the float rescale, which is exact (a power of two).
-__device__ __forceinline__ uint32_t lo_nibbles(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
-__device__ __forceinline__ uint32_t hi_nibbles(uint32_t w) { return w & 0xF0F0F0F0u; }
-
-// int32 -> float for |v| < 2^22 with two full-rate ops (integer add, float subtract) instead
-// of the quarter-rate I2F: 0x4B400000 is the float 1.5 * 2^23, whose ulp is 1. A group's
-// accumulator is at most 128 * 127 * 128 (int8 x int4*16) or 128 * 128 * 128 (int4*16 x int4*16)
-// in magnitude, below 2^22, so the conversion is exact.
-__device__ __forceinline__ float exact_float(int v) {
-  return __int_as_float(v + 0x4B400000) - 12582912.f;
-}
 
 __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   asm volatile(
@@ -236,12 +254,6 @@ __device__ __forceinline__ void load_group(Stage<BM, BN>& st, int g, int groups8
     cp_async16(st.b + r * kStrideP + c, qw + static_cast<size_t>(n) * (Kpad / 2) + g * kPackedGroupBytes + c,
                n0 + r < N);
   }
-}
-
-__device__ __forceinline__ void store_out(void* out, DType dt, size_t i, float v) {
-  if (dt == DType::kHalf) static_cast<__half*>(out)[i] = __float2half_rn(v);
-  else if (dt == DType::kBFloat16) static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v);
-  else static_cast<float*>(out)[i] = v;
 }
 
 // Block tile BM x BN, WARPS_M x WARPS_N warps; each warp owns MT x NT mma tiles.
@@ -460,10 +472,6 @@ __device__ __forceinline__ void gemv_load(GemvFrag<NT>& f, int g, int groups8,
   }
 }
 
-__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
 template <int NT>
 __device__ __forceinline__ void gemv_compute(const GemvFrag<NT>& f, bool a8, float (&acc)[NT][4]) {
   int c[NT][4] = {};
@@ -598,14 +606,16 @@ int tile_m(int M) { return M <= kSmallM ? 16 : 64; }
 cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm, int M, int K,
                               int Kpad, int groups8, bool rotate, int8_t* q8, uint8_t* q4,
                               float* scales, cudaStream_t stream) {
-  if (M == 0) return cudaSuccess;
-  if (x_dtype == DType::kHalf)
-    return launch_quantize_act(static_cast<const __half*>(x), perm, M, K, Kpad, groups8, rotate, q8, q4, scales,
-                               stream);
-  if (x_dtype == DType::kBFloat16)
-    return launch_quantize_act(static_cast<const __nv_bfloat16*>(x), perm, M, K, Kpad, groups8, rotate, q8, q4,
-                               scales, stream);
-  return cudaErrorInvalidValue;
+  const int K8 = groups8 * kGroup;
+  const ActOut o{q8, q4, scales, Kpad / kGroup, K8, Kpad - K8, Kpad, 0};
+  return dispatch_quantize_act<false>(x, x_dtype, perm, M, K, groups8, rotate, o, stream);
+}
+
+cudaError_t quantize_act_wide_host(const void* x, DType x_dtype, const int32_t* perm, int M, int K,
+                                   int Kpad, int groups8, bool rotate, int8_t* qa, float* scales_t, int Mpad,
+                                   cudaStream_t stream) {
+  const ActOut o{qa, nullptr, scales_t, Kpad / kGroup, 0, 0, Kpad, Mpad};
+  return dispatch_quantize_act<true>(x, x_dtype, perm, M, K, groups8, rotate, o, stream);
 }
 
 int choose_split_k(int M, int N, int Kpad, int num_sms) {

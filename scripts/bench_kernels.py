@@ -103,17 +103,32 @@ def bench_shape(name, n, k, m, results, split_k_off: bool):
     qws = [torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8) for _ in range(nc)]
     wss = [torch.rand(n, g, device=dev, dtype=torch.float16) * 0.01 + 1e-3 for _ in range(nc)]
     perm = torch.randperm(k, device=dev).to(torch.int32)
+    wide = ops.uses_wide_gemm(x)  # sm_90 and M >= WIDE_MIN_M: what w4ax_linear runs
+    row["path"] = "wgmma" if wide else ("decode" if m <= 32 else "tiled")
     for pct in (0, 10, 25):
         g8 = round(g * pct / 100)
         q8, q4, s = ops.quantize_act(x, perm, g8)
-        row[f"ours{pct}"] = timeit([lambda i=i: torch.ops.comet.w4ax_gemm(
-            q8, q4, s, qws[i], wss[i], g8, 0, False, torch.float16) for i in range(nc)])
-        if pct == 10 and not split_k_off:
-            row["ours10_nosplit"] = timeit([lambda i=i: torch.ops.comet.w4ax_gemm(
-                q8, q4, s, qws[i], wss[i], g8, 1, False, torch.float16) for i in range(nc)])
+        tiled = [lambda i=i: torch.ops.comet.w4ax_gemm(q8, q4, s, qws[i], wss[i], g8, 0, False, torch.float16)
+                 for i in range(nc)]
+        if wide:
+            qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g8)
+            row[f"ours{pct}"] = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(
+                qa, scales_t, qws[i], wss[i], 0, torch.float16) for i in range(nc)])
+            if pct == 10:
+                row["tiled10"] = timeit(tiled)
+                row["ours10_nosplit"] = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(
+                    qa, scales_t, qws[i], wss[i], 1, torch.float16) for i in range(nc)])
+                row["actq"] = timeit([lambda: torch.ops.comet.quantize_act_wide(x, perm, g8)])
+                act_bytes = m * k * 2 + qa.numel() + scales_t.numel() * 4 + perm.numel() * 4
+        else:
+            row[f"ours{pct}"] = timeit(tiled)
+            if pct == 10 and not split_k_off:
+                row["ours10_nosplit"] = timeit([lambda i=i: torch.ops.comet.w4ax_gemm(
+                    q8, q4, s, qws[i], wss[i], g8, 1, False, torch.float16) for i in range(nc)])
+            if pct == 10:
+                row["actq"] = timeit([lambda: ops.quantize_act(x, perm, g8)])
+                act_bytes = m * k * 2 + q8.numel() + q4.numel() + s.numel() * 4 + perm.numel() * 4
         if pct == 10:
-            row["actq"] = timeit([lambda: ops.quantize_act(x, perm, g8)])
-            act_bytes = m * k * 2 + q8.numel() + q4.numel() + s.numel() * 4 + perm.numel() * 4
             row["actq_tbps"] = act_bytes / (row["actq"] * 1e-3) / 1e12
     wbytes = n * k / 2 + n * g * 2
     row["ours10_wbw_tbps"] = wbytes / (row["ours10"] * 1e-3) / 1e12
@@ -128,14 +143,15 @@ def fmt(v, digits=3):
 
 
 def table(results) -> str:
-    head = ("| shape | M | fp16 ms | fp8 ms | int8 ms | ours 0% | ours 10% | ours 25% | 10% no split-K |"
-            " x fp16 | x fp8 | weight TB/s | TOPS | act-quant TB/s |")
+    head = ("| shape | M | fp16 ms | fp8 ms | int8 ms | path | ours 0% | ours 10% | ours 25% | 10% no split-K |"
+            " 10% mma.sync tiled | x fp16 | x fp8 | weight TB/s | TOPS | act-quant TB/s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         fp8 = r.get("fp8")
         lines.append(
-            f"| {r['shape']} | {r['M']} | {fmt(r['fp16'])} | {fmt(fp8)} | {fmt(r.get('int8'))} | "
+            f"| {r['shape']} | {r['M']} | {fmt(r['fp16'])} | {fmt(fp8)} | {fmt(r.get('int8'))} | {r['path']} | "
             f"{fmt(r['ours0'])} | {fmt(r['ours10'])} | {fmt(r['ours25'])} | {fmt(r.get('ours10_nosplit'))} | "
+            f"{fmt(r.get('tiled10'))} | "
             f"{r['fp16'] / r['ours10']:.2f} | {fmt(fp8 / r['ours10'] if fp8 else None, 2)} | "
             f"{r['ours10_wbw_tbps']:.2f} | {r['ours10_tops']:.0f} | {r['actq_tbps']:.2f} |")
     return "\n".join(lines)

@@ -44,6 +44,29 @@ def test_rotated_reference_matches_simulation():
     torch.testing.assert_close(deq, fake_quantize_activation(x.float(), perm, g8, GROUP, rotate=True))
 
 
+@pytest.mark.parametrize("groups8", [0, 1, 3])
+def test_wide_reference_matches_packed_reference(groups8):
+    """The wide layout (every group int8, channels in the wgmma order, scales transposed) is
+    the same computation as the packed one."""
+    x, perm, g8, qw, ws = make_case(5, 300, 40, groups8)
+    qa, scales_t = ops.quantize_act_wide_reference(x, perm, g8)
+    assert qa.dtype == torch.int8 and qa.shape == (5, 384) and scales_t.shape == (3, 8)
+    assert not scales_t[:, 5:].any()
+    q8, q4, s = ops.quantize_act_reference(x, perm, g8)
+    assert torch.equal(scales_t[:, :5], s.t())
+    assert qa[:, g8 * GROUP:].abs().le(7).all() and qa.abs().max() > 7 * (g8 > 0)
+    torch.testing.assert_close(ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32),
+                               ops.w4ax_gemm_reference(q8, q4, s, qw, ws, g8, torch.float32), rtol=0, atol=0)
+
+
+def test_wide_order_is_a_permutation_per_group():
+    assert sorted(ops.WIDE_ORDER.tolist()) == list(range(GROUP))
+    # position 32 s + 16 h + 4 t + b holds channel 32 t + 8 s + 2 b + h (kernels/w4ax.h)
+    for p in (0, 1, 16, 17, 37, 127):
+        s, h, t, b = p // 32, (p // 16) % 2, (p // 4) % 4, p % 4
+        assert ops.WIDE_ORDER[p] == 32 * t + 8 * s + 2 * b + h
+
+
 def test_cpu_wrappers_fall_back_to_reference():
     x, perm, g8, qw, ws = make_case(3, 256, 16, 1)
     torch.testing.assert_close(ops.w4ax_linear(x, perm, g8, qw, ws, torch.float32),
@@ -115,6 +138,100 @@ def test_gemm_integer_accumulation_exact(kernels, int4_mma, m, k8_frac):
         y = torch.ops.comet.w4ax_gemm(q8, q4, sa, qw, sw, g8, split, int4_mma, torch.float32)
         ref = ops.w4ax_gemm_reference(q8.cpu(), q4.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), g8, torch.float32)
         assert torch.equal(y.cpu(), ref), (m, g8, split, (y.cpu() - ref).abs().max())
+
+
+WIDE_M = [1, 7, 64, 127, 128, 129, 1024, 4096]
+sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                          reason="needs an sm_90 GPU (wgmma)")
+
+
+@gpu
+@pytest.mark.parametrize("m", M_SWEEP)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [300, 576, 14336])
+def test_quantize_act_wide_bitwise(kernels, m, dtype, k):
+    if m > 1024 and k > 4096:
+        pytest.skip("covered by smaller M; keeps the CPU reference fast")
+    x, perm, _, _, _ = make_case(m, k, 8, 0, seed=m + 7, device="cuda", dtype=dtype)
+    g = perm.numel() // GROUP
+    for g8 in sorted({0, 1, g // 2, g}):
+        qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g8)
+        want_qa, want_s = ops.quantize_act_wide_reference(x.cpu(), perm.cpu(), g8)
+        assert torch.equal(qa.cpu(), want_qa), (m, k, g8)
+        assert torch.equal(scales_t.cpu(), want_s), (m, k, g8)
+
+
+@gpu
+@pytest.mark.parametrize("m", [17, 1024])
+def test_quantize_act_wide_rotated(kernels, m):
+    x, perm, _, _, _ = make_case(m, 576, 8, 0, seed=m, device="cuda")
+    for g8 in (0, 2):
+        qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g8, True)
+        want_qa, want_s = ops.quantize_act_wide_reference(x, perm, g8, rotate=True)
+        torch.testing.assert_close(scales_t, want_s, rtol=1e-5, atol=0)
+        d = (qa.int() - want_qa.int()).abs()
+        assert d.max() <= 1 and (d > 0).float().mean() < 1e-3
+
+
+@sm90
+@pytest.mark.parametrize("m", WIDE_M)
+@pytest.mark.parametrize("k8_frac", [0.0, "one", 0.5, 1.0])
+def test_gemm_wide_integer_accumulation_exact(kernels, m, k8_frac):
+    """Unit scales: every output is an integer sum below 2^24, so float32 must match exactly.
+    N = 200 leaves a partial 128-channel tile; split 3 of 8 groups leaves a short last split."""
+    k, n = 1024, 200
+    g = k // GROUP
+    g8 = 1 if k8_frac == "one" else int(k8_frac * g)
+    x, perm, _, qw, _ = make_case(m, k, n, g8, seed=m + 11, device="cuda")
+    qa, _ = torch.ops.comet.quantize_act_wide(x, perm, g8)
+    scales_t = torch.ones(g, -(-m // 4) * 4, device="cuda")
+    sw = torch.ones(n, g, device="cuda", dtype=torch.float16)
+    ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, sw, torch.float32)
+    assert ref.abs().max() > 1000  # real data, not zeros
+    for split in (0, 1, 3, 8):
+        y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, sw, split, torch.float32)
+        assert torch.equal(y, ref), (m, g8, split, (y - ref).abs().max())
+
+
+@sm90
+@pytest.mark.parametrize("shape", ["8b-qkv", "8b-gateup", "8b-down", "70b-down", "smol-k", "smol-down"])
+@pytest.mark.parametrize("m", [64, 200, 1024])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_gemm_wide_scaled_matches_reference(kernels, shape, m, out_dtype):
+    n, k = SHAPES[shape]
+    g = -(-k // GROUP)
+    g8 = max(1, g // 10)
+    x, perm, _, qw, ws = make_case(m, k, n, g8, seed=5, device="cuda", dtype=out_dtype)
+    assert ops.uses_wide_gemm(x)
+    y = ops.w4ax_linear(x, perm, g8, qw, ws, out_dtype)
+    ref = ops.w4ax_gemm_reference(*ops.quantize_act_reference(x, perm, g8), qw, ws, g8, torch.float32)
+    tol = 2e-3 if out_dtype == torch.float16 else 1e-2
+    assert rel_err(y, ref) < tol
+    y32 = torch.ops.comet.w4ax_gemm_wide(*torch.ops.comet.quantize_act_wide(x, perm, g8), qw, ws, 0, torch.float32)
+    assert rel_err(y32, ref) < 1e-5
+
+
+@sm90
+def test_gemm_wide_extreme_values(kernels):
+    m, k, n = 130, 512, 136
+    x = torch.full((m, k), 60000.0, device="cuda", dtype=torch.float16)
+    x[::2] *= -1
+    x[:, ::3] = 0.001
+    perm = torch.arange(k, device="cuda", dtype=torch.int32)
+    qw = torch.full((n, k // 2), 0x88, device="cuda", dtype=torch.uint8)   # all codes -8
+    ws = torch.full((n, k // GROUP), 1e-4, device="cuda", dtype=torch.float16)
+    for g8 in (0, 2, 4):
+        y = ops.w4ax_linear(x, perm, g8, qw, ws, torch.float32)
+        ref = ops.w4ax_gemm_reference(*ops.quantize_act_reference(x, perm, g8), qw, ws, g8, torch.float32)
+        assert torch.isfinite(y).all() and rel_err(y, ref) < 1e-5
+
+
+@sm90
+def test_opcheck_wide(kernels):
+    x, perm, g8, qw, ws = make_case(130, 512, 256, 1, device="cuda")
+    torch.library.opcheck(torch.ops.comet.quantize_act_wide.default, (x, perm, g8))
+    qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g8)
+    torch.library.opcheck(torch.ops.comet.w4ax_gemm_wide.default, (qa, scales_t, qw, ws, 0, torch.float16))
 
 
 def rel_err(a, b):

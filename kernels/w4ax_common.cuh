@@ -1,0 +1,41 @@
+// Device helpers shared by the W4Ax GEMM kernels (w4ax_kernels.cu: mma.sync paths,
+// w4ax_wgmma.cu: the Hopper wgmma path).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "w4ax.h"
+
+namespace comet {
+namespace detail {
+
+// 8 packed int4 codes (32 bits, even k in the low nibble of each byte) -> two registers of 4
+// int8 holding code * 16: the even-k codes (lo_nibbles) and the odd-k codes (hi_nibbles).
+// Placing the nibble in the high half of the byte makes sign extension free; the 16x goes into
+// the float rescale, which is exact (a power of two).
+__device__ __forceinline__ uint32_t lo_nibbles(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
+__device__ __forceinline__ uint32_t hi_nibbles(uint32_t w) { return w & 0xF0F0F0F0u; }
+
+// int32 -> float for |v| < 2^22 with two full-rate ops (integer add, float subtract) instead
+// of the quarter-rate I2F: 0x4B400000 is the float 1.5 * 2^23, whose ulp is 1. A group's
+// accumulator is at most 128 * 127 * 128 (int8 x int4*16) or 128 * 128 * 128 (int4*16 x int4*16)
+// in magnitude, below 2^22, so the conversion is exact.
+__device__ __forceinline__ float exact_float(int v) {
+  return __int_as_float(v + 0x4B400000) - 12582912.f;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ void store_out(void* out, DType dt, size_t i, float v) {
+  if (dt == DType::kHalf) static_cast<__half*>(out)[i] = __float2half_rn(v);
+  else if (dt == DType::kBFloat16) static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v);
+  else static_cast<float*>(out)[i] = v;
+}
+
+}  // namespace detail
+}  // namespace comet

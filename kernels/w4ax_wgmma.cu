@@ -1,0 +1,334 @@
+// The W4Ax GEMM on Hopper (sm_90a): wgmma tensor cores, TMA-staged operands, for prefill-sized M.
+//
+// Roles are swapped as in the decode kernel: the int4 weights are wgmma's A operand, expanded
+// to int8 in registers straight from a 16-byte shared-memory load per row and group (no
+// expansion pass through shared memory), and the tokens are the B operand, read by the tensor
+// cores from shared memory where the tensor memory accelerator (TMA) put them. The activations
+// arrive "wide" (w4ax.h): every group as int8, in the k order the weight fragments produce, so
+// B needs no expansion at all and the kernel does the same work for 4-bit and 8-bit groups.
+//
+// A block computes 128 output channels x 128 tokens: two warpgroups of 64 channels each share
+// the token tile. Thread 0 also issues the TMA copies of a 6-stage ring (tokens 16 KB, weights
+// 8 KB, activation scales 512 B per group), kLookahead groups ahead, and the stages are handed
+// over through mbarriers only, so the two warpgroups drift out of phase: while one rescales its
+// int32 group result on the CUDA cores (the per-group scales of the format), the other's wgmma
+// keeps the tensor cores busy. (No separate producer warp: with wgmma, ptxas budgets registers
+// for whole warpgroups, and a third one would cap the consumers at 168 registers.)
+#include "w4ax.h"
+#include "w4ax_common.cuh"
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+
+namespace comet {
+namespace {
+
+using detail::exact_float;
+using detail::hi_nibbles;
+using detail::lo_nibbles;
+using detail::store_out;
+using detail::word;
+
+constexpr int kWideN = 128;     // output channels per block (two warpgroups x 64)
+constexpr int kWideM = 128;     // tokens per block: the wgmma N
+constexpr int kWideStages = 6;
+// Groups loaded ahead of the one computed. Refilling the stage of group i + kLookahead waits
+// until every warp released group i + kLookahead - kWideStages = i - 2, which the other
+// warpgroup, at most about one group behind, has long done.
+[[maybe_unused]] constexpr int kLookahead = kWideStages - 2;
+constexpr int kWarps = 8;
+constexpr int kWideThreads = 32 * kWarps;
+
+struct alignas(1024) WideStage {
+  int8_t act[kWideM * kGroup];               // [token][128], 128-byte swizzled by the TMA
+  uint8_t w[kWideN * kGroup / 2];            // [channel][64 packed bytes]
+  float as[kWideM];                          // this group's activation scales
+};
+constexpr size_t kWideSmem = kWideStages * sizeof(WideStage) + 1024;  // + alignment slack
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+      "[%4];\n" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar))
+      : "memory");
+}
+
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_u32(dst)),
+               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
+}
+
+// Shared-memory matrix descriptor of a K-major tile whose rows are 128 bytes, 128-byte swizzled
+// (the TMA's CU_TENSOR_MAP_SWIZZLE_128B): 8-row core groups 1024 bytes apart. Adding 2 moves the
+// start 32 bytes along k, one k32 step of int8.
+__device__ __forceinline__ uint64_t desc_k_major_sw128(const void* tile) {
+  uint64_t d = (smem_u32(tile) & 0x3FFFF) >> 4;
+  d |= uint64_t{1} << 16;            // leading byte offset: unused for swizzled K-major tiles
+  d |= uint64_t{1024 >> 4} << 32;    // stride byte offset
+  d |= uint64_t{1} << 62;            // 128-byte swizzle
+  return d;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Orders the compiler's accesses to an accumulator after the preceding wgmma wait.
+__device__ __forceinline__ void fence_operand(int& r) { asm volatile("" : "+r"(r)::"memory"); }
+
+// One k32 step of a 64 x 128 warpgroup tile: d (int32, 64 registers per thread) += A (int8
+// weights from registers, the m16n8k32 A-fragment layout per warp) x B (int8 activations in
+// shared memory, 128 tokens x 32 k, described by `desc`). accumulate = false starts from zero.
+__device__ __forceinline__ void wgmma_s8_m64n128k32(int (&d)[64], const uint32_t (&a)[4], uint64_t desc,
+                                                    bool accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(static_cast<int>(accumulate)));
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+__global__ void __launch_bounds__(kWideThreads, 1)
+w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_constant__ CUtensorMap w_map,
+                      const float* __restrict__ scales_t, int Mpad, const __half* __restrict__ wscale,
+                      void* __restrict__ out, DType out_dtype, float* __restrict__ workspace, int M, int N,
+                      int Kpad, int split_k) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ uint8_t wide_smem[];
+  __shared__ __align__(8) uint64_t full[kWideStages], empty[kWideStages];
+  WideStage* st = reinterpret_cast<WideStage*>((reinterpret_cast<uintptr_t>(wide_smem) + 1023) & ~uintptr_t{1023});
+
+  const int G = Kpad / kGroup;
+  const int n0 = blockIdx.x * kWideN, m0 = blockIdx.y * kWideM;
+  const int per = (G + split_k - 1) / split_k;
+  const int g_begin = blockIdx.z * per, count = min(G, g_begin + per) - g_begin;
+  // The warp index through a shuffle: provably warp-uniform, so the compiler knows the role
+  // branch below does not split a warpgroup (else it serializes the wgmma instructions).
+  const int warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0), lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < kWideStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], kWarps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  // Scales of the tokens this tile holds; past M the stage keeps stale values, which only reach
+  // accumulator columns that are never stored.
+  const uint32_t as_bytes = 4u * static_cast<uint32_t>(min(kWideM, Mpad - m0));
+  auto produce = [&](int j) {  // thread 0: group g_begin + j into its stage
+    const int s = j % kWideStages, g = g_begin + j;
+    mbar_wait(&empty[s], ((j / kWideStages) & 1) ^ 1);
+    mbar_expect_tx(&full[s], sizeof(st->act) + sizeof(st->w) + as_bytes);
+    tma_load_2d(st[s].act, &act_map, g * kGroup, m0, &full[s]);
+    tma_load_2d(st[s].w, &w_map, g * (kGroup / 2), n0, &full[s]);
+    bulk_load(st[s].as, scales_t + static_cast<size_t>(g) * Mpad + m0, as_bytes, &full[s]);
+  };
+  if (threadIdx.x == 0)
+    for (int j = 0; j < min(kLookahead, count); ++j) produce(j);
+
+  // Warpgroup wg, warp wq of it: accumulator rows (output channels) r and r + 8 of the
+  // block, columns (tokens) 8j + 2 * tig + {0, 1}.
+  const int wg = warp >> 2, wq = warp & 3, gid = lane >> 2, tig = lane & 3;
+  const int r = wg * 64 + wq * 16 + gid;
+  const __half* ws_row[2] = {wscale + static_cast<size_t>(min(n0 + r, N - 1)) * G,
+                             wscale + static_cast<size_t>(min(n0 + r + 8, N - 1)) * G};
+  constexpr float kUnscale = 1.f / 16.f;  // the weights enter as code * 16
+  float ws[2] = {0.f, 0.f};
+  if (count > 0) {
+    ws[0] = __half2float(ws_row[0][g_begin]) * kUnscale;
+    ws[1] = __half2float(ws_row[1][g_begin]) * kUnscale;
+  }
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  int d[64];
+  for (int i = 0; i < count; ++i) {
+    const int s = i % kWideStages, g = g_begin + i;
+    float ws_next[2] = {0.f, 0.f};
+    if (i + 1 < count) {
+      ws_next[0] = __half2float(ws_row[0][g + 1]) * kUnscale;
+      ws_next[1] = __half2float(ws_row[1][g + 1]) * kUnscale;
+    }
+    if (threadIdx.x == 0 && i + kLookahead < count) produce(i + kLookahead);
+    mbar_wait(&full[s], (i / kWideStages) & 1);
+    const uint4 w0 = *reinterpret_cast<const uint4*>(st[s].w + r * (kGroup / 2) + tig * 16);
+    const uint4 w1 = *reinterpret_cast<const uint4*>(st[s].w + (r + 8) * (kGroup / 2) + tig * 16);
+    // All four k32 steps' fragments first: register writes between wgmma instructions would make
+    // the compiler fence (serialize) them.
+    uint32_t a[4][4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint32_t x = word(w0, k), y = word(w1, k);
+      a[k][0] = lo_nibbles(x);
+      a[k][1] = lo_nibbles(y);
+      a[k][2] = hi_nibbles(x);
+      a[k][3] = hi_nibbles(y);
+    }
+    const uint64_t desc = desc_k_major_sw128(st[s].act);
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < 4; ++k) wgmma_s8_m64n128k32(d, a[k], desc + 2 * k, k > 0);
+    wgmma_commit();
+    float2 as[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) as[j] = *reinterpret_cast<const float2*>(st[s].as + 8 * j + 2 * tig);
+    wgmma_wait_all();
+#pragma unroll
+    for (int e = 0; e < 64; ++e) fence_operand(d[e]);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]);  // this warp is done with the stage
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float sa = (e & 1) ? as[j].y : as[j].x;
+        acc[4 * j + e] = fmaf(exact_float(d[4 * j + e]), ws[e >> 1] * sa, acc[4 * j + e]);
+      }
+    }
+    ws[0] = ws_next[0];
+    ws[1] = ws_next[1];
+  }
+  if (count <= 0) return;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int m = m0 + 8 * j + 2 * tig + (e & 1), n = n0 + r + 8 * (e >> 1);
+      if (m >= M || n >= N) continue;
+      const size_t idx = static_cast<size_t>(m) * N + n;
+      if (split_k > 1) atomicAdd(workspace + idx, acc[4 * j + e]);
+      else store_out(out, out_dtype, idx, acc[4 * j + e]);
+    }
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+__global__ void wide_convert_kernel(const float* __restrict__ src, void* __restrict__ dst, DType dt, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    store_out(dst, dt, i, src[i]);
+}
+
+// cuTensorMapEncodeTiled from the driver, found through the runtime (no -lcuda at link time).
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      p = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// A 2-D uint8 tensor map: rows x cols bytes (row stride = cols), box box_rows x box_cols.
+bool make_map(CUtensorMap* map, const void* base, uint64_t rows, uint64_t cols, uint32_t box_rows,
+              uint32_t box_cols, CUtensorMapSwizzle swizzle) {
+  const auto encode = encode_tiled();
+  if (!encode) return false;
+  const cuuint64_t dims[2] = {cols, rows};
+  const cuuint64_t strides[1] = {cols};
+  const cuuint32_t box[2] = {box_cols, box_rows};
+  const cuuint32_t elem[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides, box, elem,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+}  // namespace
+
+int choose_wide_split_k(int M, int N, int Kpad, int num_sms) {
+  const int tiles = ((M + kWideM - 1) / kWideM) * ((N + kWideN - 1) / kWideN);
+  const int G = Kpad / kGroup;
+  int split = 1;
+  // Keep at least 8 groups per split so the 4-stage ring has something to overlap.
+  while (tiles * split < num_sms && split * 2 * 8 <= G) split *= 2;
+  return split;
+}
+
+cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
+                                const void* wscale, void* out, DType out_dtype, int M, int N, int Kpad,
+                                int split_k, float* workspace, cudaStream_t stream) {
+  if (M == 0 || N == 0) return cudaSuccess;
+  int dev = 0, major = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e != cudaSuccess) return e;
+  if (major != 9) return cudaErrorNotSupported;
+  CUtensorMap act_map, w_map;
+  if (!make_map(&act_map, qa, M, Kpad, kWideM, kGroup, CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !make_map(&w_map, qweight, N, Kpad / 2, kWideN, kGroup / 2, CU_TENSOR_MAP_SWIZZLE_NONE))
+    return cudaErrorInvalidValue;
+  const int G = Kpad / kGroup;
+  split_k = std::max(1, std::min(split_k, G));
+  if (split_k > 1) {
+    e = cudaMemsetAsync(workspace, 0, sizeof(float) * static_cast<size_t>(M) * N, stream);
+    if (e != cudaSuccess) return e;
+  }
+  e = allow_dynamic_smem(w4ax_gemm_wide_kernel, kWideSmem);
+  if (e != cudaSuccess) return e;
+  const dim3 grid((N + kWideN - 1) / kWideN, (M + kWideM - 1) / kWideM, split_k);
+  w4ax_gemm_wide_kernel<<<grid, kWideThreads, kWideSmem, stream>>>(
+      act_map, w_map, scales_t, Mpad, static_cast<const __half*>(wscale), out, out_dtype, workspace, M, N, Kpad,
+      split_k);
+  e = cudaGetLastError();
+  if (e != cudaSuccess || split_k == 1) return e;
+  const size_t n = static_cast<size_t>(M) * N;
+  const int blocks = static_cast<int>(std::min<size_t>((n + 255) / 256, 4096));
+  wide_convert_kernel<<<blocks, 256, 0, stream>>>(workspace, out, out_dtype, n);
+  return cudaGetLastError();
+}
+
+}  // namespace comet
