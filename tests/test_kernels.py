@@ -187,7 +187,7 @@ def test_gemm_wide_integer_accumulation_exact(kernels, m, k8_frac):
     scales_t = torch.ones(g, -(-m // 4) * 4, device="cuda")
     sw = torch.ones(n, g, device="cuda", dtype=torch.float16)
     ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, sw, torch.float32)
-    assert ref.abs().max() > 1000  # real data, not zeros
+    assert ref.abs().max() > 100  # real data, not zeros
     for split in (0, 1, 3, 8):
         y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, sw, split, torch.float32)
         assert torch.equal(y, ref), (m, g8, split, (y - ref).abs().max())
