@@ -138,6 +138,9 @@ def build(verbose: bool = False) -> Path:
     for name in SOURCES + HEADERS:
         digest.update((src / name).read_bytes())
     arch, flags = _arch_flags()
+    # Extra nvcc flags for kernel experiments (e.g. -D switches); part of the build's identity.
+    flags += os.environ.get("COMET_QUANT_NVCC_FLAGS", "").split()
+    digest.update(" ".join(flags).encode())
     tag = f"sm{arch}-{digest.hexdigest()[:12]}"
     build_dir = cache_dir() / "kernels" / tag
     build_dir.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,11 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
+#include <cstddef>
 
 namespace comet {
 namespace {
 
-using detail::exact_float;
 using detail::hi_nibbles;
 using detail::lo_nibbles;
 using detail::store_out;
@@ -57,15 +57,14 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
 }
 
+// The spin loop lives inside the asm (labels are local to its braces): as a C++ loop it would be
+// a divergent path to the compiler, which then serializes the wgmma in flight around it.
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n" ::"r"(
+          smem_u32(bar)),
+      "r"(parity)
+      : "memory");
 }
 
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
@@ -92,6 +91,18 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
                : "memory");
 }
 
+// Shared-memory loads by address (the stages are addressed from one aligned base).
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ float2 lds64f(uint32_t addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr));
+  return v;
+}
+
 // Shared-memory matrix descriptor of a K-major tile whose rows are 128 bytes, 128-byte swizzled
 // (the TMA's CU_TENSOR_MAP_SWIZZLE_128B): 8-row core groups 1024 bytes apart. Adding 2 moves the
 // start 32 bytes along k, one k32 step of int8.
@@ -105,15 +116,16 @@ __device__ __forceinline__ uint64_t desc_k_major_sw128(const void* tile) {
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // Orders the compiler's accesses to an accumulator after the preceding wgmma wait.
 __device__ __forceinline__ void fence_operand(int& r) { asm volatile("" : "+r"(r)::"memory"); }
 
 // One k32 step of a 64 x 128 warpgroup tile: d (int32, 64 registers per thread) += A (int8
 // weights from registers, the m16n8k32 A-fragment layout per warp) x B (int8 activations in
-// shared memory, 128 tokens x 32 k, described by `desc`). accumulate = false starts from zero.
-__device__ __forceinline__ void wgmma_s8_m64n128k32(int (&d)[64], const uint32_t (&a)[4], uint64_t desc,
-                                                    bool accumulate) {
+// shared memory, 128 tokens x 32 k, described by `desc`). ACCUMULATE = false starts from zero.
+template <bool ACCUMULATE>
+__device__ __forceinline__ void wgmma_s8_m64n128k32(int (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
@@ -130,7 +142,7 @@ __device__ __forceinline__ void wgmma_s8_m64n128k32(int (&d)[64], const uint32_t
         "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
         "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
         "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(static_cast<int>(accumulate)));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -168,6 +180,12 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   auto produce = [&](int j) {  // thread 0: group g_begin + j into its stage
     const int s = j % kWideStages, g = g_begin + j;
     mbar_wait(&empty[s], ((j / kWideStages) & 1) ^ 1);
+#ifdef COMET_WIDE_SKIP_LOAD  // experiment switch: after the first ring, compute on stale stages
+    if (j >= kWideStages) {
+      mbar_arrive(&full[s]);
+      return;
+    }
+#endif
     mbar_expect_tx(&full[s], sizeof(st->act) + sizeof(st->w) + as_bytes);
     tma_load_2d(st[s].act, &act_map, g * kGroup, m0, &full[s]);
     tma_load_2d(st[s].w, &w_map, g * (kGroup / 2), n0, &full[s]);
@@ -182,27 +200,20 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   const int r = wg * 64 + wq * 16 + gid;
   const __half* ws_row[2] = {wscale + static_cast<size_t>(min(n0 + r, N - 1)) * G,
                              wscale + static_cast<size_t>(min(n0 + r + 8, N - 1)) * G};
-  constexpr float kUnscale = 1.f / 16.f;  // the weights enter as code * 16
-  float ws[2] = {0.f, 0.f};
-  if (count > 0) {
-    ws[0] = __half2float(ws_row[0][g_begin]) * kUnscale;
-    ws[1] = __half2float(ws_row[1][g_begin]) * kUnscale;
-  }
-  float acc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-  int d[64];
-  for (int i = 0; i < count; ++i) {
-    const int s = i % kWideStages, g = g_begin + i;
-    float ws_next[2] = {0.f, 0.f};
-    if (i + 1 < count) {
-      ws_next[0] = __half2float(ws_row[0][g + 1]) * kUnscale;
-      ws_next[1] = __half2float(ws_row[1][g + 1]) * kUnscale;
-    }
+  const uint32_t stage0 = smem_u32(st);
+  const uint32_t w_off = offsetof(WideStage, w) + r * (kGroup / 2) + tig * 16;
+  const uint32_t as_off = offsetof(WideStage, as) + 8 * tig;
+  const uint64_t desc0 = desc_k_major_sw128(st[0].act);
+
+  // Issues the four wgmma of group i into d (int32, from zero) and returns the group's two weight
+  // scales, still fp16; the wgmma run on while the caller rescales the previous group.
+  auto issue = [&](int i, int (&d)[64], __half2& ws) {
+    const int s = i % kWideStages;
+    ws = __halves2half2(ws_row[0][g_begin + i], ws_row[1][g_begin + i]);
     if (threadIdx.x == 0 && i + kLookahead < count) produce(i + kLookahead);
     mbar_wait(&full[s], (i / kWideStages) & 1);
-    const uint4 w0 = *reinterpret_cast<const uint4*>(st[s].w + r * (kGroup / 2) + tig * 16);
-    const uint4 w1 = *reinterpret_cast<const uint4*>(st[s].w + (r + 8) * (kGroup / 2) + tig * 16);
+    const uint32_t base = stage0 + s * static_cast<uint32_t>(sizeof(WideStage));
+    const uint4 w0 = lds128(base + w_off), w1 = lds128(base + w_off + 8 * (kGroup / 2));
     // All four k32 steps' fragments first: register writes between wgmma instructions would make
     // the compiler fence (serialize) them.
     uint32_t a[4][4];
@@ -214,30 +225,76 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       a[k][2] = hi_nibbles(x);
       a[k][3] = hi_nibbles(y);
     }
-    const uint64_t desc = desc_k_major_sw128(st[s].act);
+    // Descriptors too: one k32 step is 32 bytes further along the swizzled rows.
+    uint64_t desc[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
+#ifndef COMET_WIDE_SKIP_MMA  // experiment switch: time the pipeline without the tensor cores
     wgmma_fence();
+    wgmma_s8_m64n128k32<false>(d, a[0], desc[0]);
+    wgmma_s8_m64n128k32<true>(d, a[1], desc[1]);
+    wgmma_s8_m64n128k32<true>(d, a[2], desc[2]);
+    wgmma_s8_m64n128k32<true>(d, a[3], desc[3]);
+#else
 #pragma unroll
-    for (int k = 0; k < 4; ++k) wgmma_s8_m64n128k32(d, a[k], desc + 2 * k, k > 0);
+    for (int e = 0; e < 64; ++e) d[e] = static_cast<int>(a[e & 3][(e >> 2) & 3] ^ desc[e & 3]);
+#endif
     wgmma_commit();
-    float2 as[16];
+  };
+
+  // Folds group i's int32 result d into the float accumulators, then hands its stage back.
+  // Per element: t = d * ws exactly rounded, with the int -> float conversion folded into the
+  // FMA (0x4B400000 + d is the float 1.5 * 2^23 + d, exact for |d| < 2^22, and 1.5 * 2^23 * ws
+  // is exact: ws has 11 significant bits), then acc += t * as. Three instructions.
+  float acc[64];
 #pragma unroll
-    for (int j = 0; j < 16; ++j) as[j] = *reinterpret_cast<const float2*>(st[s].as + 8 * j + 2 * tig);
-    wgmma_wait_all();
+  for (int e = 0; e < 64; ++e) acc[e] = 0.f;
+  auto rescale = [&](int i, int (&d)[64], __half2 ws_h) {
 #pragma unroll
     for (int e = 0; e < 64; ++e) fence_operand(d[e]);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[s]);  // this warp is done with the stage
+    constexpr float kUnscale = 1.f / 16.f;  // the weights enter as code * 16
+    const float2 wsf = __half22float2(ws_h);
+    const float ws[2] = {wsf.x * kUnscale, wsf.y * kUnscale};
+    const float off[2] = {-12582912.f * ws[0], -12582912.f * ws[1]};
+    const uint32_t base = stage0 + (i % kWideStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
+      const float2 as = lds64f(base + 32 * j);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float sa = (e & 1) ? as[j].y : as[j].x;
-        acc[4 * j + e] = fmaf(exact_float(d[4 * j + e]), ws[e >> 1] * sa, acc[4 * j + e]);
+#ifndef COMET_WIDE_SKIP_RESCALE  // experiment switch: time the pipeline without the rescale
+        const float t = fmaf(__int_as_float(d[4 * j + e] + 0x4B400000), ws[e >> 1], off[e >> 1]);
+        acc[4 * j + e] = fmaf(t, (e & 1) ? as.y : as.x, acc[4 * j + e]);
+#else
+        acc[4 * j + e] += __int_as_float(d[4 * j + e]) + ((e & 1) ? as.y : as.x) + ws[e >> 1];
+#endif
       }
     }
-    ws[0] = ws_next[0];
-    ws[1] = ws_next[1];
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[i % kWideStages]);  // this warp is done with the stage
+  };
+
+  // Two accumulator sets: group i + 1 is issued before group i is rescaled, so each warpgroup
+  // keeps the tensor cores busy through its own rescale (unrolled by two so the sets stay in
+  // registers).
+  int d0[64], d1[64];
+  __half2 ws0, ws1;
+  // When there is no next group, an empty commit group keeps "wait until one group is pending"
+  // uniform (branches around waits would make the compiler serialize the wgmma).
+  if (count > 0) issue(0, d0, ws0);
+  for (int i = 0; i < count; i += 2) {
+    if (i + 1 < count) issue(i + 1, d1, ws1);
+    else wgmma_commit();
+    wgmma_wait<1>();
+    rescale(i, d0, ws0);
+    if (i + 1 < count) {
+      if (i + 2 < count) issue(i + 2, d0, ws0);
+      else wgmma_commit();
+      wgmma_wait<1>();
+      rescale(i + 1, d1, ws1);
+    }
   }
+  wgmma_wait<0>();
   if (count <= 0) return;
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
