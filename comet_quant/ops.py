@@ -21,9 +21,11 @@ GROUP = 128  # kernels/w4ax.h kGroup
 SOURCES = ("binding.cpp", "w4ax_kernels.cu", "w4ax_wgmma.cu", "kv4_kernels.cu")
 HEADERS = ("w4ax.h", "w4ax_common.cuh", "kv4.h")
 _state: dict = {"loaded": False, "error": None}
-# From this many tokens on, an sm_90 GPU runs the wgmma GEMM on wide activations (measured on
-# H100: docs/BENCHMARKS.md); fewer tokens take the decode or tiled mma.sync kernels.
-WIDE_MIN_M = 64
+# From this many tokens on, an sm_90 GPU runs the wgmma GEMM on wide activations; fewer tokens
+# take the decode or tiled mma.sync kernels (measured on H100, docs/BENCHMARKS.md: at M = 64
+# the two are within 10% either way, half of the wgmma kernel's 128-token tile idle; at
+# M = 256 the wgmma kernel is 1.4-2x faster).
+WIDE_MIN_M = 65
 
 
 def _wide_position(c: int) -> int:

@@ -81,7 +81,7 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
                                 const void* wscale, void* out, DType out_dtype, int M, int N, int Kpad,
                                 int split_k, float* workspace, cudaStream_t stream);
 
-// split_k for the wide GEMM: enough K splits that the tiles cover `num_sms` multiprocessors.
+// split_k for the wide GEMM: K splits only where the tiles fill less than half of `num_sms`.
 int choose_wide_split_k(int M, int N, int Kpad, int num_sms);
 
 }  // namespace comet
