@@ -31,22 +31,28 @@ using detail::lo_nibbles;
 using detail::store_out;
 using detail::word;
 
-constexpr int kWideN = 128;     // output channels per block (two warpgroups x 64)
-constexpr int kWideM = 128;     // tokens per block: the wgmma N
+constexpr int kWarpgroups = 2;               // 64 output channels each (3 x 64 measured slower)
+constexpr int kWideN = 64 * kWarpgroups;      // output channels per block
 constexpr int kWideStages = 6;
 // Groups loaded ahead of the one computed. Refilling the stage of group i + kLookahead waits
 // until every warp released group i + kLookahead - kWideStages = i - 2, which the other
 // warpgroup, at most about one group behind, has long done.
 [[maybe_unused]] constexpr int kLookahead = kWideStages - 2;
-constexpr int kWarps = 8;
+constexpr int kWarps = 4 * kWarpgroups;
 constexpr int kWideThreads = 32 * kWarps;
 
+// Tokens per block (the wgmma N) is a template parameter: 128, or 96 for large M (measured on
+// H100: 5-9% faster at M = 4096, where the partial last tile costs nothing; slower at M <= 1024).
+template <int TOKENS>
 struct alignas(1024) WideStage {
-  int8_t act[kWideM * kGroup];               // [token][128], 128-byte swizzled by the TMA
+  int8_t act[TOKENS * kGroup];               // [token][128], 128-byte swizzled by the TMA
   uint8_t w[kWideN * kGroup / 2];            // [channel][64 packed bytes]
-  float as[kWideM];                          // this group's activation scales
+  float as[TOKENS];                          // this group's activation scales
 };
-constexpr size_t kWideSmem = kWideStages * sizeof(WideStage) + 1024;  // + alignment slack
+template <int TOKENS>
+constexpr size_t kWideSmem = kWideStages * sizeof(WideStage<TOKENS>) + 1024;  // + alignment slack
+
+int wide_tokens(int M) { return M >= 2048 ? 96 : 128; }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -121,11 +127,12 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // Orders the compiler's accesses to an accumulator after the preceding wgmma wait.
 __device__ __forceinline__ void fence_operand(int& r) { asm volatile("" : "+r"(r)::"memory"); }
 
-// One k32 step of a 64 x 128 warpgroup tile: d (int32, 64 registers per thread) += A (int8
-// weights from registers, the m16n8k32 A-fragment layout per warp) x B (int8 activations in
-// shared memory, 128 tokens x 32 k, described by `desc`). ACCUMULATE = false starts from zero.
+// One k32 step of a 64 x N warpgroup tile: d (int32, N / 2 registers per thread) += A
+// (int8 weights from registers, the m16n8k32 A-fragment layout per warp) x B (int8 activations
+// in shared memory, N tokens x 32 k, described by `desc`). ACCUMULATE = false starts from
+// zero. One overload per tile width (the register count picks it).
 template <bool ACCUMULATE>
-__device__ __forceinline__ void wgmma_s8_m64n128k32(int (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
+__device__ __forceinline__ void wgmma_s8(int (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
@@ -145,14 +152,73 @@ __device__ __forceinline__ void wgmma_s8_m64n128k32(int (&d)[64], const uint32_t
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
 }
 
+template <bool ACCUMULATE>
+__device__ __forceinline__ void wgmma_s8(int (&d)[48], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %53, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n96k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, "
+      "{%48, %49, %50, %51}, %52, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
+}
+
+template <bool ACCUMULATE>
+__device__ __forceinline__ void wgmma_s8(int (&d)[40], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %45, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n80k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}, "
+      "{%40, %41, %42, %43}, %44, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
+}
+
+template <bool ACCUMULATE>
+__device__ __forceinline__ void wgmma_s8(int (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
+template <int TOKENS>
 __global__ void __launch_bounds__(kWideThreads, 1)
 w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_constant__ CUtensorMap w_map,
                       const float* __restrict__ scales_t, int Mpad, const __half* __restrict__ wscale,
                       void* __restrict__ out, DType out_dtype, float* __restrict__ workspace, int M, int N,
                       int Kpad, int split_k) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kWideM = TOKENS;
+  constexpr int kAccRegs = kWideM / 2;     // int32 accumulators per thread per set
+  constexpr int kTokenTiles = kWideM / 8;  // 8-token column groups of the accumulator
+  using WideStage = comet::WideStage<TOKENS>;
   extern __shared__ uint8_t wide_smem[];
   __shared__ __align__(8) uint64_t full[kWideStages], empty[kWideStages];
   WideStage* st = reinterpret_cast<WideStage*>((reinterpret_cast<uintptr_t>(wide_smem) + 1023) & ~uintptr_t{1023});
@@ -207,7 +273,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
 
   // Issues the four wgmma of group i into d (int32, from zero) and returns the group's two weight
   // scales, still fp16; the wgmma run on while the caller rescales the previous group.
-  auto issue = [&](int i, int (&d)[64], __half2& ws) {
+  auto issue = [&](int i, int (&d)[kAccRegs], __half2& ws) {
     const int s = i % kWideStages;
     ws = __halves2half2(ws_row[0][g_begin + i], ws_row[1][g_begin + i]);
     if (threadIdx.x == 0 && i + kLookahead < count) produce(i + kLookahead);
@@ -231,13 +297,13 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     for (int k = 0; k < 4; ++k) desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
 #ifndef COMET_WIDE_SKIP_MMA  // experiment switch: time the pipeline without the tensor cores
     wgmma_fence();
-    wgmma_s8_m64n128k32<false>(d, a[0], desc[0]);
-    wgmma_s8_m64n128k32<true>(d, a[1], desc[1]);
-    wgmma_s8_m64n128k32<true>(d, a[2], desc[2]);
-    wgmma_s8_m64n128k32<true>(d, a[3], desc[3]);
+    wgmma_s8<false>(d, a[0], desc[0]);
+    wgmma_s8<true>(d, a[1], desc[1]);
+    wgmma_s8<true>(d, a[2], desc[2]);
+    wgmma_s8<true>(d, a[3], desc[3]);
 #else
 #pragma unroll
-    for (int e = 0; e < 64; ++e) d[e] = static_cast<int>(a[e & 3][(e >> 2) & 3] ^ desc[e & 3]);
+    for (int e = 0; e < kAccRegs; ++e) d[e] = static_cast<int>(a[e & 3][(e >> 2) & 3] ^ desc[e & 3]);
 #endif
     wgmma_commit();
   };
@@ -246,19 +312,19 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   // Per element: t = d * ws exactly rounded, with the int -> float conversion folded into the
   // FMA (0x4B400000 + d is the float 1.5 * 2^23 + d, exact for |d| < 2^22, and 1.5 * 2^23 * ws
   // is exact: ws has 11 significant bits), then acc += t * as. Three instructions.
-  float acc[64];
+  float acc[kAccRegs];
 #pragma unroll
-  for (int e = 0; e < 64; ++e) acc[e] = 0.f;
-  auto rescale = [&](int i, int (&d)[64], __half2 ws_h) {
+  for (int e = 0; e < kAccRegs; ++e) acc[e] = 0.f;
+  auto rescale = [&](int i, int (&d)[kAccRegs], __half2 ws_h) {
 #pragma unroll
-    for (int e = 0; e < 64; ++e) fence_operand(d[e]);
+    for (int e = 0; e < kAccRegs; ++e) fence_operand(d[e]);
     constexpr float kUnscale = 1.f / 16.f;  // the weights enter as code * 16
     const float2 wsf = __half22float2(ws_h);
     const float ws[2] = {wsf.x * kUnscale, wsf.y * kUnscale};
     const float off[2] = {-12582912.f * ws[0], -12582912.f * ws[1]};
     const uint32_t base = stage0 + (i % kWideStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < kTokenTiles; ++j) {
       const float2 as = lds64f(base + 32 * j);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -277,27 +343,35 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   // Two accumulator sets: group i + 1 is issued before group i is rescaled, so each warpgroup
   // keeps the tensor cores busy through its own rescale (unrolled by two so the sets stay in
   // registers).
-  int d0[64], d1[64];
+  int d0[kAccRegs], d1[kAccRegs];
   __half2 ws0, ws1;
-  // When there is no next group, an empty commit group keeps "wait until one group is pending"
-  // uniform (branches around waits would make the compiler serialize the wgmma).
-  if (count > 0) issue(0, d0, ws0);
-  for (int i = 0; i < count; i += 2) {
-    if (i + 1 < count) issue(i + 1, d1, ws1);
-    else wgmma_commit();
+  if (count <= 0) return;
+  // Every wgmma in the steady-state loop is issued unconditionally: a branch that issues on one
+  // path and not the other merges in-flight accumulators, and the compiler then serializes
+  // the wgmma. The last one or two groups are finished after the loop, where nothing is left
+  // in flight at the merge.
+  issue(0, d0, ws0);
+  int i = 0;
+  for (; i + 2 < count; i += 2) {
+    issue(i + 1, d1, ws1);
     wgmma_wait<1>();
     rescale(i, d0, ws0);
-    if (i + 1 < count) {
-      if (i + 2 < count) issue(i + 2, d0, ws0);
-      else wgmma_commit();
-      wgmma_wait<1>();
-      rescale(i + 1, d1, ws1);
-    }
+    issue(i + 2, d0, ws0);
+    wgmma_wait<1>();
+    rescale(i + 1, d1, ws1);
   }
-  wgmma_wait<0>();
-  if (count <= 0) return;
+  if (i + 1 < count) {
+    issue(i + 1, d1, ws1);
+    wgmma_wait<1>();
+    rescale(i, d0, ws0);
+    wgmma_wait<0>();
+    rescale(i + 1, d1, ws1);
+  } else {
+    wgmma_wait<0>();
+    rescale(i, d0, ws0);
+  }
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
+  for (int j = 0; j < kTokenTiles; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int m = m0 + 8 * j + 2 * tig + (e & 1), n = n0 + r + 8 * (e >> 1);
@@ -347,15 +421,33 @@ bool make_map(CUtensorMap* map, const void* base, uint64_t rows, uint64_t cols, 
 }  // namespace
 
 int choose_wide_split_k(int M, int N, int Kpad, int num_sms) {
-  const int tiles = ((M + kWideM - 1) / kWideM) * ((N + kWideN - 1) / kWideN);
+  const int tokens = wide_tokens(M);
+  const int tiles = ((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN);
   const int G = Kpad / kGroup;
   int split = 1;
-  // Split only while the grid stays within one wave and each split keeps 8+ groups for the
+  // Split only while the grid stays within half a wave and each split keeps 8+ groups for the
   // ring: the float32 workspace (memset, atomics, conversion) costs more than a partly idle
   // GPU otherwise (measured on H100 at M = 256: 8B qkv, 96 tiles, 0.050 ms split in two vs
   // 0.034 unsplit; 8B down, 64 tiles and 112 groups, 0.071 split vs 0.107).
   while (tiles * split * 2 <= num_sms && G / (split * 2) >= 8) split *= 2;
   return split;
+}
+
+template <int TOKENS>
+cudaError_t launch_wide(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
+                        const void* wscale, void* out, DType out_dtype, int M, int N, int Kpad, int split_k,
+                        float* workspace, cudaStream_t stream) {
+  CUtensorMap act_map, w_map;
+  if (!make_map(&act_map, qa, M, Kpad, TOKENS, kGroup, CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !make_map(&w_map, qweight, N, Kpad / 2, kWideN, kGroup / 2, CU_TENSOR_MAP_SWIZZLE_NONE))
+    return cudaErrorInvalidValue;
+  cudaError_t e = allow_dynamic_smem(w4ax_gemm_wide_kernel<TOKENS>, kWideSmem<TOKENS>);
+  if (e != cudaSuccess) return e;
+  const dim3 grid((N + kWideN - 1) / kWideN, (M + TOKENS - 1) / TOKENS, split_k);
+  w4ax_gemm_wide_kernel<TOKENS><<<grid, kWideThreads, kWideSmem<TOKENS>, stream>>>(
+      act_map, w_map, scales_t, Mpad, static_cast<const __half*>(wscale), out, out_dtype, workspace, M, N, Kpad,
+      split_k);
+  return cudaGetLastError();
 }
 
 cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
@@ -367,23 +459,17 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   if (e != cudaSuccess) return e;
   if (major != 9) return cudaErrorNotSupported;
-  CUtensorMap act_map, w_map;
-  if (!make_map(&act_map, qa, M, Kpad, kWideM, kGroup, CU_TENSOR_MAP_SWIZZLE_128B) ||
-      !make_map(&w_map, qweight, N, Kpad / 2, kWideN, kGroup / 2, CU_TENSOR_MAP_SWIZZLE_NONE))
-    return cudaErrorInvalidValue;
   const int G = Kpad / kGroup;
   split_k = std::max(1, std::min(split_k, G));
   if (split_k > 1) {
     e = cudaMemsetAsync(workspace, 0, sizeof(float) * static_cast<size_t>(M) * N, stream);
     if (e != cudaSuccess) return e;
   }
-  e = allow_dynamic_smem(w4ax_gemm_wide_kernel, kWideSmem);
-  if (e != cudaSuccess) return e;
-  const dim3 grid((N + kWideN - 1) / kWideN, (M + kWideM - 1) / kWideM, split_k);
-  w4ax_gemm_wide_kernel<<<grid, kWideThreads, kWideSmem, stream>>>(
-      act_map, w_map, scales_t, Mpad, static_cast<const __half*>(wscale), out, out_dtype, workspace, M, N, Kpad,
-      split_k);
-  e = cudaGetLastError();
+  e = wide_tokens(M) == 96
+          ? launch_wide<96>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, split_k, workspace,
+                            stream)
+          : launch_wide<128>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, split_k, workspace,
+                             stream);
   if (e != cudaSuccess || split_k == 1) return e;
   const size_t n = static_cast<size_t>(M) * N;
   const int blocks = static_cast<int>(std::min<size_t>((n + 255) / 256, 4096));
