@@ -6,7 +6,7 @@ subprocess (COMET_QUANT_NVCC_FLAGS is part of the build's identity) and timed th
 scripts/bench_kernels.py (CUDA-graph replays, weights rotating past L2). Skip builds compute
 wrong results on purpose: they only say where the time goes.
 
-    python scripts/bench_wgmma_variants.py --variants "" "-DCOMET_WIDE_SKIP_RESCALE" --quick
+    python scripts/bench_wgmma_variants.py --quick --variant=base --variant=-DCOMET_WIDE_SKIP_RESCALE
 """
 from __future__ import annotations
 
@@ -46,16 +46,17 @@ def run_variant(quick: bool) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", nargs="*", default=["", "-DCOMET_WIDE_SKIP_RESCALE", "-DCOMET_WIDE_SKIP_MMA",
-                                                      "-DCOMET_WIDE_SKIP_LOAD"])
+    ap.add_argument("--variant", action="append", metavar="FLAGS",
+                    help="nvcc flags of one build, written --variant=FLAGS ('base': none); repeatable")
     ap.add_argument("--quick", action="store_true", help="8B gate+up at M = 4096 only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return run_variant(args.quick)
     print("| build flags | shape | M | ms | equivalent TOPS |\n|---|---|---|---|---|", flush=True)
-    for flags in args.variants:
-        env = dict(os.environ, COMET_QUANT_NVCC_FLAGS=flags)
+    variants = args.variant or ["base", "-DCOMET_WIDE_SKIP_RESCALE", "-DCOMET_WIDE_SKIP_MMA", "-DCOMET_WIDE_SKIP_LOAD"]
+    for flags in variants:
+        env = dict(os.environ, COMET_QUANT_NVCC_FLAGS="" if flags == "base" else flags)
         cmd = [sys.executable, __file__, "--child"] + (["--quick"] if args.quick else [])
         subprocess.run(cmd, env=env, check=True)
 
