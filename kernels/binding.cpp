@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
+
 #include "kv4.h"
 #include "w4ax.h"
 
@@ -30,8 +32,8 @@ void check_cuda(cudaError_t e, const char* what) {
   TORCH_CHECK(e == cudaSuccess, "comet: ", what, " failed: ", cudaGetErrorString(e));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, const at::Tensor& perm,
-                                                            int64_t groups8, bool rotate) {
+// The activation-quantization inputs: x [M, K] fp16/bf16 and perm [Kpad]; returns {M, K, Kpad}.
+std::array<int64_t, 3> check_act_input(const at::Tensor& x, const at::Tensor& perm, int64_t groups8) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "comet: x must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "comet: x must be float16 or bfloat16");
@@ -39,8 +41,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x,
   const int64_t M = x.size(0), K = x.size(1), Kpad = perm.size(0);
   TORCH_CHECK(Kpad % comet::kGroup == 0 && Kpad >= K, "comet: perm length must be a multiple of ",
               comet::kGroup, " and >= K");
+  TORCH_CHECK(groups8 >= 0 && groups8 <= Kpad / comet::kGroup, "comet: groups8 out of range");
+  return {M, K, Kpad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, const at::Tensor& perm,
+                                                            int64_t groups8, bool rotate) {
+  const auto [M, K, Kpad] = check_act_input(x, perm, groups8);
   const int64_t G = Kpad / comet::kGroup;
-  TORCH_CHECK(groups8 >= 0 && groups8 <= G, "comet: groups8 out of range");
   const c10::cuda::CUDAGuard guard(x.device());
   auto opts = x.options();
   at::Tensor q8 = at::empty({M, groups8 * comet::kGroup}, opts.dtype(at::kChar));
@@ -91,15 +99,8 @@ at::Tensor w4ax_gemm(const at::Tensor& q8, const at::Tensor& q4, const at::Tenso
 // padding zero.
 std::tuple<at::Tensor, at::Tensor> quantize_act_wide(const at::Tensor& x, const at::Tensor& perm, int64_t groups8,
                                                      bool rotate) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "comet: x must be a contiguous 2-D CUDA tensor");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "comet: x must be float16 or bfloat16");
-  check(perm, "perm", at::kInt, 1);
-  const int64_t M = x.size(0), K = x.size(1), Kpad = perm.size(0);
-  TORCH_CHECK(Kpad % comet::kGroup == 0 && Kpad >= K, "comet: perm length must be a multiple of ",
-              comet::kGroup, " and >= K");
+  const auto [M, K, Kpad] = check_act_input(x, perm, groups8);
   const int64_t G = Kpad / comet::kGroup, Mpad = (M + 3) / 4 * 4;
-  TORCH_CHECK(groups8 >= 0 && groups8 <= G, "comet: groups8 out of range");
   const c10::cuda::CUDAGuard guard(x.device());
   auto opts = x.options();
   at::Tensor qa = at::empty({M, Kpad}, opts.dtype(at::kChar));

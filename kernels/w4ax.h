@@ -81,6 +81,10 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
                                 const void* wscale, void* out, DType out_dtype, int M, int N, int Kpad,
                                 int split_k, float* workspace, cudaStream_t stream);
 
+// The last step of a split-K GEMM: the float32 workspace [n] -> out (fp16 / bf16 / fp32).
+cudaError_t store_split_k_result(const float* workspace, void* out, DType out_dtype, size_t n,
+                                 cudaStream_t stream);
+
 // split_k for the wide GEMM: K splits only where the tiles fill less than half of `num_sms`.
 int choose_wide_split_k(int M, int N, int Kpad, int num_sms);
 

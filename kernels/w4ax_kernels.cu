@@ -659,7 +659,11 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
       : launch<64, kBN, 2, 2, kStages>(use_int4_mma, grid, q8, q4, ascale, qweight, wscale, out, out_dtype,
                               workspace, M, N, Kpad, groups8, split_k, stream);
   if (e != cudaSuccess || split_k == 1) return e;
-  const size_t n = static_cast<size_t>(M) * N;
+  return store_split_k_result(workspace, out, out_dtype, static_cast<size_t>(M) * N, stream);
+}
+
+cudaError_t store_split_k_result(const float* workspace, void* out, DType out_dtype, size_t n,
+                                 cudaStream_t stream) {
   const int blocks = static_cast<int>(std::min<size_t>((n + 255) / 256, 4096));
   convert_kernel<<<blocks, 256, 0, stream>>>(workspace, out, out_dtype, n);
   return cudaGetLastError();

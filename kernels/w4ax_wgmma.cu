@@ -130,7 +130,8 @@ __device__ __forceinline__ void fence_operand(int& r) { asm volatile("" : "+r"(r
 // One k32 step of a 64 x N warpgroup tile: d (int32, N / 2 registers per thread) += A
 // (int8 weights from registers, the m16n8k32 A-fragment layout per warp) x B (int8 activations
 // in shared memory, N tokens x 32 k, described by `desc`). ACCUMULATE = false starts from
-// zero. One overload per tile width (the register count picks it).
+// zero. One overload per tile width (the register count picks it); the instruction string must
+// be a literal, hence two near-identical bodies.
 template <bool ACCUMULATE>
 __device__ __forceinline__ void wgmma_s8(int (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
   asm volatile(
@@ -171,40 +172,7 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[48], const uint32_t (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
 }
 
-template <bool ACCUMULATE>
-__device__ __forceinline__ void wgmma_s8(int (&d)[40], const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %45, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n80k32.s32.s8.s8 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}, "
-      "{%40, %41, %42, %43}, %44, p;\n"
-      "}\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
-        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
-        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
-        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
-        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
-}
 
-template <bool ACCUMULATE>
-__device__ __forceinline__ void wgmma_s8(int (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, p;\n"
-      "}\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
-        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
-        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
-        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
-}
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
@@ -384,12 +352,6 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-__global__ void wide_convert_kernel(const float* __restrict__ src, void* __restrict__ dst, DType dt, size_t n) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x)
-    store_out(dst, dt, i, src[i]);
-}
-
 // cuTensorMapEncodeTiled from the driver, found through the runtime (no -lcuda at link time).
 PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
@@ -471,10 +433,7 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
           : launch_wide<128>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, split_k, workspace,
                              stream);
   if (e != cudaSuccess || split_k == 1) return e;
-  const size_t n = static_cast<size_t>(M) * N;
-  const int blocks = static_cast<int>(std::min<size_t>((n + 255) / 256, 4096));
-  wide_convert_kernel<<<blocks, 256, 0, stream>>>(workspace, out, out_dtype, n);
-  return cudaGetLastError();
+  return store_split_k_result(workspace, out, out_dtype, static_cast<size_t>(M) * N, stream);
 }
 
 }  // namespace comet
