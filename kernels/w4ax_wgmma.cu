@@ -7,12 +7,12 @@
 // arrive "wide" (w4ax.h): every group as int8, in the k order the weight fragments produce, so
 // B needs no expansion at all and the kernel does the same work for 4-bit and 8-bit groups.
 //
-// A block computes 128 output channels x 128 tokens: two warpgroups of 64 channels each share
-// the token tile. Thread 0 also issues the TMA copies of a 6-stage ring (tokens 16 KB, weights
-// 8 KB, activation scales 512 B per group), kLookahead groups ahead, and the stages are handed
-// over through mbarriers only, so the two warpgroups drift out of phase: while one rescales its
-// int32 group result on the CUDA cores (the per-group scales of the format), the other's wgmma
-// keeps the tensor cores busy. (No separate producer warp: with wgmma, ptxas budgets registers
+// A block computes 128 output channels x 128 (or 96) tokens: two warpgroups of 64 channels each
+// share the token tile. Thread 0 also issues the TMA copies of a 6-stage ring (tokens 16 KB,
+// weights 8 KB, activation scales 512 B per group), kLookahead groups ahead, and the stages are
+// handed over through mbarriers only. Each warpgroup keeps two int32 accumulator sets: while it
+// rescales group i on the CUDA cores (the per-group scales of the format), its wgmma for group
+// i + 1 run on the tensor cores. (No separate producer warp: with wgmma, ptxas budgets registers
 // for whole warpgroups, and a third one would cap the consumers at 168 registers.)
 #include "w4ax.h"
 #include "w4ax_common.cuh"
