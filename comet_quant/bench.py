@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import CometError
+from .kvcache import cache_keyword
 
 
 def _sync(device: str) -> None:
@@ -64,7 +65,7 @@ def _decode_graph(model, cache, nxt: torch.Tensor, position: int):
         cache.use_device_positions()
 
     def step():
-        out = model(ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, position_ids=positions, **{cache_keyword(): cache}, use_cache=True, logits_to_keep=1)
         ids.copy_(out.logits[:, -1:].argmax(-1))
         positions.add_(1)
         if device_positions:
@@ -101,7 +102,7 @@ def run_model(model, make_cache, batch: int, prompt_len: int, gen_len: int, devi
         cache = make_cache(capacity)
         _sync(device)
         t0 = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, **{cache_keyword(): cache}, use_cache=True, logits_to_keep=1)
         _sync(device)
         t1 = time.perf_counter()
         nxt = out.logits[:, -1:].argmax(-1)
@@ -113,7 +114,8 @@ def run_model(model, make_cache, batch: int, prompt_len: int, gen_len: int, devi
             if graph is not None:
                 graph.replay()
             else:
-                nxt = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+                nxt = model(nxt, **{cache_keyword(): cache}, use_cache=True,
+                            logits_to_keep=1).logits[:, -1:].argmax(-1)
         _sync(device)
         t3 = time.perf_counter()
         if rep:

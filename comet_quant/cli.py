@@ -163,6 +163,7 @@ def verify(checkpoint, tolerance, tokens):
 def generate(checkpoint, prompt, max_new_tokens, device):
     """Generate text with a quantized checkpoint (greedy)."""
     from .calibrate import resolve_device
+    from .kvcache import cache_keyword
     from .qmodules import load_quantized, new_kv_cache
 
     if max_new_tokens < 1:
@@ -171,7 +172,7 @@ def generate(checkpoint, prompt, max_new_tokens, device):
     model, tok = load_quantized(checkpoint, device=device)
     ids = tok(prompt, return_tensors="pt").input_ids.to(device)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         past_key_values=new_kv_cache(model, ids.shape[1] + max_new_tokens),
+                         **{cache_keyword(): new_kv_cache(model, ids.shape[1] + max_new_tokens)},
                          pad_token_id=tok.pad_token_id or tok.eos_token_id)
     click.echo(tok.decode(out[0], skip_special_tokens=True))
 

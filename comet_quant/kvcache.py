@@ -252,6 +252,17 @@ def new_cache(model, max_cache_len: int = 0) -> Kv4Cache:
 
 
 @functools.cache
+@functools.lru_cache(maxsize=None)
+def cache_keyword() -> str:
+    """The forward / generate keyword for a cache in the installed transformers: ``cache`` from
+    5.24 on (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    import inspect
+
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
 def _attention_class():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
@@ -263,7 +274,8 @@ def _attention_class():
         """
 
         def forward(self, *args, **kwargs):
-            cache = kwargs.get("past_key_values")
+            # transformers >= 5.24 passes the cache as `cache` (`past_key_values` before).
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
             if not isinstance(cache, Kv4Cache):
                 return super().forward(*args, **kwargs)
             names = ("hidden_states", "position_embeddings", "attention_mask")

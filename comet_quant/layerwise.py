@@ -60,7 +60,9 @@ def capture_inputs(model, samples: torch.Tensor, batch_size: int, device: str,
     def hook(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.hidden.append(hidden.detach().to("cpu", dtype))
-        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+        # The cache's keyword: `cache` from transformers 5.24, `past_key_values` / `past_key_value` before.
+        kw = {k: v for k, v in kwargs.items()
+              if k not in ("hidden_states", "cache", "past_key_values", "past_key_value")}
         kw["use_cache"] = False
         captured.kwargs.append(_cast(_to(kw, "cpu"), dtype))
         raise _StopForward

@@ -189,7 +189,8 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype | None = None, 
 
     On CUDA the linears run the W4Ax kernels (``backend='auto'``) in float16 by default; on CPU
     the simulated backend runs in float32. For a KV4 scheme, pass
-    ``past_key_values=new_kv_cache(model)`` to ``generate`` (or a forward) to keep the cache in
+    ``past_key_values=new_kv_cache(model)`` (``cache=`` from transformers 5.24 on; see
+    :func:`comet_quant.kvcache.cache_keyword`) to ``generate`` (or a forward) to keep the cache in
     4 bits; without it attention quantizes K/V on the fly (simulated KV4).
     """
     from transformers import AutoTokenizer

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from comet_quant import ops
+from comet_quant.kvcache import cache_keyword
 from comet_quant.primitives import pack_int4, quantize_weight_rtn, w4ax_linear_reference
 
 GROUP = ops.GROUP
@@ -374,9 +375,9 @@ def test_kv4_cache_decode_kernel_matches_reference_in_model(kernels, checkpoint,
 
     def run():
         cache = new_kv_cache(model)
-        steps = [model(ids[:, :4], past_key_values=cache, use_cache=True).logits]
+        steps = [model(ids[:, :4], **{cache_keyword(): cache}, use_cache=True).logits]
         for i in range(4, ids.shape[1]):
-            steps.append(model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(ids[:, i:i + 1], **{cache_keyword(): cache}, use_cache=True).logits)
         assert cache.layers[0].k[0].is_cuda and cache.get_seq_length() == ids.shape[1]
         return torch.cat(steps, 1).float()
 
@@ -436,19 +437,19 @@ def test_graph_decode_matches_eager_decode(kernels, checkpoint):
     n0 = 4
     with torch.no_grad():
         cache = new_kv_cache(model, ids.shape[1] + 4)
-        model(ids[:, :n0], past_key_values=cache, use_cache=True)
-        eager = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1].float()
+        model(ids[:, :n0], **{cache_keyword(): cache}, use_cache=True)
+        eager = [model(ids[:, i:i + 1], **{cache_keyword(): cache}, use_cache=True).logits[:, -1].float()
                  for i in range(n0, ids.shape[1])]
 
         cache = new_kv_cache(model, ids.shape[1] + 4)
-        model(ids[:, :n0], past_key_values=cache, use_cache=True)
+        model(ids[:, :n0], **{cache_keyword(): cache}, use_cache=True)
         cache.use_device_positions()
         step_ids = ids[:, n0:n0 + 1].clone()
         pos = torch.full_like(step_ids, n0)
-        model(step_ids, position_ids=pos, past_key_values=cache, use_cache=True)  # warm-up: writes n0
+        model(step_ids, position_ids=pos, **{cache_keyword(): cache}, use_cache=True)  # warm-up: writes n0
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = model(step_ids, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(step_ids, position_ids=pos, **{cache_keyword(): cache}, use_cache=True).logits[:, -1]
             pos.add_(1)
             cache.advance()
         # The warm-up step already wrote token n0 without advancing: the first replay rewrites it.

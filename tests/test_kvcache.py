@@ -4,7 +4,7 @@ import torch
 from click.testing import CliRunner
 
 from comet_quant.cli import main
-from comet_quant.kvcache import (Kv4Cache, dequantize_kv4, kv4_decode_attention_reference,
+from comet_quant.kvcache import (Kv4Cache, cache_keyword, dequantize_kv4, kv4_decode_attention_reference,
                                  quantize_kv4)
 from comet_quant.primitives import fake_quantize_kv
 from comet_quant.qmodules import load_quantized, new_kv_cache
@@ -47,10 +47,10 @@ def test_cache_grows_and_matches_simulated_kv4(checkpoint, tiny_model):
     cache = new_kv_cache(model)
     assert isinstance(cache, Kv4Cache)
     split = 4
-    out = model(ids[:, :split], past_key_values=cache, use_cache=True).logits
+    out = model(ids[:, :split], **{cache_keyword(): cache}, use_cache=True).logits
     steps = [out]
     for i in range(split, ids.shape[1]):
-        steps.append(model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+        steps.append(model(ids[:, i:i + 1], **{cache_keyword(): cache}, use_cache=True).logits)
     cached = torch.cat(steps, 1)
     assert cache.get_seq_length() == ids.shape[1]
     # Same K/V values; only the attention's summation order differs.
@@ -82,7 +82,7 @@ def test_device_positions_need_cuda_and_one_token_steps(checkpoint):
     with pytest.raises(CometError, match="CUDA cache that already holds the prompt"):
         cache.use_device_positions()
     ids = tok("The harbor town", return_tensors="pt").input_ids
-    model(ids, past_key_values=cache, use_cache=True)
+    model(ids, **{cache_keyword(): cache}, use_cache=True)
     with pytest.raises(CometError, match="CUDA cache"):
         cache.use_device_positions()
     layer = cache.layers[0]
@@ -101,7 +101,7 @@ def test_generate_uses_kv4_cache(checkpoint):
     model, tok = load_quantized(checkpoint)
     ids = tok("The harbor town", return_tensors="pt").input_ids
     cache = new_kv_cache(model, ids.shape[1] + 5)
-    out = model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache,
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, **{cache_keyword(): cache},
                          pad_token_id=tok.eos_token_id)
     assert out.shape[1] == ids.shape[1] + 5
     assert cache.get_seq_length() >= ids.shape[1] + 4
@@ -147,9 +147,29 @@ def test_kv_bytes_counts_per_token_for_every_cache_kind(checkpoint, tiny_model):
     ids = torch.randint(0, cfg.vocab_size, (2, 8))
     per_token = 2 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # K+V fp32, batch 2
     for cache in (DynamicCache(config=cfg), StaticCache(config=cfg, max_cache_len=40)):
-        fp(ids, past_key_values=cache, use_cache=True)
+        fp(ids, **{cache_keyword(): cache}, use_cache=True)
         assert _kv_bytes(cache, 10) == per_token * 10, type(cache).__name__
     model, _ = load_quantized(checkpoint)
     kv4 = new_kv_cache(model, 300)  # capacity rounds up to 512
-    model(ids, past_key_values=kv4, use_cache=True)
+    model(ids, **{cache_keyword(): kv4}, use_cache=True)
     assert _kv_bytes(kv4, 10) == 2 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.head_dim // 2 + 4) * 10
+
+
+def test_kv4_attention_reads_either_cache_keyword(checkpoint):
+    """transformers 5.24 renamed the cache keyword (`past_key_values` -> `cache`); the 4-bit
+    attention takes whichever it is given, so both versions write into the 4-bit cache."""
+    model, _ = load_quantized(checkpoint)
+    inner = model.model
+    ids = torch.tensor([[5, 9, 2, 7, 11]])
+    hidden = inner.embed_tokens(ids)
+    position_embeddings = inner.rotary_emb(hidden, torch.arange(ids.shape[1])[None])
+    outs = []
+    for keyword in ("cache", "past_key_values"):
+        cache = new_kv_cache(model)
+        with torch.no_grad():
+            out, _ = inner.layers[0].self_attn(hidden_states=hidden, position_embeddings=position_embeddings,
+                                               attention_mask=None, **{keyword: cache})
+        assert cache.layers[0].get_seq_length() == ids.shape[1], keyword
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert cache_keyword() in ("cache", "past_key_values")
