@@ -252,7 +252,6 @@ def new_cache(model, max_cache_len: int = 0) -> Kv4Cache:
 
 
 @functools.cache
-@functools.lru_cache(maxsize=None)
 def cache_keyword() -> str:
     """The forward / generate keyword for a cache in the installed transformers: ``cache`` from
     5.24 on (``past_key_values`` is deprecated there), ``past_key_values`` before."""
@@ -263,6 +262,7 @@ def cache_keyword() -> str:
     return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
+@functools.cache
 def _attention_class():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb

@@ -173,3 +173,12 @@ def test_kv4_attention_reads_either_cache_keyword(checkpoint):
         outs.append(out)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     assert cache_keyword() in ("cache", "past_key_values")
+
+
+def test_enabling_the_kv4_cache_twice_keeps_one_attention_class(checkpoint):
+    from comet_quant.kvcache import enable_kv4_cache
+
+    model, _ = load_quantized(checkpoint)
+    first = type(model.model.layers[0].self_attn)
+    enable_kv4_cache(model)  # again: the same class, no "unsupported attention" error
+    assert type(model.model.layers[0].self_attn) is first
