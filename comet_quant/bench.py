@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import CometError
-from .kvcache import cache_keyword
+from .kvcache import Kv4Cache, cache_keyword, new_cache
 
 
 def _sync(device: str) -> None:
@@ -56,8 +56,6 @@ GRAPH_WARMUP_STEPS = 2
 
 def _decode_graph(model, cache, nxt: torch.Tensor, position: int):
     """Capture one greedy decode step of ``model`` into a CUDA graph (see module doc)."""
-    from .kvcache import Kv4Cache
-
     ids = nxt.clone()
     positions = torch.full_like(ids, position)
     device_positions = isinstance(cache, Kv4Cache)
@@ -192,8 +190,6 @@ def benchmark(checkpoint: str, batches: list[int], prompt_len: int, gen_len: int
 def _cache_factory(model, kv4: bool, graphs: bool):
     """A function of the capacity returning a fresh cache: 4-bit, static (graphs) or dynamic."""
     from transformers import DynamicCache, StaticCache
-
-    from .kvcache import new_cache
 
     if kv4:
         return lambda n: new_cache(model, n)
