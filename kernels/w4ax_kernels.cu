@@ -437,8 +437,14 @@ w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
 constexpr int kGemvWarps = 8;
 // Groups of loads in flight per warp: fewer as the token tiles multiply the activation registers
 // (8 and 16 tokens stay within 128 registers, two blocks per SM; 32 tokens take one block).
+#ifndef COMET_GEMV_DEPTH1
+#define COMET_GEMV_DEPTH1 4
+#endif
+#ifndef COMET_GEMV_MINBLOCKS
+#define COMET_GEMV_MINBLOCKS 2
+#endif
 template <int NT>
-constexpr int kGemvDepth = NT == 1 ? 4 : NT == 2 ? 3 : 2;
+constexpr int kGemvDepth = NT == 1 ? COMET_GEMV_DEPTH1 : NT == 2 ? 3 : 2;
 
 template <int NT>
 struct GemvFrag {
@@ -504,7 +510,7 @@ __device__ __forceinline__ void gemv_compute(const GemvFrag<NT>& f, bool a8, flo
 }
 
 template <int NT>
-__global__ void __launch_bounds__(kGemvWarps * 32, NT <= 2 ? 2 : 1)
+__global__ void __launch_bounds__(kGemvWarps * 32, NT <= 2 ? COMET_GEMV_MINBLOCKS : 1)
 w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
                  const float* __restrict__ ascale, const uint8_t* __restrict__ qw,
                  const __half* __restrict__ wscale, void* __restrict__ out, DType out_dtype, int M, int N,
@@ -536,6 +542,12 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
       asrow[nt][j] = ascale + static_cast<size_t>(min(8 * nt + 2 * tig + j, M - 1)) * G;
   }
 
+#if defined(COMET_GEMV_PREFETCH) && __CUDA_ARCH__ >= 900
+  if (warp == 0 && lane < 16 && n0 + lane < N) {
+    const uint8_t* p = qw + static_cast<size_t>(n0 + lane) * (Kpad / 2);
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(Kpad / 2) : "memory");
+  }
+#endif
   // Warp w takes groups w, w + 8, ... (measured on H100: giving each warp a contiguous range
   // instead is no faster overall, +-10% per shape), keeping D of them in flight.
   constexpr int D = kGemvDepth<NT>, kStride = D * kGemvWarps;

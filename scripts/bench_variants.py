@@ -1,0 +1,105 @@
+"""Time one kernel alone under experiment builds (docs/BENCHMARKS.md, "What limits it").
+
+Each variant is a set of nvcc flags (the kernels' switches, e.g. -DCOMET_WIDE_SKIP_MMA,
+-DCOMET_WIDE_SKIP_RESCALE, -DCOMET_WIDE_SKIP_LOAD of the wgmma GEMM); the kernels are rebuilt per
+variant in a subprocess (COMET_QUANT_NVCC_FLAGS is part of the build's identity) and timed the
+same way as scripts/bench_kernels.py (CUDA-graph replays, weights rotating past L2). Skip builds
+compute wrong results on purpose: they only say where the time goes.
+
+--kernel picks what is timed: the wgmma GEMM (M = 256 / 1024 / 4096), the decode GEMM
+(M = 1 / 16, all LLaMA-3 shapes) or the activation quantization (M = 4096, both layouts).
+
+    python scripts/bench_variants.py --quick --variant=base --variant=-DCOMET_WIDE_SKIP_RESCALE
+    python scripts/bench_variants.py --kernel decode --variant=base --variant=-DSOME_SWITCH
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(28672, 4096), (4096, 4096), (4096, 14336)]  # 8B gate+up, o, down (N, K)
+
+
+def run_variant(kernel: str, quick: bool) -> None:
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import torch
+
+    from bench_kernels import SHAPES as ALL_SHAPES
+    from bench_kernels import copies, timeit
+    from comet_quant import ops
+
+    ops.build()
+    tag = os.environ.get("COMET_QUANT_NVCC_FLAGS") or "default"
+    if kernel == "decode":
+        for name, (n, k) in ALL_SHAPES.items():
+            g = k // ops.GROUP
+            nc = copies(n * k // 2)
+            qws = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8) for _ in range(nc)]
+            ws = torch.rand(n, g, device="cuda", dtype=torch.float16) * 0.01 + 1e-3
+            perm = torch.randperm(k, device="cuda").to(torch.int32)
+            for m in (1, 16):
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                q8, q4, s = ops.quantize_act(x, perm, g // 10)
+                t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm(q8, q4, s, qws[i], ws, g // 10, 0, False,
+                                                                  torch.float16) for i in range(nc)])
+                tbps = (n * k // 2 + n * g * 2) / t / 1e9
+                w16 = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies(n * k * 2))]
+                t16 = timeit([lambda w=w: torch.nn.functional.linear(x.half(), w) for w in w16])
+                del w16
+                print(f"| {tag} | {name} | {m} | {t * 1e3:.1f} us | {tbps:.2f} TB/s, {t16 / t:.2f}x fp16 |",
+                      flush=True)
+        return
+    if kernel == "actq":
+        for k in (4096, 8192, 14336, 28672):
+            m = 4096
+            g = k // ops.GROUP
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            perm = torch.randperm(k, device="cuda").to(torch.int32)
+            for wide in (False, True):
+                op = torch.ops.comet.quantize_act_wide if wide else torch.ops.comet.quantize_act
+                t = timeit([lambda: op(x, perm, g // 10)])
+                out_bytes = m * k if wide else m * (k // 2 + (g // 10) * 64)
+                tbps = (m * k * 2 + out_bytes + m * g * 4 + k * 4) / t / 1e9
+                name = "wide" if wide else "packed"
+                print(f"| {tag} | K={k} {name} | {m} | {t * 1e3:.1f} us | {tbps:.2f} TB/s |", flush=True)
+        return
+    for n, k in SHAPES[:1] if quick else SHAPES:
+        for m in (4096,) if quick else (256, 1024, 4096):
+            g = k // ops.GROUP
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            perm = torch.randperm(k, device="cuda").to(torch.int32)
+            nc = copies(n * k // 2)
+            qws = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8) for _ in range(nc)]
+            ws = torch.rand(n, g, device="cuda", dtype=torch.float16) * 0.01 + 1e-3
+            qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g // 10)
+            t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qws[i], ws, 0, torch.float16)
+                        for i in range(nc)])
+            print(f"| {tag} | N={n} K={k} | {m} | {t:.4f} | {2 * m * n * k / t / 1e9:.0f} |", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", action="append", metavar="FLAGS",
+                    help="nvcc flags of one build, written --variant=FLAGS ('base': none); repeatable")
+    ap.add_argument("--kernel", choices=["wgmma", "decode", "actq"], default="wgmma")
+    ap.add_argument("--quick", action="store_true", help="wgmma: 8B gate+up at M = 4096 only")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return run_variant(args.kernel, args.quick)
+    unit = "equivalent TOPS" if args.kernel == "wgmma" else "bytes / time"
+    print(f"| build flags | shape | M | time | {unit} |\n|---|---|---|---|---|", flush=True)
+    variants = args.variant or ["base", "-DCOMET_WIDE_SKIP_RESCALE", "-DCOMET_WIDE_SKIP_MMA", "-DCOMET_WIDE_SKIP_LOAD"]
+    for flags in variants:
+        env = dict(os.environ, COMET_QUANT_NVCC_FLAGS="" if flags == "base" else flags)
+        cmd = [sys.executable, __file__, "--child", "--kernel", args.kernel] + (["--quick"] if args.quick else [])
+        subprocess.run(cmd, env=env, check=True)
+
+
+if __name__ == "__main__":
+    main()
