@@ -218,10 +218,17 @@ def default_int4_mma() -> bool:
     return torch.cuda.get_device_capability()[0] == 8
 
 
+def _kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """x contiguous and 16-byte aligned, as the kernels read it (a row slice such as x[1:] is
+    contiguous but offset: copied, where the op itself would refuse it)."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
 def quantize_act(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool = False):
     """Fused permute (+ rotation) + per-token per-group quantization (see the reference)."""
     if x.is_cuda and kernels_available():
-        return torch.ops.comet.quantize_act(x.contiguous(), perm, groups8, rotate)
+        return torch.ops.comet.quantize_act(_kernel_input(x), perm, groups8, rotate)
     return quantize_act_reference(x, perm, groups8, rotate)
 
 
@@ -248,7 +255,7 @@ def w4ax_linear(x: torch.Tensor, perm: torch.Tensor, groups8: int, qweight: torc
     sm_90 from WIDE_MIN_M tokens on, the activations are quantized into the wide layout and
     multiplied by the wgmma kernel; elsewhere the packed layout and the mma.sync kernels."""
     if uses_wide_gemm(x):
-        qa, scales_t = torch.ops.comet.quantize_act_wide(x.contiguous(), perm, groups8, rotate)
+        qa, scales_t = torch.ops.comet.quantize_act_wide(_kernel_input(x), perm, groups8, rotate)
         return torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qweight, wscale, 0, out_dtype or x.dtype)
     q8, q4, s = quantize_act(x, perm, groups8, rotate)
     return w4ax_gemm(q8, q4, s, qweight, wscale, groups8, out_dtype or x.dtype)

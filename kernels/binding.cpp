@@ -28,6 +28,13 @@ void check(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t 
   TORCH_CHECK(t.is_contiguous(), "comet: ", name, " must be contiguous");
 }
 
+// Tensors the kernels read 16 bytes at a time. A contiguous view with an offset (x[1:]) passes
+// check() yet would fault on the device with a misaligned address.
+void check_aligned(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "comet: ", name,
+              " must start at a 16-byte aligned address (it is an offset view: pass ", name, ".clone())");
+}
+
 void check_cuda(cudaError_t e, const char* what) {
   TORCH_CHECK(e == cudaSuccess, "comet: ", what, " failed: ", cudaGetErrorString(e));
 }
@@ -38,6 +45,8 @@ std::array<int64_t, 3> check_act_input(const at::Tensor& x, const at::Tensor& pe
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "comet: x must be float16 or bfloat16");
   check(perm, "perm", at::kInt, 1);
+  check_aligned(x, "x");
+  check_aligned(perm, "perm");
   const int64_t M = x.size(0), K = x.size(1), Kpad = perm.size(0);
   TORCH_CHECK(Kpad % comet::kGroup == 0 && Kpad >= K, "comet: perm length must be a multiple of ",
               comet::kGroup, " and >= K");
@@ -69,6 +78,9 @@ at::Tensor w4ax_gemm(const at::Tensor& q8, const at::Tensor& q4, const at::Tenso
   check(ascale, "ascale", at::kFloat, 2);
   check(qweight, "qweight", at::kByte, 2);
   check(wscale, "wscale", at::kHalf, 2);
+  check_aligned(q8, "q8");
+  check_aligned(q4, "q4");
+  check_aligned(qweight, "qweight");
   const int64_t M = ascale.size(0), N = qweight.size(0), Kpad = qweight.size(1) * 2;
   const int64_t G = Kpad / comet::kGroup;
   TORCH_CHECK(Kpad % comet::kGroup == 0, "comet: K must be a multiple of ", comet::kGroup);
@@ -79,8 +91,11 @@ at::Tensor w4ax_gemm(const at::Tensor& q8, const at::Tensor& q4, const at::Tenso
   TORCH_CHECK(q4.size(0) == M && q4.size(1) * 2 == Kpad - groups8 * comet::kGroup,
               "comet: q4 must be [M, (K - groups8*128)/2]");
   const c10::cuda::CUDAGuard guard(qweight.device());
+  TORCH_CHECK(split_k >= 0 || (split_k == comet::kDecodeRing && M <= comet::kRingMaxM),
+              "comet: split_k must be >= 0 (0: automatic), or ", comet::kDecodeRing,
+              " (the decode ring kernel) with M <= ", comet::kRingMaxM);
   at::Tensor out = at::empty({M, N}, qweight.options().dtype(out_dtype));
-  if (split_k <= 0) {
+  if (split_k == 0) {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     split_k = comet::choose_split_k(M, N, Kpad, sms);
   }
@@ -119,6 +134,9 @@ at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, cons
   check(scales_t, "scales_t", at::kFloat, 2);
   check(qweight, "qweight", at::kByte, 2);
   check(wscale, "wscale", at::kHalf, 2);
+  check_aligned(qa, "qa");  // the TMA copies need 16-byte aligned bases
+  check_aligned(scales_t, "scales_t");
+  check_aligned(qweight, "qweight");
   const int64_t M = qa.size(0), N = qweight.size(0), Kpad = qweight.size(1) * 2;
   const int64_t G = Kpad / comet::kGroup, Mpad = scales_t.size(1);
   TORCH_CHECK(Kpad % comet::kGroup == 0, "comet: K must be a multiple of ", comet::kGroup);

@@ -26,6 +26,10 @@ __host__ __device__ constexpr int wide_position(int c) {
 
 // Largest M the decode GEMM kernel takes (four 8-token mma tiles).
 constexpr int kDecodeMaxM = 32;
+// split_k value selecting the decode GEMM's shared-memory ring kernel (M <= kRingMaxM) whatever
+// the matrix size: for tests and benchmarks; the automatic choice takes it for large matrices.
+constexpr int kDecodeRing = -1;
+constexpr int kRingMaxM = 8;
 
 enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };
 
@@ -58,8 +62,9 @@ cudaError_t quantize_act_wide_host(const void* x, DType x_dtype, const int32_t* 
 // Mixed-precision GEMM: out[M, N] = sum_g ascale[m, g] * wscale[n, g] * <a[m, g], w[n, g]>,
 // where a is int8 (g < groups8) or int4 (g >= groups8) and w is int4 (checkpoint layout:
 // qweight [N, Kpad / 2] uint8, even k in the low nibble; wscale [N, Kpad / kGroup] fp16).
-// split_k == 0 (M <= kDecodeMaxM only) runs the decode kernel: weights streamed from global
-// memory into registers, whole K per block, no workspace. split_k >= 1 runs the tiled kernel;
+// split_k == 0 (M <= kDecodeMaxM only) runs a decode kernel: whole K per block, no workspace,
+// weights streamed from global memory into registers, or, for M <= 8 and large matrices,
+// through a shared-memory ring (split_k == kDecodeRing forces that one). split_k >= 1 runs the tiled kernel;
 // split_k > 1 splits the K groups over blocks and reduces through `workspace` (float32 [M, N],
 // zeroed by the callee) for shapes whose tiles do not fill the GPU.
 // use_int4_mma selects int4 tensor cores for A4 groups (sm_80/86/89; emulated on sm_90).

@@ -437,14 +437,8 @@ w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
 constexpr int kGemvWarps = 8;
 // Groups of loads in flight per warp: fewer as the token tiles multiply the activation registers
 // (8 and 16 tokens stay within 128 registers, two blocks per SM; 32 tokens take one block).
-#ifndef COMET_GEMV_DEPTH1
-#define COMET_GEMV_DEPTH1 4
-#endif
-#ifndef COMET_GEMV_MINBLOCKS
-#define COMET_GEMV_MINBLOCKS 2
-#endif
 template <int NT>
-constexpr int kGemvDepth = NT == 1 ? COMET_GEMV_DEPTH1 : NT == 2 ? 3 : 2;
+constexpr int kGemvDepth = NT == 1 ? 4 : NT == 2 ? 3 : 2;
 
 template <int NT>
 struct GemvFrag {
@@ -510,7 +504,7 @@ __device__ __forceinline__ void gemv_compute(const GemvFrag<NT>& f, bool a8, flo
 }
 
 template <int NT>
-__global__ void __launch_bounds__(kGemvWarps * 32, NT <= 2 ? COMET_GEMV_MINBLOCKS : 1)
+__global__ void __launch_bounds__(kGemvWarps * 32, NT <= 2 ? 2 : 1)
 w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
                  const float* __restrict__ ascale, const uint8_t* __restrict__ qw,
                  const __half* __restrict__ wscale, void* __restrict__ out, DType out_dtype, int M, int N,
@@ -542,12 +536,6 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
       asrow[nt][j] = ascale + static_cast<size_t>(min(8 * nt + 2 * tig + j, M - 1)) * G;
   }
 
-#if defined(COMET_GEMV_PREFETCH) && __CUDA_ARCH__ >= 900
-  if (warp == 0 && lane < 16 && n0 + lane < N) {
-    const uint8_t* p = qw + static_cast<size_t>(n0 + lane) * (Kpad / 2);
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(Kpad / 2) : "memory");
-  }
-#endif
   // Warp w takes groups w, w + 8, ... (measured on H100: giving each warp a contiguous range
   // instead is no faster overall, +-10% per shape), keeping D of them in flight.
   constexpr int D = kGemvDepth<NT>, kStride = D * kGemvWarps;
@@ -582,6 +570,132 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
     for (int w = 0; w < kGemvWarps; ++w) v += red[w][r][m];
     store_out(out, out_dtype, static_cast<size_t>(m) * N + n, v);
   }
+}
+
+// Large matrices at M <= 8 (ring kernel): the weights stream through a per-warp ring of
+// shared-memory stages filled by cp.async, so the bytes in flight are bounded by shared memory
+// instead of registers (56 registers: four blocks per SM). Every thread copies, and later reads
+// back, only its own fragment bytes, so a stage needs no barrier. The block's weight scales
+// arrive once, as a tile copied with the first stage: fetched per group, each 2-byte scale was a
+// DRAM miss of its own that the warp waited on as long as on the weights (ncu source counters of
+// the register kernel, 70B gate+up). Activations and their scales are L2 hits and run one group
+// ahead in registers. Measured on H100 (docs/BENCHMARKS.md): faster than the register kernel
+// where there are many blocks per SM to stream, slower on small matrices and at 16 tokens.
+#ifndef COMET_GEMV_STAGES
+#define COMET_GEMV_STAGES 4
+#endif
+#ifndef COMET_GEMV_RING_MIN_BYTES  // smallest weight matrix (bytes) the ring kernel takes
+#define COMET_GEMV_RING_MIN_BYTES (48ll << 20)
+#endif
+constexpr int kRingStages = COMET_GEMV_STAGES;
+
+struct RingStage {
+  uint4 w[2][32];  // lane's 16 bytes of weight rows gid and gid + 8
+};
+
+__device__ __forceinline__ void ring_copy(RingStage& st, int g, int lane, const uint8_t* const (&wrow)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) cp_async16(&st.w[r][lane], wrow[r] + g * kPackedGroupBytes, true);
+}
+
+__global__ void __launch_bounds__(kGemvWarps * 32, 4)
+w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
+                      const float* __restrict__ ascale, const uint8_t* __restrict__ qw,
+                      const __half* __restrict__ wscale, void* __restrict__ out, DType out_dtype, int M, int N,
+                      int Kpad, int groups8) {
+  extern __shared__ __align__(16) uint8_t ring_smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
+  const int n0 = blockIdx.x * 16;
+  RingStage* ring = reinterpret_cast<RingStage*>(ring_smem) + warp * kRingStages;
+  uint8_t* tile = ring_smem + sizeof(RingStage) * kRingStages * kGemvWarps;  // [16][G] fp16 scales
+  float(*red)[16][8] = reinterpret_cast<float(*)[16][8]>(ring_smem);        // once the ring is drained
+
+  // The scale rows of the block are contiguous and start 16-byte aligned (32 * G bytes per block).
+  const uint8_t* sbase = reinterpret_cast<const uint8_t*>(wscale + static_cast<size_t>(n0) * G);
+  const int sbytes = min(16, N - n0) * G * 2;
+  for (int i = threadIdx.x * 16; i + 16 <= sbytes; i += kGemvWarps * 32 * 16) cp_async16(tile + i, sbase + i, true);
+  if (threadIdx.x == 0)  // the last block's tail, when N * G is not a multiple of 8
+    for (int i = sbytes & ~15; i < sbytes; i += 2)
+      *reinterpret_cast<__half*>(tile + i) = *reinterpret_cast<const __half*>(sbase + i);
+
+  // Rows past N and tokens past M read the last valid one; their results are never stored.
+  const uint8_t* wrow[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) wrow[r] = qw + static_cast<size_t>(min(n0 + gid + 8 * r, N - 1)) * (Kpad / 2) + tig * 16;
+  const int m = min(gid, M - 1);
+  const int8_t* a8row = q8 + static_cast<size_t>(m) * K8 + tig * 32;
+  const uint8_t* a4row = q4 + static_cast<size_t>(m) * (K4 / 2) + tig * 16;
+  const float* asrow[2] = {ascale + static_cast<size_t>(min(2 * tig, M - 1)) * G,
+                           ascale + static_cast<size_t>(min(2 * tig + 1, M - 1)) * G};
+
+  // Warp w takes groups w, w + 8, ...; one cp.async group per ring slot (the first also holds
+  // the scale tile), committed even when empty, so "slot i has landed" is always
+  // wait_group<kRingStages - 1>.
+#pragma unroll
+  for (int d = 0; d < kRingStages; ++d) {
+    const int g = warp + d * kGemvWarps;
+    if (g < G) ring_copy(ring[d], g, lane, wrow);
+    cp_async_commit();
+  }
+  auto load_act = [&](GemvFrag<1>& f, int g) {
+    if (g < groups8) {
+      const uint4* p = reinterpret_cast<const uint4*>(a8row + g * kGroup);
+      f.a[0][0] = __ldg(p);
+      f.a[0][1] = __ldg(p + 1);
+    } else {
+      f.a[0][0] = __ldg(reinterpret_cast<const uint4*>(a4row + (g - groups8) * kPackedGroupBytes));
+    }
+    f.as[0][0] = __ldg(asrow[0] + g);
+    f.as[0][1] = __ldg(asrow[1] + g);
+  };
+  GemvFrag<1> cur, nxt;
+  if (warp < G) load_act(cur, warp);
+  cp_async_wait<kRingStages - 1>();
+  __syncthreads();  // the scale tile, copied by every thread, is visible to all
+  const __half* sw[2] = {reinterpret_cast<const __half*>(tile) + gid * G,
+                         reinterpret_cast<const __half*>(tile) + (gid + 8) * G};
+  float acc[1][4] = {};
+  for (int i = 0, g = warp; g < G; ++i, g += kGemvWarps) {
+    if (g + kGemvWarps < G) load_act(nxt, g + kGemvWarps);
+    cp_async_wait<kRingStages - 1>();
+    RingStage& st = ring[i % kRingStages];
+    cur.w[0] = st.w[0][lane];
+    cur.w[1] = st.w[1][lane];
+    cur.ws[0] = __half2float(sw[0][g]);
+    cur.ws[1] = __half2float(sw[1][g]);
+    gemv_compute(cur, g < groups8, acc);
+    // This thread's reads of the slot are consumed above, so its copies may overwrite it.
+    const int gn = g + kRingStages * kGemvWarps;
+    if (gn < G) ring_copy(st, gn, lane, wrow);
+    cp_async_commit();
+    cur = nxt;
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done with its ring: the reduction reuses the space
+
+#pragma unroll
+  for (int e = 0; e < 4; ++e) red[warp][gid + 8 * (e >> 1)][2 * tig + (e & 1)] = acc[0][e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < 16 * 8; i += kGemvWarps * 32) {
+    const int r = i / 8, mm = i % 8, n = n0 + r;
+    if (n >= N || mm >= M) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kGemvWarps; ++w) v += red[w][r][mm];
+    store_out(out, out_dtype, static_cast<size_t>(mm) * N + n, v);
+  }
+}
+
+size_t ring_smem_bytes(int G) {
+  return std::max(sizeof(RingStage) * kRingStages * kGemvWarps, sizeof(float) * kGemvWarps * 16 * 8) +
+         static_cast<size_t>(16) * G * 2;
+}
+
+bool use_ring_kernel(int M, int N, int Kpad, const void* wscale, int split_k) {
+  if (M > kRingMaxM || reinterpret_cast<uintptr_t>(wscale) % 16 != 0) return false;  // tile: 16-byte copies
+  return split_k == kDecodeRing || static_cast<long long>(N) * Kpad / 2 >= COMET_GEMV_RING_MIN_BYTES;
 }
 
 __global__ void convert_kernel(const float* __restrict__ src, void* __restrict__ dst, DType dt, size_t n) {
@@ -649,9 +763,17 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
                            int M, int N, int Kpad, int groups8, int split_k, bool use_int4_mma,
                            float* workspace, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
-  if (split_k == 0 && M <= kDecodeMaxM) {
+  if ((split_k == 0 || split_k == kDecodeRing) && M <= kDecodeMaxM) {
     const __half* wsh = static_cast<const __half*>(wscale);
     const int blocks = (N + 15) / 16;
+    if (use_ring_kernel(M, N, Kpad, wscale, split_k)) {
+      const size_t smem = ring_smem_bytes(Kpad / kGroup);
+      cudaError_t e = allow_dynamic_smem(w4ax_gemv_ring_kernel, smem);
+      if (e != cudaSuccess) return e;
+      w4ax_gemv_ring_kernel<<<blocks, kGemvWarps * 32, smem, stream>>>(q8, q4, ascale, qweight, wsh, out, out_dtype,
+                                                                     M, N, Kpad, groups8);
+      return cudaGetLastError();
+    }
     auto kernel = M <= 8 ? w4ax_gemv_kernel<1> : M <= 16 ? w4ax_gemv_kernel<2> : w4ax_gemv_kernel<4>;
     kernel<<<blocks, kGemvWarps * 32, 0, stream>>>(q8, q4, ascale, qweight, wsh, out, out_dtype, M, N, Kpad,
                                                   groups8);

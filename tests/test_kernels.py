@@ -135,10 +135,49 @@ def test_gemm_integer_accumulation_exact(kernels, int4_mma, m, k8_frac):
     x, perm, _, qw, _ = make_case(m, k, n, g8, seed=m + 1, device="cuda")
     q8, q4, _ = torch.ops.comet.quantize_act(x, perm, g8)
     sa, sw = unit_scales(m, n, g)
-    for split in (0, 1, 4):  # 0: automatic (the decode kernel for M <= 16)
+    # 0: automatic (a decode kernel for M <= 16); -1: the decode ring kernel (M <= 8)
+    for split in (0, 1, 4) + ((-1,) if m <= 8 else ()):
         y = torch.ops.comet.w4ax_gemm(q8, q4, sa, qw, sw, g8, split, int4_mma, torch.float32)
         ref = ops.w4ax_gemm_reference(q8.cpu(), q4.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), g8, torch.float32)
         assert torch.equal(y.cpu(), ref), (m, g8, split, (y.cpu() - ref).abs().max())
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n, k", [(197, 600), (64, 128), (4096, 4096)])
+def test_gemm_ring_kernel_scaled(kernels, m, n, k):
+    """The decode ring kernel (forced; automatic only for large matrices) against the reference,
+    with real scales: its scale tile covers odd G and a last block of a few rows (197 x 5 fp16
+    scales end 2 bytes past a 16-byte copy), and equals the register decode kernel up to
+    float rounding."""
+    g = -(-k // GROUP)
+    x, perm, g8, qw, ws = make_case(m, k, n, max(1, g // 3), seed=n + m, device="cuda")
+    q8, q4, s = torch.ops.comet.quantize_act(x, perm, g8)
+    ring = torch.ops.comet.w4ax_gemm(q8, q4, s, qw, ws, g8, -1, False, torch.float32)
+    ref = ops.w4ax_gemm_reference(q8.cpu(), q4.cpu(), s.cpu(), qw.cpu(), ws.cpu(), g8, torch.float32)
+    assert rel_err(ring.cpu(), ref) < 1e-5
+    tiled = torch.ops.comet.w4ax_gemm(q8, q4, s, qw, ws, g8, 1, False, torch.float32)
+    assert rel_err(ring, tiled) < 1e-5
+    with pytest.raises(RuntimeError, match="decode ring kernel"):
+        xx = torch.randn(9, k, device="cuda", dtype=torch.float16)
+        torch.ops.comet.w4ax_gemm(*torch.ops.comet.quantize_act(xx, perm, g8), qw, ws, g8, -1, False, torch.float32)
+
+
+@gpu
+def test_offset_views(kernels):
+    """A row slice is contiguous but not 16-byte aligned: the Python entry points copy it, the
+    ops refuse it with a clear error (not a misaligned-address fault that kills the context)."""
+    x, perm, g8, qw, ws = make_case(9, 300, 64, 1, device="cuda")  # rows of 600 bytes
+    want = ops.quantize_act(x[1:].clone(), perm, g8)
+    got = ops.quantize_act(x[1:], perm, g8)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    torch.testing.assert_close(ops.w4ax_linear(x[1:], perm, g8, qw, ws), ops.w4ax_linear(x[1:].clone(), perm, g8, qw, ws))
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        torch.ops.comet.quantize_act(x[1:], perm, g8, False)
+    q8, q4, s = want
+    offset_qw = torch.cat((qw.flatten()[:1], qw.flatten()))[1:].view_as(qw)
+    with pytest.raises(RuntimeError, match="qweight must start at a 16-byte aligned"):
+        torch.ops.comet.w4ax_gemm(q8, q4, s, offset_qw, ws, g8, 0, False, torch.float16)
 
 
 WIDE_M = [1, 7, 64, 127, 128, 129, 1024, 4096]
