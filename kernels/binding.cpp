@@ -35,6 +35,14 @@ void check_aligned(const at::Tensor& t, const char* name) {
               " must start at a 16-byte aligned address (it is an offset view: pass ", name, ".clone())");
 }
 
+// (The message spells the constants out: formatting comet::kDecodeRing into it crashed the
+// process on throw, on the H100 build, torch 2.11 / g++ 13.)
+void check_split_k(int64_t split_k, int64_t M) {
+  static_assert(comet::kDecodeRing == -1 && comet::kRingMaxM == 8, "update the message below");
+  TORCH_CHECK(split_k >= 0 || (split_k == comet::kDecodeRing && M <= comet::kRingMaxM),
+              "comet: split_k must be >= 0 (0: automatic), or -1 (the decode ring kernel) with M <= 8");
+}
+
 void check_cuda(cudaError_t e, const char* what) {
   TORCH_CHECK(e == cudaSuccess, "comet: ", what, " failed: ", cudaGetErrorString(e));
 }
@@ -90,10 +98,8 @@ at::Tensor w4ax_gemm(const at::Tensor& q8, const at::Tensor& q4, const at::Tenso
   TORCH_CHECK(q8.size(0) == M && q8.size(1) == groups8 * comet::kGroup, "comet: q8 must be [M, groups8*128]");
   TORCH_CHECK(q4.size(0) == M && q4.size(1) * 2 == Kpad - groups8 * comet::kGroup,
               "comet: q4 must be [M, (K - groups8*128)/2]");
+  check_split_k(split_k, M);
   const c10::cuda::CUDAGuard guard(qweight.device());
-  TORCH_CHECK(split_k >= 0 || (split_k == comet::kDecodeRing && M <= comet::kRingMaxM),
-              "comet: split_k must be >= 0 (0: automatic), or ", comet::kDecodeRing,
-              " (the decode ring kernel) with M <= ", comet::kRingMaxM);
   at::Tensor out = at::empty({M, N}, qweight.options().dtype(out_dtype));
   if (split_k == 0) {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
