@@ -45,6 +45,10 @@ __device__ __forceinline__ float warp_max(float v) {
 
 constexpr int kActThreads = 256;  // 8 warps: one group per warp at a time
 constexpr int kGatherMaxM = 64;   // below this many tokens, activation quantization gathers from L2
+#ifndef COMET_ACT_LOADS
+#define COMET_ACT_LOADS 4
+#endif
+constexpr int kActLoads = COMET_ACT_LOADS;
 
 // In-place fast Walsh-Hadamard transform of a 128-channel group held 4 per lane (channel
 // 4 * lane + i in v[i]), scaled to be orthonormal: the group rotation of the QuaRot-like
@@ -147,8 +151,20 @@ quantize_act_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ pe
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const T* src = x + row * K;
   if (K % 8 == 0) {
-    for (int i = threadIdx.x; i < K / 8; i += kActThreads)
-      reinterpret_cast<uint4*>(cur)[i] = __ldg(reinterpret_cast<const uint4*>(src) + i);
+    // kActLoads 16-byte loads in flight per thread before the first store: a long row (K =
+    // 28672 is 14 loads per thread) otherwise waits on one load per iteration.
+    const uint4* s16 = reinterpret_cast<const uint4*>(src);
+    uint4* d16 = reinterpret_cast<uint4*>(cur);
+    const int n16 = K / 8;
+    for (int base = threadIdx.x; base < n16; base += kActThreads * kActLoads) {
+      uint4 v[kActLoads];
+#pragma unroll
+      for (int u = 0; u < kActLoads; ++u)
+        if (base + u * kActThreads < n16) v[u] = __ldg(s16 + base + u * kActThreads);
+#pragma unroll
+      for (int u = 0; u < kActLoads; ++u)
+        if (base + u * kActThreads < n16) d16[base + u * kActThreads] = v[u];
+    }
   } else {
     for (int i = threadIdx.x; i < K; i += kActThreads) cur[i] = src[i];
   }
@@ -585,7 +601,7 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
 #define COMET_GEMV_STAGES 4
 #endif
 #ifndef COMET_GEMV_RING_MIN_BYTES  // smallest weight matrix (bytes) the ring kernel takes
-#define COMET_GEMV_RING_MIN_BYTES (48ll << 20)
+#define COMET_GEMV_RING_MIN_BYTES (32ll << 20)
 #endif
 constexpr int kRingStages = COMET_GEMV_STAGES;
 
