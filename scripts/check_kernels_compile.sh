@@ -11,7 +11,7 @@ fi
 command -v "$NVCC" >/dev/null || { echo "check_kernels_compile: nvcc not found" >&2; exit 1; }
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-for src in kernels/*.cu; do
+for src in kernels/*.cu scripts/read_pattern_bench.cu; do
   for arch in 80 90a; do
     echo "nvcc sm_${arch}: ${src}"
     "$NVCC" -std=c++17 -O3 -Ikernels "-gencode=arch=compute_${arch},code=sm_${arch}" \
