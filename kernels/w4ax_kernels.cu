@@ -519,6 +519,27 @@ __device__ __forceinline__ void gemv_compute(const GemvFrag<NT>& f, bool a8, flo
       acc[nt][e] = fmaf(exact_float(c[nt][e]), f.ws[e >> 1] * f.as[nt][e & 1] * unscale, acc[nt][e]);
 }
 
+// The end of both decode kernels: the 8 warps' partial sums of the block's 16 channels x 8 * NT
+// tokens meet in shared memory `red` and are stored.
+template <int NT>
+__device__ __forceinline__ void gemv_reduce_store(float (*red)[16][8 * NT], const float (&acc)[NT][4], int n0,
+                                                  int M, int N, void* out, DType out_dtype) {
+  const int warp = threadIdx.x >> 5, gid = (threadIdx.x & 31) >> 2, tig = threadIdx.x & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[warp][gid + 8 * (e >> 1)][8 * nt + 2 * tig + (e & 1)] = acc[nt][e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < 16 * 8 * NT; i += kGemvWarps * 32) {
+    const int r = i / (8 * NT), m = i % (8 * NT), n = n0 + r;
+    if (n >= N || m >= M) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kGemvWarps; ++w) v += red[w][r][m];
+    store_out(out, out_dtype, static_cast<size_t>(m) * N + n, v);
+  }
+}
+
 template <int NT>
 __global__ void __launch_bounds__(kGemvWarps * 32, NT <= 2 ? 2 : 1)
 w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
@@ -573,24 +594,12 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
     }
   }
 
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) red[warp][gid + 8 * (e >> 1)][8 * nt + 2 * tig + (e & 1)] = acc[nt][e];
-  __syncthreads();
-  for (int i = threadIdx.x; i < 16 * 8 * NT; i += kGemvWarps * 32) {
-    const int r = i / (8 * NT), m = i % (8 * NT), n = n0 + r;
-    if (n >= N || m >= M) continue;
-    float v = 0.f;
-#pragma unroll
-    for (int w = 0; w < kGemvWarps; ++w) v += red[w][r][m];
-    store_out(out, out_dtype, static_cast<size_t>(m) * N + n, v);
-  }
+  gemv_reduce_store<NT>(red, acc, n0, M, N, out, out_dtype);
 }
 
 // Large matrices at M <= 8 (ring kernel): the weights stream through a per-warp ring of
 // shared-memory stages filled by cp.async, so the bytes in flight are bounded by shared memory
-// instead of registers (56 registers: four blocks per SM). Every thread copies, and later reads
+// instead of registers (60 registers: four blocks per SM). Every thread copies, and later reads
 // back, only its own fragment bytes, so a stage needs no barrier. The block's weight scales
 // arrive once, as a tile copied with the first stage: fetched per group, each 2-byte scale was a
 // DRAM miss of its own that the warp waited on as long as on the weights (ncu source counters of
@@ -691,17 +700,7 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with its ring: the reduction reuses the space
 
-#pragma unroll
-  for (int e = 0; e < 4; ++e) red[warp][gid + 8 * (e >> 1)][2 * tig + (e & 1)] = acc[0][e];
-  __syncthreads();
-  for (int i = threadIdx.x; i < 16 * 8; i += kGemvWarps * 32) {
-    const int r = i / 8, mm = i % 8, n = n0 + r;
-    if (n >= N || mm >= M) continue;
-    float v = 0.f;
-#pragma unroll
-    for (int w = 0; w < kGemvWarps; ++w) v += red[w][r][mm];
-    store_out(out, out_dtype, static_cast<size_t>(mm) * N + n, v);
-  }
+  gemv_reduce_store<1>(red, acc, n0, M, N, out, out_dtype);
 }
 
 size_t ring_smem_bytes(int G) {
