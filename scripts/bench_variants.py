@@ -49,7 +49,7 @@ def run_variant(kernel: str, quick: bool) -> None:
                                                                   torch.float16) for i in range(nc)])
                 tbps = (n * k // 2 + n * g * 2) / t / 1e9
                 w16 = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies(n * k * 2))]
-                t16 = timeit([lambda w=w: torch.nn.functional.linear(x.half(), w) for w in w16])
+                t16 = timeit([lambda w=w: torch.nn.functional.linear(x, w) for w in w16])
                 del w16
                 print(f"| {tag} | {name} | {m} | {t * 1e3:.1f} us | {tbps:.2f} TB/s, {t16 / t:.2f}x fp16 |",
                       flush=True)
@@ -79,7 +79,7 @@ def run_variant(kernel: str, quick: bool) -> None:
             qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g // 10)
             t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qws[i], ws, 0, torch.float16)
                         for i in range(nc)])
-            print(f"| {tag} | N={n} K={k} | {m} | {t:.4f} | {2 * m * n * k / t / 1e9:.0f} |", flush=True)
+            print(f"| {tag} | N={n} K={k} | {m} | {t:.4f} ms | {2 * m * n * k / t / 1e9:.0f} |", flush=True)
 
 
 def main():
