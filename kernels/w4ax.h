@@ -65,8 +65,8 @@ cudaError_t quantize_act_wide_host(const void* x, DType x_dtype, const int32_t* 
 // split_k == 0 (M <= kDecodeMaxM only) runs a decode kernel: whole K per block, no workspace,
 // weights streamed from global memory into registers, or, for M <= 8 and large matrices,
 // through a shared-memory ring (split_k == kDecodeRing forces that one). split_k >= 1 runs the
-// tiled kernel; split_k > 1 splits the K groups over blocks and reduces through `workspace` (float32 [M, N],
-// zeroed by the callee) for shapes whose tiles do not fill the GPU.
+// tiled kernel; split_k > 1 splits the K groups over blocks and reduces through `workspace`
+// (float32 [M, N], zeroed by the callee) for shapes whose tiles do not fill the GPU.
 // use_int4_mma selects int4 tensor cores for A4 groups (sm_80/86/89; emulated on sm_90).
 cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* ascale,
                            const uint8_t* qweight, const void* wscale, void* out, DType out_dtype,
