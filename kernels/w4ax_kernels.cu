@@ -43,6 +43,22 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Programmatic dependent launch (sm_90): the decode GEMMs are launched so that they may start
+// while the previous kernel in the stream (the activation quantization) still runs. They fetch
+// the weights, which no kernel writes, before grid_dependency_wait(), and everything the previous
+// kernel produces after it; the activation quantization lets them start right away
+// (allow_dependent_launch). Elsewhere both are no-ops.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 constexpr int kActThreads = 256;  // 8 warps: one group per warp at a time
 constexpr int kGatherMaxM = 64;   // below this many tokens, activation quantization gathers from L2
 #ifndef COMET_ACT_LOADS
@@ -146,6 +162,7 @@ __global__ void __launch_bounds__(kActThreads)
 quantize_act_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ perm, int K, int groups8,
                          bool rotate, ActOut o) {
   extern __shared__ __align__(16) uint8_t act_smem[];
+  allow_dependent_launch();
   T* cur = reinterpret_cast<T*>(act_smem);  // [K]
   const size_t row = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -180,6 +197,7 @@ template <bool WIDE, typename T>
 __global__ void __launch_bounds__(kActThreads)
 quantize_act_gather_kernel(const T* __restrict__ x, const int32_t* __restrict__ perm, int K, int groups8,
                            bool rotate, ActOut o) {
+  allow_dependent_launch();
   const size_t row = blockIdx.y;  // M < kGatherMaxM: within gridDim.y's limit
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = blockIdx.x * (kActThreads / 32) + warp;
@@ -465,15 +483,19 @@ struct GemvFrag {
 };
 
 template <int NT>
-__device__ __forceinline__ void gemv_load(GemvFrag<NT>& f, int g, int groups8,
-                                          const uint8_t* const (&wrow)[2], const __half* const (&srow)[2],
-                                          const int8_t* const (&a8row)[NT], const uint8_t* const (&a4row)[NT],
-                                          const float* const (&asrow)[NT][2]) {
+__device__ __forceinline__ void gemv_load_weights(GemvFrag<NT>& f, int g, const uint8_t* const (&wrow)[2],
+                                                  const __half* const (&srow)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     f.w[r] = __ldg(reinterpret_cast<const uint4*>(wrow[r] + g * kPackedGroupBytes));
     f.ws[r] = __half2float(srow[r][g]);
   }
+}
+
+template <int NT>
+__device__ __forceinline__ void gemv_load_act(GemvFrag<NT>& f, int g, int groups8, const int8_t* const (&a8row)[NT],
+                                              const uint8_t* const (&a4row)[NT],
+                                              const float* const (&asrow)[NT][2]) {
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     if (g < groups8) {
@@ -579,17 +601,22 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
   float acc[NT][4] = {};
   GemvFrag<NT> f[D];
 #pragma unroll
-  for (int d = 0; d < D; ++d) {
-    const int g = warp + d * kGemvWarps;
-    if (g < G) gemv_load(f[d], g, groups8, wrow, srow, a8row, a4row, asrow);
-  }
+  for (int d = 0; d < D; ++d)
+    if (warp + d * kGemvWarps < G) gemv_load_weights(f[d], warp + d * kGemvWarps, wrow, srow);
+  grid_dependency_wait();
+#pragma unroll
+  for (int d = 0; d < D; ++d)
+    if (warp + d * kGemvWarps < G) gemv_load_act(f[d], warp + d * kGemvWarps, groups8, a8row, a4row, asrow);
   for (int base = warp; base < G; base += kStride) {
 #pragma unroll
     for (int d = 0; d < D; ++d) {
       const int g = base + d * kGemvWarps;
       if (g < G) {
         gemv_compute(f[d], g < groups8, acc);
-        if (g + kStride < G) gemv_load(f[d], g + kStride, groups8, wrow, srow, a8row, a4row, asrow);
+        if (g + kStride < G) {
+          gemv_load_weights(f[d], g + kStride, wrow, srow);
+          gemv_load_act(f[d], g + kStride, groups8, a8row, a4row, asrow);
+        }
       }
     }
   }
@@ -649,11 +676,10 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
   const uint8_t* wrow[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) wrow[r] = qw + static_cast<size_t>(min(n0 + gid + 8 * r, N - 1)) * (Kpad / 2) + tig * 16;
-  const int m = min(gid, M - 1);
-  const int8_t* a8row = q8 + static_cast<size_t>(m) * K8 + tig * 32;
-  const uint8_t* a4row = q4 + static_cast<size_t>(m) * (K4 / 2) + tig * 16;
-  const float* asrow[2] = {ascale + static_cast<size_t>(min(2 * tig, M - 1)) * G,
-                           ascale + static_cast<size_t>(min(2 * tig + 1, M - 1)) * G};
+  const int8_t* a8row[1] = {q8 + static_cast<size_t>(min(gid, M - 1)) * K8 + tig * 32};
+  const uint8_t* a4row[1] = {q4 + static_cast<size_t>(min(gid, M - 1)) * (K4 / 2) + tig * 16};
+  const float* asrow[1][2] = {{ascale + static_cast<size_t>(min(2 * tig, M - 1)) * G,
+                               ascale + static_cast<size_t>(min(2 * tig + 1, M - 1)) * G}};
 
   // Warp w takes groups w, w + 8, ...; one cp.async group per ring slot (the first also holds
   // the scale tile), committed even when empty, so "slot i has landed" is always
@@ -664,26 +690,16 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
     if (g < G) ring_copy(ring[d], g, lane, wrow);
     cp_async_commit();
   }
-  auto load_act = [&](GemvFrag<1>& f, int g) {
-    if (g < groups8) {
-      const uint4* p = reinterpret_cast<const uint4*>(a8row + g * kGroup);
-      f.a[0][0] = __ldg(p);
-      f.a[0][1] = __ldg(p + 1);
-    } else {
-      f.a[0][0] = __ldg(reinterpret_cast<const uint4*>(a4row + (g - groups8) * kPackedGroupBytes));
-    }
-    f.as[0][0] = __ldg(asrow[0] + g);
-    f.as[0][1] = __ldg(asrow[1] + g);
-  };
   GemvFrag<1> cur, nxt;
-  if (warp < G) load_act(cur, warp);
+  grid_dependency_wait();
+  if (warp < G) gemv_load_act(cur, warp, groups8, a8row, a4row, asrow);
   cp_async_wait<kRingStages - 1>();
   __syncthreads();  // the scale tile, copied by every thread, is visible to all
   const __half* sw[2] = {reinterpret_cast<const __half*>(tile) + gid * G,
                          reinterpret_cast<const __half*>(tile) + (gid + 8) * G};
   float acc[1][4] = {};
   for (int i = 0, g = warp; g < G; ++i, g += kGemvWarps) {
-    if (g + kGemvWarps < G) load_act(nxt, g + kGemvWarps);
+    if (g + kGemvWarps < G) gemv_load_act(nxt, g + kGemvWarps, groups8, a8row, a4row, asrow);
     cp_async_wait<kRingStages - 1>();
     RingStage& st = ring[i % kRingStages];
     cur.w[0] = st.w[0][lane];
@@ -701,6 +717,32 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
   __syncthreads();  // every warp is done with its ring: the reduction reuses the space
 
   gemv_reduce_store<1>(red, acc, n0, M, N, out, out_dtype);
+}
+
+// Launches a decode GEMM allowed to overlap the previous kernel in the stream (see
+// grid_dependency_wait) on sm_90 and later; a plain launch elsewhere or when built with
+// -DCOMET_NO_PDL (the experiment switch that measures what the overlap buys).
+template <typename... Args>
+cudaError_t launch_decode(void (*kernel)(Args...), int blocks, size_t smem, cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kGemvWarps * 32);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+#ifndef COMET_NO_PDL
+  int device = 0, major = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (e != cudaSuccess) return e;
+  if (major >= 9) {
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+#endif
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
 size_t ring_smem_bytes(int G) {
@@ -785,14 +827,12 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
       const size_t smem = ring_smem_bytes(Kpad / kGroup);
       cudaError_t e = allow_dynamic_smem(w4ax_gemv_ring_kernel, smem);
       if (e != cudaSuccess) return e;
-      w4ax_gemv_ring_kernel<<<blocks, kGemvWarps * 32, smem, stream>>>(q8, q4, ascale, qweight, wsh, out, out_dtype,
-                                                                     M, N, Kpad, groups8);
-      return cudaGetLastError();
+      return launch_decode(w4ax_gemv_ring_kernel, blocks, smem, stream, q8, q4, ascale, qweight, wsh, out,
+                           out_dtype, M, N, Kpad, groups8);
     }
     auto kernel = M <= 8 ? w4ax_gemv_kernel<1> : M <= 16 ? w4ax_gemv_kernel<2> : w4ax_gemv_kernel<4>;
-    kernel<<<blocks, kGemvWarps * 32, 0, stream>>>(q8, q4, ascale, qweight, wsh, out, out_dtype, M, N, Kpad,
-                                                  groups8);
-    return cudaGetLastError();
+    return launch_decode(kernel, blocks, 0, stream, q8, q4, ascale, qweight, wsh, out, out_dtype, M, N, Kpad,
+                         groups8);
   }
   const int bm = tile_m(M);
   const int G = Kpad / kGroup;
