@@ -29,7 +29,7 @@ constexpr int kDecodeMaxM = 32;
 // split_k value selecting the decode GEMM's shared-memory ring kernel (M <= kRingMaxM) whatever
 // the matrix size: for tests and benchmarks; the automatic choice takes it for large matrices.
 constexpr int kDecodeRing = -1;
-constexpr int kRingMaxM = 8;
+constexpr int kRingMaxM = 16;
 
 enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };
 

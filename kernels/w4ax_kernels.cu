@@ -624,15 +624,16 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
   gemv_reduce_store<NT>(red, acc, n0, M, N, out, out_dtype);
 }
 
-// Large matrices at M <= 8 (ring kernel): the weights stream through a per-warp ring of
-// shared-memory stages filled by cp.async, so the bytes in flight are bounded by shared memory
-// instead of registers (60 registers: four blocks per SM). Every thread copies, and later reads
-// back, only its own fragment bytes, so a stage needs no barrier. The block's weight scales
-// arrive once, as a tile copied with the first stage: fetched per group, each 2-byte scale was a
-// DRAM miss of its own that the warp waited on as long as on the weights (ncu source counters of
-// the register kernel, 70B gate+up). Activations and their scales are L2 hits and run one group
-// ahead in registers. Measured on H100 (docs/BENCHMARKS.md): faster than the register kernel
-// where there are many blocks per SM to stream, slower on small matrices and at 16 tokens.
+// Large matrices at M <= 8, and the largest at M <= 16 (ring kernel): the weights stream
+// through a per-warp ring of shared-memory stages filled by cp.async, so the bytes in flight are
+// bounded by shared memory instead of registers (60 / 80 registers for 8 / 16 tokens: four /
+// three blocks per SM). Every thread copies, and later reads back, only its own fragment bytes,
+// so a stage needs no barrier. The block's weight scales arrive once, as a tile copied with the
+// first stage: fetched per group, each 2-byte scale was a DRAM miss of its own that the warp
+// waited on as long as on the weights (ncu source counters of the register kernel, 70B
+// gate+up). Activations and their scales are L2 hits and run one group ahead in registers.
+// Measured on H100 (docs/BENCHMARKS.md): faster than the register kernel where there are many
+// blocks per SM to stream, slower on small matrices (use_ring_kernel).
 #ifndef COMET_GEMV_STAGES
 #define COMET_GEMV_STAGES 4
 #endif
@@ -650,7 +651,8 @@ __device__ __forceinline__ void ring_copy(RingStage& st, int g, int lane, const 
   for (int r = 0; r < 2; ++r) cp_async16(&st.w[r][lane], wrow[r] + g * kPackedGroupBytes, true);
 }
 
-__global__ void __launch_bounds__(kGemvWarps * 32, 4)
+template <int NT>
+__global__ void __launch_bounds__(kGemvWarps * 32, NT == 1 ? 4 : 3)
 w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
                       const float* __restrict__ ascale, const uint8_t* __restrict__ qw,
                       const __half* __restrict__ wscale, void* __restrict__ out, DType out_dtype, int M, int N,
@@ -662,7 +664,7 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
   const int n0 = blockIdx.x * 16;
   RingStage* ring = reinterpret_cast<RingStage*>(ring_smem) + warp * kRingStages;
   uint8_t* tile = ring_smem + sizeof(RingStage) * kRingStages * kGemvWarps;  // [16][G] fp16 scales
-  float(*red)[16][8] = reinterpret_cast<float(*)[16][8]>(ring_smem);        // once the ring is drained
+  float(*red)[16][8 * NT] = reinterpret_cast<float(*)[16][8 * NT]>(ring_smem);  // once the ring is drained
 
   // The scale rows of the block are contiguous and start 16-byte aligned (32 * G bytes per block).
   const uint8_t* sbase = reinterpret_cast<const uint8_t*>(wscale + static_cast<size_t>(n0) * G);
@@ -676,10 +678,16 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
   const uint8_t* wrow[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) wrow[r] = qw + static_cast<size_t>(min(n0 + gid + 8 * r, N - 1)) * (Kpad / 2) + tig * 16;
-  const int8_t* a8row[1] = {q8 + static_cast<size_t>(min(gid, M - 1)) * K8 + tig * 32};
-  const uint8_t* a4row[1] = {q4 + static_cast<size_t>(min(gid, M - 1)) * (K4 / 2) + tig * 16};
-  const float* asrow[1][2] = {{ascale + static_cast<size_t>(min(2 * tig, M - 1)) * G,
-                               ascale + static_cast<size_t>(min(2 * tig + 1, M - 1)) * G}};
+  const int8_t* a8row[NT];
+  const uint8_t* a4row[NT];
+  const float* asrow[NT][2];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    a8row[nt] = q8 + static_cast<size_t>(min(8 * nt + gid, M - 1)) * K8 + tig * 32;
+    a4row[nt] = q4 + static_cast<size_t>(min(8 * nt + gid, M - 1)) * (K4 / 2) + tig * 16;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) asrow[nt][j] = ascale + static_cast<size_t>(min(8 * nt + 2 * tig + j, M - 1)) * G;
+  }
 
   // Warp w takes groups w, w + 8, ...; one cp.async group per ring slot (the first also holds
   // the scale tile), committed even when empty, so "slot i has landed" is always
@@ -690,14 +698,14 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
     if (g < G) ring_copy(ring[d], g, lane, wrow);
     cp_async_commit();
   }
-  GemvFrag<1> cur, nxt;
+  GemvFrag<NT> cur, nxt;
   grid_dependency_wait();
   if (warp < G) gemv_load_act(cur, warp, groups8, a8row, a4row, asrow);
   cp_async_wait<kRingStages - 1>();
   __syncthreads();  // the scale tile, copied by every thread, is visible to all
   const __half* sw[2] = {reinterpret_cast<const __half*>(tile) + gid * G,
                          reinterpret_cast<const __half*>(tile) + (gid + 8) * G};
-  float acc[1][4] = {};
+  float acc[NT][4] = {};
   for (int i = 0, g = warp; g < G; ++i, g += kGemvWarps) {
     if (g + kGemvWarps < G) gemv_load_act(nxt, g + kGemvWarps, groups8, a8row, a4row, asrow);
     cp_async_wait<kRingStages - 1>();
@@ -716,7 +724,7 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with its ring: the reduction reuses the space
 
-  gemv_reduce_store<1>(red, acc, n0, M, N, out, out_dtype);
+  gemv_reduce_store<NT>(red, acc, n0, M, N, out, out_dtype);
 }
 
 // Launches a decode GEMM allowed to overlap the previous kernel in the stream (see
@@ -745,14 +753,21 @@ cudaError_t launch_decode(void (*kernel)(Args...), int blocks, size_t smem, cuda
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-size_t ring_smem_bytes(int G) {
-  return std::max(sizeof(RingStage) * kRingStages * kGemvWarps, sizeof(float) * kGemvWarps * 16 * 8) +
+size_t ring_smem_bytes(int G) {  // the reduction (up to 16 tokens) fits in the ring
+  static_assert(sizeof(RingStage) * kRingStages * kGemvWarps >= sizeof(float) * kGemvWarps * 16 * 16, "");
+  return sizeof(RingStage) * kRingStages * kGemvWarps +
          static_cast<size_t>(16) * G * 2;
 }
 
+// The automatic choice, measured on H100 (docs/BENCHMARKS.md): up to 8 tokens from 32 MB of
+// weights; at 9-16 tokens (3 blocks per SM) only for grids many waves deep (N >= 32768: 70B
+// gate+up 112.7 -> 103.7 us), as it lost on long K (70B down 57.6 -> 67.5) and short grids.
+constexpr int kRingWideMinN = 32768;
 bool use_ring_kernel(int M, int N, int Kpad, const void* wscale, int split_k) {
   if (M > kRingMaxM || reinterpret_cast<uintptr_t>(wscale) % 16 != 0) return false;  // tile: 16-byte copies
-  return split_k == kDecodeRing || static_cast<long long>(N) * Kpad / 2 >= COMET_GEMV_RING_MIN_BYTES;
+  if (split_k == kDecodeRing) return true;
+  if (static_cast<long long>(N) * Kpad / 2 < COMET_GEMV_RING_MIN_BYTES) return false;
+  return M <= 8 || N >= kRingWideMinN;
 }
 
 __global__ void convert_kernel(const float* __restrict__ src, void* __restrict__ dst, DType dt, size_t n) {
@@ -825,9 +840,10 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
     const int blocks = (N + 15) / 16;
     if (use_ring_kernel(M, N, Kpad, wscale, split_k)) {
       const size_t smem = ring_smem_bytes(Kpad / kGroup);
-      cudaError_t e = allow_dynamic_smem(w4ax_gemv_ring_kernel, smem);
+      auto kernel = M <= 8 ? w4ax_gemv_ring_kernel<1> : w4ax_gemv_ring_kernel<2>;
+      cudaError_t e = allow_dynamic_smem(kernel, smem);
       if (e != cudaSuccess) return e;
-      return launch_decode(w4ax_gemv_ring_kernel, blocks, smem, stream, q8, q4, ascale, qweight, wsh, out,
+      return launch_decode(kernel, blocks, smem, stream, q8, q4, ascale, qweight, wsh, out,
                            out_dtype, M, N, Kpad, groups8);
     }
     auto kernel = M <= 8 ? w4ax_gemv_kernel<1> : M <= 16 ? w4ax_gemv_kernel<2> : w4ax_gemv_kernel<4>;

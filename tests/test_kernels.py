@@ -135,15 +135,15 @@ def test_gemm_integer_accumulation_exact(kernels, int4_mma, m, k8_frac):
     x, perm, _, qw, _ = make_case(m, k, n, g8, seed=m + 1, device="cuda")
     q8, q4, _ = torch.ops.comet.quantize_act(x, perm, g8)
     sa, sw = unit_scales(m, n, g)
-    # 0: automatic (a decode kernel for M <= 16); -1: the decode ring kernel (M <= 8)
-    for split in (0, 1, 4) + ((-1,) if m <= 8 else ()):
+    # 0: automatic (a decode kernel for M <= 16); -1: the decode ring kernel (M <= 16)
+    for split in (0, 1, 4) + ((-1,) if m <= 16 else ()):
         y = torch.ops.comet.w4ax_gemm(q8, q4, sa, qw, sw, g8, split, int4_mma, torch.float32)
         ref = ops.w4ax_gemm_reference(q8.cpu(), q4.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), g8, torch.float32)
         assert torch.equal(y.cpu(), ref), (m, g8, split, (y.cpu() - ref).abs().max())
 
 
 @gpu
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
 @pytest.mark.parametrize("n, k", [(197, 600), (64, 128), (4096, 4096)])
 def test_gemm_ring_kernel_scaled(kernels, m, n, k):
     """The decode ring kernel (forced; automatic only for large matrices) against the reference,
@@ -159,7 +159,7 @@ def test_gemm_ring_kernel_scaled(kernels, m, n, k):
     tiled = torch.ops.comet.w4ax_gemm(q8, q4, s, qw, ws, g8, 1, False, torch.float32)
     assert rel_err(ring, tiled) < 1e-5
     with pytest.raises(RuntimeError, match="decode ring kernel"):
-        xx = torch.randn(9, k, device="cuda", dtype=torch.float16)
+        xx = torch.randn(17, k, device="cuda", dtype=torch.float16)
         torch.ops.comet.w4ax_gemm(*torch.ops.comet.quantize_act(xx, perm, g8), qw, ws, g8, -1, False, torch.float32)
 
 
