@@ -753,10 +753,10 @@ cudaError_t launch_decode(void (*kernel)(Args...), int blocks, size_t smem, cuda
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-size_t ring_smem_bytes(int G) {  // the reduction (up to 16 tokens) fits in the ring
-  static_assert(sizeof(RingStage) * kRingStages * kGemvWarps >= sizeof(float) * kGemvWarps * 16 * 16, "");
-  return sizeof(RingStage) * kRingStages * kGemvWarps +
-         static_cast<size_t>(16) * G * 2;
+size_t ring_smem_bytes(int G) {  // the ring, then the [16][G] fp16 scale tile
+  static_assert(sizeof(RingStage) * kRingStages * kGemvWarps >= sizeof(float) * kGemvWarps * 16 * 16,
+                "the cross-warp reduction (up to 16 tokens) reuses the ring's shared memory");
+  return sizeof(RingStage) * kRingStages * kGemvWarps + static_cast<size_t>(16) * G * 2;
 }
 
 // The automatic choice, measured on H100 (docs/BENCHMARKS.md): up to 8 tokens from 32 MB of
