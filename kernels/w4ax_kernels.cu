@@ -37,12 +37,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 // Programmatic dependent launch (sm_90): the decode GEMMs are launched so that they may start
 // while the previous kernel in the stream (the activation quantization) still runs. They fetch
 // the weights, which no kernel writes, before grid_dependency_wait(), and everything the previous
@@ -59,31 +53,65 @@ __device__ __forceinline__ void allow_dependent_launch() {
 #endif
 }
 
-constexpr int kActThreads = 256;  // 8 warps: one group per warp at a time
+constexpr int kActThreads = 256;  // 16 half-warps: one group per half-warp at a time
+constexpr int kHalfLanes = 16;    // lanes per group: lane l of a half holds channels 8l .. 8l + 7
+constexpr int kActGroupsPerBlock = kActThreads / kHalfLanes;
 constexpr int kGatherMaxM = 64;   // below this many tokens, activation quantization gathers from L2
 #ifndef COMET_ACT_LOADS
 #define COMET_ACT_LOADS 4
 #endif
 constexpr int kActLoads = COMET_ACT_LOADS;
 
-// In-place fast Walsh-Hadamard transform of a 128-channel group held 4 per lane (channel
-// 4 * lane + i in v[i]), scaled to be orthonormal: the group rotation of the QuaRot-like
-// schemes, whose weights were rotated by the same matrix at export. Strides 1 and 2 stay in a
-// lane; strides 4..64 pair lane l with lane l ^ (stride / 4).
-__device__ __forceinline__ void hadamard128(float (&v)[4], int lane) {
-  const float a0 = v[0] + v[1], a1 = v[0] - v[1], a2 = v[2] + v[3], a3 = v[2] - v[3];
-  v[0] = a0 + a2; v[2] = a0 - a2; v[1] = a1 + a3; v[3] = a1 - a3;
+__device__ __forceinline__ float half_warp_max(float v) {
 #pragma unroll
-  for (int m = 1; m < 32; m <<= 1) {
+  for (int o = kHalfLanes / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// In-place fast Walsh-Hadamard transform of a 128-channel group held 8 per lane (channel
+// 8 * l + i in v[i], l = lane within the half-warp), scaled to be orthonormal: the group rotation
+// of the QuaRot-like schemes, whose weights were rotated by the same matrix at export. Strides
+// 1, 2 and 4 stay in a lane; strides 8..64 pair lane l with lane l ^ (stride / 8).
+__device__ __forceinline__ void hadamard128(float (&v)[8], int l) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+  for (int h = 1; h < 8; h <<= 1) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (i & h) continue;
+      const float a = v[i], b = v[i + h];
+      v[i] = a + b;
+      v[i + h] = a - b;
+    }
+  }
+#pragma unroll
+  for (int m = 1; m < kHalfLanes; m <<= 1) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
       const float o = __shfl_xor_sync(0xffffffffu, v[i], m);
-      v[i] = (lane & m) ? o - v[i] : v[i] + o;
+      v[i] = (l & m) ? o - v[i] : v[i] + o;
     }
   }
   constexpr float kNorm = 0.08838834764831845f;  // 1 / sqrt(128)
 #pragma unroll
-  for (int i = 0; i < 4; ++i) v[i] *= kNorm;
+  for (int i = 0; i < 8; ++i) v[i] *= kNorm;
+}
+
+// round(v) (ties to even, as torch.round) left in the low bits of a float: adding 1.5 * 2^23,
+// whose ulp is 1, rounds v to an integer in the mantissa, two's complement in the low byte for
+// |v| < 2^22. One add instead of a round and a quarter-rate float -> int conversion.
+__device__ __forceinline__ uint32_t round_bits(float v) { return __float_as_uint(__fadd_rn(v, 12582912.f)); }
+
+// The low bytes of four words, a in byte 0.
+__device__ __forceinline__ uint32_t low_bytes(uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, d, 0x0040), 0x5410);
+}
+
+// Eight int8 codes (bytes of lo = codes 0..3, hi = codes 4..7) as eight nibbles, code 2j in the
+// low nibble of byte j.
+__device__ __forceinline__ uint32_t nibbles(uint32_t lo, uint32_t hi) {
+  const uint32_t a = (lo & 0x0F0F0F0Fu) | ((lo >> 4) & 0xF0F0F0F0u);  // byte j: code j | code j+1 << 4
+  const uint32_t b = (hi & 0x0F0F0F0Fu) | ((hi >> 4) & 0xF0F0F0F0u);
+  return __byte_perm(a, b, 0x6420);
 }
 
 // Where quantized activations go. Packed (the GEMM input of the mma.sync kernels): q8
@@ -98,74 +126,76 @@ struct ActOut {
   int Kpad, Mpad;
 };
 
-// Quantizes one permuted group held 4 channels per lane (channel 4 * lane + i of group g in v[i])
-// into the row's codes and scale. Codes are round(x * (1 / s)) with an IEEE reciprocal per
-// group, exactly as primitives.quantize_symmetric computes them: one division per group instead
-// of per element.
+// Quantizes one permuted group held by a half-warp, 8 channels per lane (channel 8 * l + i of
+// group g in v[i]) into the row's codes and scale. Codes are round(x * (1 / s)) with an IEEE
+// reciprocal per group, exactly as primitives.quantize_symmetric computes them: one division
+// per group instead of per element. The reference's clamp to [-qmax, qmax] is implied: |x| <=
+// amax, and s = amax / qmax and 1 / s are each correctly rounded, so |x * (1 / s)| <= qmax *
+// (1 + 2^-24)^3 < qmax + 1/2 (s = kMinScale only lowers it). `store` = false (a half-warp past
+// the last group) still takes part in the shuffles.
 template <bool WIDE>
-__device__ __forceinline__ void quantize_group(float (&v)[4], size_t row, int g, int lane, int groups8,
-                                               bool rotate, const ActOut& o) {
-  if (rotate) hadamard128(v, lane);
+__device__ __forceinline__ void quantize_group(float (&v)[8], size_t row, int g, int l, int groups8, bool rotate,
+                                               bool store, const ActOut& o) {
+  if (rotate) hadamard128(v, l);
   float amax = 0.f;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
-  amax = warp_max(amax);
+  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  amax = half_warp_max(amax);
+  if (!store) return;
   const bool high = g < groups8;
-  const float qmax = high ? 127.f : 7.f;
-  const float s = fmaxf(__fdiv_rn(amax, qmax), kMinScale);
+  const float s = fmaxf(__fdiv_rn(amax, high ? 127.f : 7.f), kMinScale);
   const float inv = __fdiv_rn(1.f, s);
-  int q[4];
+  uint32_t c[8];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) q[i] = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(v[i], inv)), -qmax), qmax));
+  for (int i = 0; i < 8; ++i) c[i] = round_bits(__fmul_rn(v[i], inv));
   if (WIDE) {
-    if (lane == 0) o.scales[static_cast<size_t>(g) * o.Mpad + row] = s;
-    // Channel 4 * lane + i sits at wide_position(4 * lane + i): i = 0, 2 side by side, and
-    // i = 1, 3 sixteen bytes further.
-    int8_t* dst = o.q8 + row * o.Kpad + g * kGroup + wide_position(4 * lane);
-    *reinterpret_cast<char2*>(dst) = make_char2(q[0], q[2]);
-    *reinterpret_cast<char2*>(dst + 16) = make_char2(q[1], q[3]);
+    if (l == 0) o.scales[static_cast<size_t>(g) * o.Mpad + row] = s;
+    // Channels 8l + i land at wide_position(8l) + i / 2, odd i sixteen bytes further.
+    uint32_t* dst = reinterpret_cast<uint32_t*>(o.q8 + row * o.Kpad + g * kGroup + wide_position(8 * l));
+    dst[0] = low_bytes(c[0], c[2], c[4], c[6]);
+    dst[4] = low_bytes(c[1], c[3], c[5], c[7]);
     return;
   }
-  if (lane == 0) o.scales[row * o.G + g] = s;
-  const int c0 = g * kGroup + lane * 4;
-  if (high) {
-    *reinterpret_cast<char4*>(o.q8 + row * o.K8 + c0) = make_char4(q[0], q[1], q[2], q[3]);
-  } else {
-    const uint16_t packed = static_cast<uint16_t>((q[0] & 0xF) | ((q[1] & 0xF) << 4) |
-                                                  ((q[2] & 0xF) << 8) | ((q[3] & 0xF) << 12));
-    *reinterpret_cast<uint16_t*>(o.q4 + row * (o.K4 / 2) + (c0 - o.K8) / 2) = packed;
-  }
+  if (l == 0) o.scales[row * o.G + g] = s;
+  const int c0 = g * kGroup + 8 * l;
+  const uint32_t lo = low_bytes(c[0], c[1], c[2], c[3]), hi = low_bytes(c[4], c[5], c[6], c[7]);
+  if (high)
+    *reinterpret_cast<uint2*>(o.q8 + row * o.K8 + c0) = make_uint2(lo, hi);
+  else
+    *reinterpret_cast<uint32_t*>(o.q4 + row * (o.K4 / 2) + (c0 - o.K8) / 2) = nibbles(lo, hi);
 }
 
-// Gathers permuted group g of a row (from shared or global memory) and quantizes it: lane l
-// reads the channels perm[g * 128 + 4l .. 4l + 3] (past K: zeros).
-template <bool WIDE, typename T>
-__device__ __forceinline__ void quantize_permuted_group(const T* src, const int32_t* __restrict__ perm, size_t row,
-                                                        int g, int lane, int K, int groups8, bool rotate,
-                                                        const ActOut& o) {
-  const int4 p = __ldg(reinterpret_cast<const int4*>(perm + g * kGroup + lane * 4));
-  const int idx[4] = {p.x, p.y, p.z, p.w};
-  float v[4];
+// The permuted channels perm[g * 128 + 8l .. 8l + 7] of group g, lane l of its half-warp.
+__device__ __forceinline__ void permuted_indices(const int32_t* __restrict__ perm, int g, int l, uint32_t (&idx)[8]) {
+  const int4* p = reinterpret_cast<const int4*>(perm + g * kGroup + 8 * l);
+  const int4 a = __ldg(p), b = __ldg(p + 1);
+  const int q[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
-  for (int i = 0; i < 4; ++i) v[i] = idx[i] < K ? to_float(src[idx[i]]) : 0.f;
-  quantize_group<WIDE>(v, row, g, lane, groups8, rotate, o);
+  for (int i = 0; i < 8; ++i) idx[i] = static_cast<uint32_t>(q[i]);
 }
 
-// Two layouts of the same computation, one warp per group at a time.
+// Two layouts of the same computation, one half-warp per group at a time.
 //
 // Rows (large M): one block per token. The row is first copied into shared memory with
-// coalesced 16-byte loads (DRAM reads x exactly once); the permutation then gathers from shared
-// memory. (Measured on H100: a persistent grid that double-buffers rows with cp.async was
-// slower, 1.05-1.5 vs 1.3-1.8 TB/s at M = 4096, as its shared memory halves the resident rows.)
+// coalesced 16-byte loads (DRAM reads x exactly once), followed by one zero at [K] that every
+// out-of-range channel index (padding, perm[j] >= K) is clamped to; the permutation then gathers
+// from shared memory without branches. (Measured on H100: a persistent grid that double-buffers
+// rows with cp.async was slower, 1.05-1.5 vs 1.3-1.8 TB/s at M = 4096, as its shared memory
+// halves the resident rows.)
+template <typename T>
+constexpr size_t act_row_smem(int K) {
+  return sizeof(T) * ((static_cast<size_t>(K) + 8) & ~size_t{7});  // K + 1 rounded up to 16 bytes
+}
+
 template <bool WIDE, typename T>
 __global__ void __launch_bounds__(kActThreads)
 quantize_act_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ perm, int K, int groups8,
                          bool rotate, ActOut o) {
   extern __shared__ __align__(16) uint8_t act_smem[];
   allow_dependent_launch();
-  T* cur = reinterpret_cast<T*>(act_smem);  // [K]
+  T* cur = reinterpret_cast<T*>(act_smem);  // [K + 1]
   const size_t row = blockIdx.x;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int half = threadIdx.x / kHalfLanes, l = threadIdx.x % kHalfLanes;
   const T* src = x + row * K;
   if (K % 8 == 0) {
     // kActLoads 16-byte loads in flight per thread before the first store: a long row (K =
@@ -185,13 +215,23 @@ quantize_act_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ pe
   } else {
     for (int i = threadIdx.x; i < K; i += kActThreads) cur[i] = src[i];
   }
+  if (threadIdx.x == 0) reinterpret_cast<uint16_t*>(cur)[K] = 0;  // +0 in fp16 and bf16
   __syncthreads();
-  for (int g = warp; g < o.G; g += kActThreads / 32)
-    quantize_permuted_group<WIDE>(cur, perm, row, g, lane, K, groups8, rotate, o);
+  // Every half-warp runs the same number of rounds (the shuffles need whole warps); past the
+  // last group it recomputes that one and stores nothing.
+  for (int g0 = 0; g0 < o.G; g0 += kActGroupsPerBlock) {
+    const int g = min(g0 + half, o.G - 1);
+    uint32_t idx[8];
+    permuted_indices(perm, g, l, idx);
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_float(cur[min(idx[i], static_cast<uint32_t>(K))]);
+    quantize_group<WIDE>(v, row, g, l, groups8, rotate, g0 + half < o.G, o);
+  }
 }
 
-// Gather (small M, decode): blocks of 8 groups x one token read the permuted channels straight
-// from global memory (the row was just written and sits in L2): M x G / 8 blocks instead of M,
+// Gather (small M, decode): blocks of 16 groups x one token read the permuted channels straight
+// from global memory (the row was just written and sits in L2): M x G / 16 blocks instead of M,
 // so a batch of a few tokens still spreads over the GPU.
 template <bool WIDE, typename T>
 __global__ void __launch_bounds__(kActThreads)
@@ -199,20 +239,26 @@ quantize_act_gather_kernel(const T* __restrict__ x, const int32_t* __restrict__ 
                            bool rotate, ActOut o) {
   allow_dependent_launch();
   const size_t row = blockIdx.y;  // M < kGatherMaxM: within gridDim.y's limit
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = blockIdx.x * (kActThreads / 32) + warp;
-  if (g < o.G) quantize_permuted_group<WIDE>(x + row * K, perm, row, g, lane, K, groups8, rotate, o);
+  const int half = threadIdx.x / kHalfLanes, l = threadIdx.x % kHalfLanes;
+  const int g_want = blockIdx.x * kActGroupsPerBlock + half, g = min(g_want, o.G - 1);
+  const T* src = x + row * K;
+  uint32_t idx[8];
+  permuted_indices(perm, g, l, idx);
+  float v[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = idx[i] < static_cast<uint32_t>(K) ? to_float(src[idx[i]]) : 0.f;
+  quantize_group<WIDE>(v, row, g, l, groups8, rotate, g_want < o.G, o);
 }
 
 template <bool WIDE, typename T>
 cudaError_t launch_quantize_act(const T* x, const int32_t* perm, int M, int K, int groups8, bool rotate,
                                 const ActOut& o, cudaStream_t stream) {
   if (M < kGatherMaxM) {
-    const dim3 grid((o.G + kActThreads / 32 - 1) / (kActThreads / 32), M);
+    const dim3 grid((o.G + kActGroupsPerBlock - 1) / kActGroupsPerBlock, M);
     quantize_act_gather_kernel<WIDE, T><<<grid, kActThreads, 0, stream>>>(x, perm, K, groups8, rotate, o);
     return cudaGetLastError();
   }
-  const size_t smem = sizeof(T) * static_cast<size_t>(K);
+  const size_t smem = act_row_smem<T>(K);
   cudaError_t e = allow_dynamic_smem(quantize_act_rows_kernel<WIDE, T>, smem);
   if (e != cudaSuccess) return e;
   quantize_act_rows_kernel<WIDE, T><<<M, kActThreads, smem, stream>>>(x, perm, K, groups8, rotate, o);

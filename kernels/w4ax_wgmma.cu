@@ -53,7 +53,11 @@ struct alignas(1024) WideStage {
 template <int TOKENS>
 constexpr size_t kWideSmem = kWideStages * sizeof(WideStage<TOKENS>) + 1024;  // + alignment slack
 
+#ifdef COMET_WIDE_TOKENS  // experiment switch: one token tile for every M (96 or 128)
+int wide_tokens(int) { return COMET_WIDE_TOKENS; }
+#else
 int wide_tokens(int M) { return M >= 2048 ? 96 : 128; }
+#endif
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {

@@ -9,12 +9,16 @@ if ! command -v "$NVCC" >/dev/null; then
   for d in /usr/local/cuda/bin /usr/local/cuda-13.0/bin; do [ -x "$d/nvcc" ] && NVCC="$d/nvcc"; done
 fi
 command -v "$NVCC" >/dev/null || { echo "check_kernels_compile: nvcc not found" >&2; exit 1; }
+# The half-precision switches torch.utils.cpp_extension always passes to nvcc: code that compiles
+# without them can still fail the JIT build on the GPU machine.
+TORCH_FLAGS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+  -D__CUDA_NO_HALF2_OPERATORS__)
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 for src in kernels/*.cu scripts/read_pattern_bench.cu; do
   for arch in 80 90a; do
     echo "nvcc sm_${arch}: ${src}"
-    "$NVCC" -std=c++17 -O3 -Ikernels "-gencode=arch=compute_${arch},code=sm_${arch}" \
+    "$NVCC" -std=c++17 -O3 -Ikernels "-gencode=arch=compute_${arch},code=sm_${arch}" "${TORCH_FLAGS[@]}" \
       -Xptxas -warn-spills -c "$src" -o "$out/$(basename "$src").sm${arch}.o"
   done
 done

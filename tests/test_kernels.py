@@ -201,6 +201,48 @@ def test_quantize_act_wide_bitwise(kernels, m, dtype, k):
         assert torch.equal(scales_t.cpu(), want_s), (m, k, g8)
 
 
+def extreme_activations(m, k, dtype):
+    """Rows whose groups hit the quantizer's edges: rounding ties (amax 7 or 127 makes the
+    reciprocal scale exact, so x.5 values are true ties, which round to even), the largest
+    finite values, subnormals, all-zero and negative-zero groups; the rest random."""
+    g = torch.Generator().manual_seed(k + m)
+    x = torch.randn(m, k, generator=g)
+    ties4 = torch.tensor([7.0, -7.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 3.5, -3.5, 6.5, -6.5])
+    ties8 = torch.tensor([127.0, -126.5, 0.5, -0.5, 1.5, 2.5, -3.5, 125.5, 126.5, 64.5])
+    big = 65504.0 if dtype == torch.float16 else 3.0e38
+    for r in range(m):
+        c = torch.randperm(k, generator=g)
+        x[r, c[:12]] = ties4 if r % 2 else ties8[:10].repeat(2)[:12]
+        x[r, c[12:14]] = torch.tensor([big, -big]) if r % 3 == 0 else x[r, c[12:14]]
+        x[r, c[14:20]] = 3e-8 * (r % 5)
+    x[0] = 0.0
+    if m > 1:
+        x[1] = -0.0
+    return x.to(dtype)
+
+
+@gpu
+@pytest.mark.parametrize("m", [5, 64, 300])  # the gather kernel (M < 64) and the row kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantize_act_extreme_values_bitwise(kernels, m, dtype):
+    """Both layouts equal the reference bit for bit at the quantizer's edges (the kernels round
+    by adding 1.5 * 2^23 and leave out the clamp, which the scale makes a no-op)."""
+    k = 384
+    x = extreme_activations(m, k, dtype)
+    g = k // GROUP
+    for perm in (torch.arange(k, dtype=torch.int32), torch.randperm(k + 128).to(torch.int32)):
+        for g8 in (0, 1, g):
+            got = torch.ops.comet.quantize_act(x.cuda(), perm.cuda(), g8)
+            want = ops.quantize_act_reference(x, perm, g8)
+            for a, b in zip(got, want):
+                assert torch.equal(a.cpu(), b), (m, g8)
+            qa, scales_t = torch.ops.comet.quantize_act_wide(x.cuda(), perm.cuda(), g8)
+            want_qa, want_s = ops.quantize_act_wide_reference(x, perm, g8)
+            assert torch.equal(qa.cpu(), want_qa) and torch.equal(scales_t.cpu(), want_s), (m, g8)
+    q8, _, _ = ops.quantize_act_reference(x, torch.arange(k, dtype=torch.int32), g)
+    assert (q8.abs() == 127).any() and (q8 == 0).any()  # the edges are really there
+
+
 @gpu
 @pytest.mark.parametrize("m", [17, 1024])
 def test_quantize_act_wide_rotated(kernels, m):
