@@ -53,11 +53,7 @@ struct alignas(1024) WideStage {
 template <int TOKENS>
 constexpr size_t kWideSmem = kWideStages * sizeof(WideStage<TOKENS>) + 1024;  // + alignment slack
 
-#ifdef COMET_WIDE_TOKENS  // experiment switch: one token tile for every M (96 or 128)
-int wide_tokens(int) { return COMET_WIDE_TOKENS; }
-#else
-int wide_tokens(int M) { return M >= 2048 ? 96 : 128; }
-#endif
+
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -403,8 +399,9 @@ bool make_map(CUtensorMap* map, const void* base, uint64_t rows, uint64_t cols, 
 
 }  // namespace
 
-int choose_wide_split_k(int M, int N, int Kpad, int num_sms) {
-  const int tokens = wide_tokens(M);
+namespace {
+
+int wide_split_for(int tokens, int M, int N, int Kpad, int num_sms) {
   const int tiles = ((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN);
   const int G = Kpad / kGroup;
   int split = 1;
@@ -414,6 +411,36 @@ int choose_wide_split_k(int M, int N, int Kpad, int num_sms) {
   // 0.034 unsplit; 8B down, 64 tiles and 112 groups, 0.071 split vs 0.107).
   while (tiles * split * 2 <= num_sms && G / (split * 2) >= 8) split *= 2;
   return split;
+}
+
+// Relative time of a token tile size below 2048 tokens: waves of tiles x tokens per tile x groups
+// per split, plus the split-K reduction at ~11 us per million outputs in the same units (fitted
+// to H100 sweeps of every split at M = 128 / 256 / 512, all LLaMA-3-8B / 70B shapes: one unit
+// ~ 7.7 ns there). It picks 96-token tiles where they fill the last wave better and the
+// 128-token grid would not split: 70B qkv M = 256, 117.7 -> 86.6 us; 8B o M = 256, 26.5 ->
+// 23.6; 8B qkv M = 128, 25.4 -> 24.1; 128 everywhere else in those sweeps, as measured best.
+double wide_cost(int tokens, int M, int N, int Kpad, int num_sms) {
+  const int split = wide_split_for(tokens, M, N, Kpad, num_sms);
+  const long long tiles = static_cast<long long>((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN) * split;
+  const long long waves = (tiles + num_sms - 1) / num_sms;
+  const int groups = (Kpad / kGroup + split - 1) / split;
+  return static_cast<double>(waves) * tokens * groups + (split > 1 ? 0.0015 * M * static_cast<double>(N) : 0.0);
+}
+
+// Tokens per block: 96 (two accumulator sets) from 2048 tokens, measured 5-9% faster per tile
+// there; below, whichever tile size the cost model above prefers (ties: 128).
+int wide_tokens(int M, int N, int Kpad, int num_sms) {
+#ifdef COMET_WIDE_TOKENS  // experiment switch: one token tile for every M (96 or 128)
+  return COMET_WIDE_TOKENS;
+#endif
+  if (M >= 2048) return 96;
+  return wide_cost(96, M, N, Kpad, num_sms) < wide_cost(128, M, N, Kpad, num_sms) ? 96 : 128;
+}
+
+}  // namespace
+
+int choose_wide_split_k(int M, int N, int Kpad, int num_sms) {
+  return wide_split_for(wide_tokens(M, N, Kpad, num_sms), M, N, Kpad, num_sms);
 }
 
 template <int TOKENS>
@@ -442,13 +469,16 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   if (e != cudaSuccess) return e;
   if (major != 9) return cudaErrorNotSupported;
+  int sms = 0;
+  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e != cudaSuccess) return e;
   const int G = Kpad / kGroup;
   split_k = std::max(1, std::min(split_k, G));
   if (split_k > 1) {
     e = cudaMemsetAsync(workspace, 0, sizeof(float) * static_cast<size_t>(M) * N, stream);
     if (e != cudaSuccess) return e;
   }
-  e = wide_tokens(M) == 96
+  e = wide_tokens(M, N, Kpad, sms) == 96
           ? launch_wide<96>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, split_k, workspace,
                             stream)
           : launch_wide<128>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, split_k, workspace,

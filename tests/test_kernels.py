@@ -90,7 +90,7 @@ M_SWEEP = [1, 2, 7, 9, 16, 17, 33, 64, 127, 128, 129, 1024, 4096]
 @gpu
 @pytest.mark.parametrize("m", M_SWEEP)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("k", [300, 576, 14336, 28672])
+@pytest.mark.parametrize("k", [300, 576, 4096, 14336, 28672])
 def test_quantize_act_bitwise(kernels, m, dtype, k):
     if m > 1024 and k > 4096:
         pytest.skip("covered by smaller M; keeps the CPU reference fast")
