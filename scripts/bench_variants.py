@@ -7,10 +7,14 @@ same way as scripts/bench_kernels.py (CUDA-graph replays, weights rotating past 
 compute wrong results on purpose: they only say where the time goes.
 
 --kernel picks what is timed: the wgmma GEMM (M = 256 / 1024 / 4096), the decode GEMM
-(M = 1 / 16, all LLaMA-3 shapes) or the activation quantization (M = 4096, both layouts).
+(M = 1 / 16, all LLaMA-3 shapes), the activation quantization (M = 4096, both layouts), or
+"tiles": the wgmma GEMM at M = 128 / 256 / 512 on all LLaMA-3 shapes under every split_k (auto,
+1, 2, 3, 4, 6), microseconds, to compare token tiles forced by -DCOMET_WIDE_TOKENS=128 / 96.
 
     python scripts/bench_variants.py --quick --variant=base --variant=-DCOMET_WIDE_SKIP_RESCALE
     python scripts/bench_variants.py --kernel decode --variant=base --variant=-DSOME_SWITCH
+    python scripts/bench_variants.py --kernel tiles --variant=-DCOMET_WIDE_TOKENS=128 \
+        --variant=-DCOMET_WIDE_TOKENS=96
 """
 from __future__ import annotations
 
@@ -68,6 +72,22 @@ def run_variant(kernel: str, quick: bool) -> None:
                 name = "wide" if wide else "packed"
                 print(f"| {tag} | K={k} {name} | {m} | {t * 1e3:.1f} us | {tbps:.2f} TB/s |", flush=True)
         return
+    if kernel == "tiles":
+        splits = (0, 1, 2, 3, 4, 6)
+        for name, (n, k) in ALL_SHAPES.items():
+            g = k // ops.GROUP
+            nc = copies(n * k // 2)
+            qws = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8) for _ in range(nc)]
+            ws = torch.rand(n, g, device="cuda", dtype=torch.float16) * 0.01 + 1e-3
+            perm = torch.randperm(k, device="cuda").to(torch.int32)
+            for m in (128, 256, 512):
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g // 10)
+                us = [timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qws[i], ws, split,
+                                                                         torch.float16) for i in range(nc)]) * 1e3
+                      for split in splits]
+                print(f"| {tag} | {name} | {m} | " + " | ".join(f"{t:.1f}" for t in us) + " |", flush=True)
+        return
     for n, k in SHAPES[:1] if quick else SHAPES:
         for m in (4096,) if quick else (256, 1024, 4096):
             g = k // ops.GROUP
@@ -86,14 +106,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", action="append", metavar="FLAGS",
                     help="nvcc flags of one build, written --variant=FLAGS ('base': none); repeatable")
-    ap.add_argument("--kernel", choices=["wgmma", "decode", "actq"], default="wgmma")
+    ap.add_argument("--kernel", choices=["wgmma", "decode", "actq", "tiles"], default="wgmma")
     ap.add_argument("--quick", action="store_true", help="wgmma: 8B gate+up at M = 4096 only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return run_variant(args.kernel, args.quick)
-    unit = "equivalent TOPS" if args.kernel == "wgmma" else "bytes / time"
-    print(f"| build flags | shape | M | time | {unit} |\n|---|---|---|---|---|", flush=True)
+    if args.kernel == "tiles":
+        print("| build flags | shape | M | us, split auto | 1 | 2 | 3 | 4 | 6 |\n|---|---|---|---|---|---|---|---|---|",
+              flush=True)
+    else:
+        unit = "equivalent TOPS" if args.kernel == "wgmma" else "bytes / time"
+        print(f"| build flags | shape | M | time | {unit} |\n|---|---|---|---|---|", flush=True)
     variants = args.variant or ["base", "-DCOMET_WIDE_SKIP_RESCALE", "-DCOMET_WIDE_SKIP_MMA", "-DCOMET_WIDE_SKIP_LOAD"]
     for flags in variants:
         env = dict(os.environ, COMET_QUANT_NVCC_FLAGS="" if flags == "base" else flags)
