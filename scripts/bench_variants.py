@@ -39,13 +39,18 @@ def run_variant(kernel: str, quick: bool) -> None:
 
     ops.build()
     tag = os.environ.get("COMET_QUANT_NVCC_FLAGS") or "default"
+
+    def weights(n, k):
+        """Random packed weights ([copies] to rotate past L2), scales and a permutation of one shape."""
+        g = k // ops.GROUP
+        nc = copies(n * k // 2)
+        qws = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8) for _ in range(nc)]
+        ws = torch.rand(n, g, device="cuda", dtype=torch.float16) * 0.01 + 1e-3
+        return g, nc, qws, ws, torch.randperm(k, device="cuda").to(torch.int32)
+
     if kernel == "decode":
         for name, (n, k) in ALL_SHAPES.items():
-            g = k // ops.GROUP
-            nc = copies(n * k // 2)
-            qws = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8) for _ in range(nc)]
-            ws = torch.rand(n, g, device="cuda", dtype=torch.float16) * 0.01 + 1e-3
-            perm = torch.randperm(k, device="cuda").to(torch.int32)
+            g, nc, qws, ws, perm = weights(n, k)
             for m in (1, 16):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 q8, q4, s = ops.quantize_act(x, perm, g // 10)
@@ -75,11 +80,7 @@ def run_variant(kernel: str, quick: bool) -> None:
     if kernel == "tiles":
         splits = (0, 1, 2, 3, 4, 6)
         for name, (n, k) in ALL_SHAPES.items():
-            g = k // ops.GROUP
-            nc = copies(n * k // 2)
-            qws = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8) for _ in range(nc)]
-            ws = torch.rand(n, g, device="cuda", dtype=torch.float16) * 0.01 + 1e-3
-            perm = torch.randperm(k, device="cuda").to(torch.int32)
+            g, nc, qws, ws, perm = weights(n, k)
             for m in (128, 256, 512):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g // 10)
@@ -90,12 +91,8 @@ def run_variant(kernel: str, quick: bool) -> None:
         return
     for n, k in SHAPES[:1] if quick else SHAPES:
         for m in (4096,) if quick else (256, 1024, 4096):
-            g = k // ops.GROUP
+            g, nc, qws, ws, perm = weights(n, k)
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            perm = torch.randperm(k, device="cuda").to(torch.int32)
-            nc = copies(n * k // 2)
-            qws = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8) for _ in range(nc)]
-            ws = torch.rand(n, g, device="cuda", dtype=torch.float16) * 0.01 + 1e-3
             qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g // 10)
             t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qws[i], ws, 0, torch.float16)
                         for i in range(nc)])
