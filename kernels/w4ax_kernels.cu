@@ -177,30 +177,37 @@ __device__ __forceinline__ void permuted_indices(const int32_t* __restrict__ per
 // Two layouts of the same computation, one half-warp per group at a time.
 //
 // Rows (large M): one block per token. The row is first copied into shared memory with
-// coalesced 16-byte loads (DRAM reads x exactly once), followed by one zero at [K] that every
-// out-of-range channel index (padding, perm[j] >= K) is clamped to; the permutation then gathers
-// from shared memory without branches. (Measured on H100: a persistent grid that double-buffers
-// rows with cp.async was slower, 1.05-1.5 vs 1.3-1.8 TB/s at M = 4096, as its shared memory
-// halves the resident rows.)
+// coalesced 16-byte loads (DRAM reads x exactly once); the permutation then gathers from shared
+// memory without branches: every channel index is clamped to `last`. With padding channels
+// (K < Kpad, perm[j] >= K reads 0) the buffer ends in one zero at [K] and last = K; without, a
+// valid perm stays below K, last = K - 1 only keeps a malformed one inside the buffer, and the
+// buffer is exactly the row: at K = 28672 (56 KB) that is what lets 4 blocks share an SM's
+// 228 KB instead of 3. (Measured on H100: a persistent grid that double-buffers rows with
+// cp.async was slower, 1.05-1.5 vs 1.3-1.8 TB/s at M = 4096, as its shared memory halves the
+// resident rows.)
+__host__ __device__ constexpr bool act_padded(int K, int G) { return K < G * kGroup; }
+
 template <typename T>
-constexpr size_t act_row_smem(int K) {
-  return sizeof(T) * ((static_cast<size_t>(K) + 8) & ~size_t{7});  // K + 1 rounded up to 16 bytes
+constexpr size_t act_row_smem(int K, int G) {
+  return sizeof(T) * (act_padded(K, G) ? (static_cast<size_t>(K) + 8) & ~size_t{7} : static_cast<size_t>(K));
 }
 
-// Quantizes every group of one row held in shared memory (cur[K] = 0): all half-warps run the
-// same number of rounds (the shuffles need whole warps); past the last group one recomputes that
-// one and stores nothing.
+__device__ __forceinline__ void zero_pad_slot(void* cur, int K, int G) {
+  if (threadIdx.x == 0 && act_padded(K, G)) static_cast<uint16_t*>(cur)[K] = 0;  // +0 in fp16 and bf16
+}
+
 template <bool WIDE, typename T>
 __device__ __forceinline__ void quantize_row(const T* cur, const int32_t* __restrict__ perm, size_t row, int K,
                                              int groups8, bool rotate, const ActOut& o) {
   const int half = threadIdx.x / kHalfLanes, l = threadIdx.x % kHalfLanes;
+  const uint32_t last = act_padded(K, o.G) ? K : K - 1;
   for (int g0 = 0; g0 < o.G; g0 += kActGroupsPerBlock) {
     const int g = min(g0 + half, o.G - 1);
     uint32_t idx[8];
     permuted_indices(perm, g, l, idx);
     float v[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = to_float(cur[min(idx[i], static_cast<uint32_t>(K))]);
+    for (int i = 0; i < 8; ++i) v[i] = to_float(cur[min(idx[i], last)]);
     quantize_group<WIDE>(v, row, g, l, groups8, rotate, g0 + half < o.G, o);
   }
 }
@@ -211,7 +218,7 @@ quantize_act_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ pe
                          bool rotate, ActOut o) {
   extern __shared__ __align__(16) uint8_t act_smem[];
   allow_dependent_launch();
-  T* cur = reinterpret_cast<T*>(act_smem);  // [K + 1]
+  T* cur = reinterpret_cast<T*>(act_smem);  // [K (+ 1)]
   const size_t row = blockIdx.x;
   const T* src = x + row * K;
   if (K % 8 == 0) {
@@ -231,7 +238,7 @@ quantize_act_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ pe
   } else {
     for (int i = threadIdx.x; i < K; i += kActThreads) cur[i] = src[i];
   }
-  if (threadIdx.x == 0) reinterpret_cast<uint16_t*>(cur)[K] = 0;  // +0 in fp16 and bf16
+  zero_pad_slot(cur, K, o.G);
   __syncthreads();
   quantize_row<WIDE>(cur, perm, row, K, groups8, rotate, o);
 }
@@ -251,7 +258,7 @@ quantize_act_stream_kernel(const T* __restrict__ x, const int32_t* __restrict__ 
                            bool rotate, ActOut o) {
   extern __shared__ __align__(16) uint8_t act_smem[];
   allow_dependent_launch();
-  T* cur = reinterpret_cast<T*>(act_smem);  // [K + 1]
+  T* cur = reinterpret_cast<T*>(act_smem);  // [K (+ 1)]
   uint4* d16 = reinterpret_cast<uint4*>(cur);
   const int n16 = K / 8;
   uint4 next[kStreamLoads];
@@ -261,7 +268,7 @@ quantize_act_stream_kernel(const T* __restrict__ x, const int32_t* __restrict__ 
     for (int u = 0; u < kStreamLoads; ++u)
       if (threadIdx.x + u * kActThreads < n16) next[u] = __ldg(s16 + threadIdx.x + u * kActThreads);
   };
-  if (threadIdx.x == 0) reinterpret_cast<uint16_t*>(cur)[K] = 0;  // +0 in fp16 and bf16
+  zero_pad_slot(cur, K, o.G);
   size_t row = blockIdx.x;
   if (row < static_cast<size_t>(M)) load(row);
   for (; row < static_cast<size_t>(M); row += gridDim.x) {
@@ -319,10 +326,17 @@ cudaError_t launch_quantize_act(const T* x, const int32_t* perm, int M, int K, i
     quantize_act_gather_kernel<WIDE, T><<<grid, kActThreads, 0, stream>>>(x, perm, K, groups8, rotate, o);
     return cudaGetLastError();
   }
-  const size_t smem = act_row_smem<T>(K);
+  const size_t smem = act_row_smem<T>(K, o.G);
   if (K % 8 == 0 && K <= 8 * kActThreads * kStreamLoads)
     return launch_stream<WIDE, T>(x, perm, M, K, groups8, rotate, o, smem, stream);
   cudaError_t e = allow_dynamic_smem(quantize_act_rows_kernel<WIDE, T>, smem);
+  // Rows over 32 KB: all of the unified L1 as shared memory, so that 4 blocks of 56 KB fit at
+  // K = 28672 (their 112 KB perm does not fit L1 anyway). Shorter rows keep the default split:
+  // there the perm stays in L1, and the max-shared split measured 5-9% slower (K = 8192 / 14336;
+  // K = 28672: 1.77 -> 1.90 TB/s wide, 1.58 -> 1.77 packed, H100, same run).
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(quantize_act_rows_kernel<WIDE, T>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             smem > 32 * 1024 ? cudaSharedmemCarveoutMaxShared : cudaSharedmemCarveoutDefault);
   if (e != cudaSuccess) return e;
   quantize_act_rows_kernel<WIDE, T><<<M, kActThreads, smem, stream>>>(x, perm, K, groups8, rotate, o);
   return cudaGetLastError();
