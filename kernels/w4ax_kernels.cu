@@ -774,8 +774,11 @@ __device__ __forceinline__ void ring_copy(RingStage& st, int g, int lane, const 
   for (int r = 0; r < 2; ++r) cp_async16(&st.w[r][lane], wrow[r] + g * kPackedGroupBytes, true);
 }
 
+#ifndef COMET_RING_MIN_BLOCKS  // blocks per SM the single-tile ring kernel is compiled for
+#define COMET_RING_MIN_BLOCKS 4
+#endif
 template <int NT>
-__global__ void __launch_bounds__(kGemvWarps * 32, NT == 1 ? 4 : 3)
+__global__ void __launch_bounds__(kGemvWarps * 32, NT == 1 ? COMET_RING_MIN_BLOCKS : 3)
 w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
                       const float* __restrict__ ascale, const uint8_t* __restrict__ qw,
                       const __half* __restrict__ wscale, void* __restrict__ out, DType out_dtype, int M, int N,
