@@ -79,9 +79,8 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
 int choose_split_k(int M, int N, int Kpad, int num_sms);
 
 // The Hopper (sm_90a) GEMM on wide activations: out[M, N] = sum_g scales_t[g, m] * wscale[n, g]
-// * <qa[m, g], w[n, g]>, with 128-channel x 128- or 96-token tiles on wgmma (96 from M = 2048,
-// and below where they fill the last wave better), operands staged by the tensor memory
-// accelerator. split_k > 1 splits the K groups over blocks and reduces through
+// * <qa[m, g], w[n, g]>, with 128-channel x 128- or 96-token tiles on wgmma (96 where they fill
+// the last wave much better), operands staged by the tensor memory accelerator. split_k > 1 splits the K groups over blocks and reduces through
 // `workspace` (float32 [M, N]). Returns cudaErrorNotSupported off sm_90.
 cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
                                 const void* wscale, void* out, DType out_dtype, int M, int N, int Kpad,

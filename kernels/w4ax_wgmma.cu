@@ -456,12 +456,9 @@ int wide_split_for(int tokens, int M, int N, int Kpad, int num_sms) {
   return split;
 }
 
-// Relative time of a token tile size below 2048 tokens: waves of tiles x tokens per tile x groups
-// per split, plus the split-K reduction at ~11 us per million outputs in the same units (fitted
-// to H100 sweeps of every split at M = 128 / 256 / 512, all LLaMA-3-8B / 70B shapes: one unit
-// ~ 7.7 ns there). It picks 96-token tiles where they fill the last wave better and the
-// 128-token grid would not split: 70B qkv M = 256, 117.7 -> 86.6 us; 8B o M = 256, 26.5 ->
-// 23.6; 8B qkv M = 128, 25.4 -> 24.1; 128 everywhere else in those sweeps, as measured best.
+// Relative time of a token tile size: waves of tiles x tokens per tile x groups per split, plus
+// the split-K reduction at ~11 us per million outputs in the same units (fitted to H100 sweeps
+// of every split at M = 128 / 256 / 512, all LLaMA-3-8B / 70B shapes: one unit ~ 7.7 ns there).
 double wide_cost(int tokens, int M, int N, int Kpad, int num_sms) {
   const int split = wide_split_for(tokens, M, N, Kpad, num_sms);
   const long long tiles = static_cast<long long>((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN) * split;
@@ -470,14 +467,17 @@ double wide_cost(int tokens, int M, int N, int Kpad, int num_sms) {
   return static_cast<double>(waves) * tokens * groups + (split > 1 ? 0.0015 * M * static_cast<double>(N) : 0.0);
 }
 
-// Tokens per block: 96 (two accumulator sets) from 2048 tokens, measured 5-9% faster per tile
-// there; below, whichever tile size the cost model above prefers (ties: 128).
+// Tokens per block: 128, or 96 where the cost model above makes it at least 5% cheaper, i.e.
+// where 96-token tiles fill the last wave much better and the 128-token grid would not split
+// (70B qkv M = 256: 117.7 -> 86.6 us; 8B o M = 256: 26.5 -> 23.6). The margin is what the
+// 128-token kernel gains per tile from its halves (1-7%); with them it also beats the 96-token
+// kernel at M = 4096, which had been taken from 2048 tokens on (same run: 8B gate+up 1.656 ->
+// 1.597 ms, 8B o 0.246 -> 0.235, 8B down 0.783 -> 0.751).
 int wide_tokens(int M, int N, int Kpad, int num_sms) {
 #ifdef COMET_WIDE_TOKENS  // experiment switch: one token tile for every M (96 or 128)
   return COMET_WIDE_TOKENS;
 #endif
-  if (M >= 2048) return 96;
-  return wide_cost(96, M, N, Kpad, num_sms) < wide_cost(128, M, N, Kpad, num_sms) ? 96 : 128;
+  return wide_cost(96, M, N, Kpad, num_sms) < 0.95 * wide_cost(128, M, N, Kpad, num_sms) ? 96 : 128;
 }
 
 }  // namespace
