@@ -12,9 +12,12 @@
 // weights 8 KB, activation scales 512 B per group), kLookahead groups ahead, and the stages are
 // handed over through mbarriers only, so while one warpgroup rescales its int32 group result on
 // the CUDA cores (the per-group scales of the format), the other's wgmma keep the tensor cores
-// busy; with 96-token tiles each warpgroup also keeps two accumulator sets, so its own wgmma for
-// group i + 1 run while it rescales group i. (No separate producer warp: with wgmma, ptxas budgets registers
-// for whole warpgroups, and a third one would cap the consumers at 168 registers.)
+// busy. Each warpgroup also overlaps its own rescale: with 128-token tiles (the usual ones) it
+// issues a group as two 64-token halves and rescales the first while the second runs; with
+// 96-token tiles (where they fill the last wave much better) it keeps two accumulator sets, so
+// its wgmma for group i + 1 run while it rescales group i. (No separate producer warp: with
+// wgmma, ptxas budgets registers for whole warpgroups, and a third one would cap the consumers
+// at 168 registers.)
 #include "w4ax.h"
 #include "w4ax_common.cuh"
 
