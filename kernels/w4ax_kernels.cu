@@ -201,7 +201,8 @@ __device__ __forceinline__ void quantize_row(const T* cur, const int32_t* __rest
                                              int groups8, bool rotate, const ActOut& o) {
   const int half = threadIdx.x / kHalfLanes, l = threadIdx.x % kHalfLanes;
   const uint32_t last = act_padded(K, o.G) ? K : K - 1;
-  for (int g0 = 0; g0 < o.G; g0 += kActGroupsPerBlock) {
+  const int per_round = blockDim.x / kHalfLanes;
+  for (int g0 = 0; g0 < o.G; g0 += per_round) {
     const int g = min(g0 + half, o.G - 1);
     uint32_t idx[8];
     permuted_indices(perm, g, l, idx);
@@ -212,8 +213,8 @@ __device__ __forceinline__ void quantize_row(const T* cur, const int32_t* __rest
   }
 }
 
-template <bool WIDE, typename T>
-__global__ void __launch_bounds__(kActThreads)
+template <bool WIDE, typename T, int THREADS>
+__global__ void __launch_bounds__(THREADS)
 quantize_act_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ perm, int K, int groups8,
                          bool rotate, ActOut o) {
   extern __shared__ __align__(16) uint8_t act_smem[];
@@ -226,17 +227,17 @@ quantize_act_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ pe
     const uint4* s16 = reinterpret_cast<const uint4*>(src);
     uint4* d16 = reinterpret_cast<uint4*>(cur);
     const int n16 = K / 8;
-    for (int base = threadIdx.x; base < n16; base += kActThreads * kActLoads) {
+    for (int base = threadIdx.x; base < n16; base += THREADS * kActLoads) {
       uint4 v[kActLoads];
 #pragma unroll
       for (int u = 0; u < kActLoads; ++u)
-        if (base + u * kActThreads < n16) v[u] = __ldg(s16 + base + u * kActThreads);
+        if (base + u * THREADS < n16) v[u] = __ldg(s16 + base + u * THREADS);
 #pragma unroll
       for (int u = 0; u < kActLoads; ++u)
-        if (base + u * kActThreads < n16) d16[base + u * kActThreads] = v[u];
+        if (base + u * THREADS < n16) d16[base + u * THREADS] = v[u];
     }
   } else {
-    for (int i = threadIdx.x; i < K; i += kActThreads) cur[i] = src[i];
+    for (int i = threadIdx.x; i < K; i += THREADS) cur[i] = src[i];
   }
   zero_pad_slot(cur, K, o.G);
   __syncthreads();
@@ -302,6 +303,23 @@ quantize_act_gather_kernel(const T* __restrict__ x, const int32_t* __restrict__ 
   quantize_group<WIDE>(v, row, g, l, groups8, rotate, g_want < o.G, o);
 }
 
+template <bool WIDE, typename T, int THREADS>
+cudaError_t launch_rows(const T* x, const int32_t* perm, int M, int K, int groups8, bool rotate, const ActOut& o,
+                        size_t smem, cudaStream_t stream) {
+  const auto kernel = quantize_act_rows_kernel<WIDE, T, THREADS>;
+  cudaError_t e = allow_dynamic_smem(kernel, smem);
+  // Rows over 32 KB: all of the unified L1 as shared memory, so that 4 blocks of 56 KB fit at
+  // K = 28672 (their 112 KB perm does not fit L1 anyway). Shorter rows keep the default split:
+  // there the perm stays in L1, and the max-shared split measured 5-9% slower (K = 8192 / 14336;
+  // K = 28672: 1.77 -> 1.90 TB/s wide, 1.58 -> 1.77 packed, H100, same run).
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             smem > 32 * 1024 ? cudaSharedmemCarveoutMaxShared : cudaSharedmemCarveoutDefault);
+  if (e != cudaSuccess) return e;
+  kernel<<<M, THREADS, smem, stream>>>(x, perm, K, groups8, rotate, o);
+  return cudaGetLastError();
+}
+
 // Streaming kernel launch: as many blocks as are resident at once (at most one per row).
 template <bool WIDE, typename T>
 cudaError_t launch_stream(const T* x, const int32_t* perm, int M, int K, int groups8, bool rotate, const ActOut& o,
@@ -329,17 +347,15 @@ cudaError_t launch_quantize_act(const T* x, const int32_t* perm, int M, int K, i
   const size_t smem = act_row_smem<T>(K, o.G);
   if (K % 8 == 0 && K <= 8 * kActThreads * kStreamLoads)
     return launch_stream<WIDE, T>(x, perm, M, K, groups8, rotate, o, smem, stream);
-  cudaError_t e = allow_dynamic_smem(quantize_act_rows_kernel<WIDE, T>, smem);
-  // Rows over 32 KB: all of the unified L1 as shared memory, so that 4 blocks of 56 KB fit at
-  // K = 28672 (their 112 KB perm does not fit L1 anyway). Shorter rows keep the default split:
-  // there the perm stays in L1, and the max-shared split measured 5-9% slower (K = 8192 / 14336;
-  // K = 28672: 1.77 -> 1.90 TB/s wide, 1.58 -> 1.77 packed, H100, same run).
-  if (e == cudaSuccess)
-    e = cudaFuncSetAttribute(quantize_act_rows_kernel<WIDE, T>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                             smem > 32 * 1024 ? cudaSharedmemCarveoutMaxShared : cudaSharedmemCarveoutDefault);
-  if (e != cudaSuccess) return e;
-  quantize_act_rows_kernel<WIDE, T><<<M, kActThreads, smem, stream>>>(x, perm, K, groups8, rotate, o);
-  return cudaGetLastError();
+// Rows over 32 KB (K = 28672: 4 blocks per SM by shared memory) get 512 threads: twice the
+// groups in flight per row. H100, M = 4096, same run, wide / packed TB/s: 256 threads 1.91 /
+// 1.78, 384 2.10 / 1.95, 512 2.12 / 1.96; K = 14336 (28 KB rows) unchanged by it.
+#ifndef COMET_ACT_LONG_ROW_THREADS  // experiment switch
+#define COMET_ACT_LONG_ROW_THREADS 512
+#endif
+  return smem > 32 * 1024
+             ? launch_rows<WIDE, T, COMET_ACT_LONG_ROW_THREADS>(x, perm, M, K, groups8, rotate, o, smem, stream)
+             : launch_rows<WIDE, T, kActThreads>(x, perm, M, K, groups8, rotate, o, smem, stream);
 }
 
 template <bool WIDE>
