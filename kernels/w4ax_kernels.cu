@@ -61,6 +61,13 @@ constexpr int kGatherMaxM = 64;   // below this many tokens, activation quantiza
 #define COMET_ACT_LOADS 4
 #endif
 constexpr int kActLoads = COMET_ACT_LOADS;
+// Rows over 32 KB (K = 28672: 4 blocks per SM by shared memory) get 512 threads: twice the
+// groups in flight per row. H100, M = 4096, same run, wide / packed TB/s: 256 threads 1.91 /
+// 1.78, 384 2.10 / 1.95, 512 2.12 / 1.96; K = 14336 (28 KB rows) unchanged by it.
+#ifndef COMET_ACT_LONG_ROW_THREADS  // experiment switch
+#define COMET_ACT_LONG_ROW_THREADS 512
+#endif
+constexpr int kActLongRowThreads = COMET_ACT_LONG_ROW_THREADS;
 
 __device__ __forceinline__ float half_warp_max(float v) {
 #pragma unroll
@@ -347,14 +354,8 @@ cudaError_t launch_quantize_act(const T* x, const int32_t* perm, int M, int K, i
   const size_t smem = act_row_smem<T>(K, o.G);
   if (K % 8 == 0 && K <= 8 * kActThreads * kStreamLoads)
     return launch_stream<WIDE, T>(x, perm, M, K, groups8, rotate, o, smem, stream);
-// Rows over 32 KB (K = 28672: 4 blocks per SM by shared memory) get 512 threads: twice the
-// groups in flight per row. H100, M = 4096, same run, wide / packed TB/s: 256 threads 1.91 /
-// 1.78, 384 2.10 / 1.95, 512 2.12 / 1.96; K = 14336 (28 KB rows) unchanged by it.
-#ifndef COMET_ACT_LONG_ROW_THREADS  // experiment switch
-#define COMET_ACT_LONG_ROW_THREADS 512
-#endif
   return smem > 32 * 1024
-             ? launch_rows<WIDE, T, COMET_ACT_LONG_ROW_THREADS>(x, perm, M, K, groups8, rotate, o, smem, stream)
+             ? launch_rows<WIDE, T, kActLongRowThreads>(x, perm, M, K, groups8, rotate, o, smem, stream)
              : launch_rows<WIDE, T, kActThreads>(x, perm, M, K, groups8, rotate, o, smem, stream);
 }
 
