@@ -56,8 +56,6 @@ struct alignas(1024) WideStage {
 template <int TOKENS>
 constexpr size_t kWideSmem = kWideStages * sizeof(WideStage<TOKENS>) + 1024;  // + alignment slack
 
-
-
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
