@@ -68,6 +68,7 @@ constexpr int kActLoads = COMET_ACT_LOADS;
 #define COMET_ACT_LONG_ROW_THREADS 512
 #endif
 constexpr int kActLongRowThreads = COMET_ACT_LONG_ROW_THREADS;
+constexpr size_t kActLongRowBytes = 32 * 1024;  // "long" rows: more threads, the max-shared L1 split
 
 __device__ __forceinline__ float half_warp_max(float v) {
 #pragma unroll
@@ -321,7 +322,7 @@ cudaError_t launch_rows(const T* x, const int32_t* perm, int M, int K, int group
   // K = 28672: 1.77 -> 1.90 TB/s wide, 1.58 -> 1.77 packed, H100, same run).
   if (e == cudaSuccess)
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                             smem > 32 * 1024 ? cudaSharedmemCarveoutMaxShared : cudaSharedmemCarveoutDefault);
+                             smem > kActLongRowBytes ? cudaSharedmemCarveoutMaxShared : cudaSharedmemCarveoutDefault);
   if (e != cudaSuccess) return e;
   kernel<<<M, THREADS, smem, stream>>>(x, perm, K, groups8, rotate, o);
   return cudaGetLastError();
@@ -354,7 +355,7 @@ cudaError_t launch_quantize_act(const T* x, const int32_t* perm, int M, int K, i
   const size_t smem = act_row_smem<T>(K, o.G);
   if (K % 8 == 0 && K <= 8 * kActThreads * kStreamLoads)
     return launch_stream<WIDE, T>(x, perm, M, K, groups8, rotate, o, smem, stream);
-  return smem > 32 * 1024
+  return smem > kActLongRowBytes
              ? launch_rows<WIDE, T, kActLongRowThreads>(x, perm, M, K, groups8, rotate, o, smem, stream)
              : launch_rows<WIDE, T, kActThreads>(x, perm, M, K, groups8, rotate, o, smem, stream);
 }
