@@ -7,17 +7,16 @@
 // arrive "wide" (w4ax.h): every group as int8, in the k order the weight fragments produce, so
 // B needs no expansion at all and the kernel does the same work for 4-bit and 8-bit groups.
 //
-// A block computes 128 output channels x 128 (or 96) tokens: two warpgroups of 64 channels each
-// share the token tile. Thread 0 also issues the TMA copies of a 6-stage ring (tokens 16 KB,
-// weights 8 KB, activation scales 512 B per group), kLookahead groups ahead, and the stages are
-// handed over through mbarriers only, so while one warpgroup rescales its int32 group result on
+// A block computes 128 output channels x 128 (or 96) tokens: two consumer warpgroups of 64
+// channels each share the token tile, and a third, the producer, keeps a 6-stage ring of TMA
+// copies full (tokens 16 KB, weights 8 KB, activation scales 512 B per group); the stages are
+// handed over through mbarriers only, so while one consumer rescales its int32 group result on
 // the CUDA cores (the per-group scales of the format), the other's wgmma keep the tensor cores
-// busy. Each warpgroup also overlaps its own rescale: with 128-token tiles (the usual ones) it
-// issues a group as two 64-token halves and rescales the first while the second runs; with
-// 96-token tiles (where they fill the last wave much better) it keeps two accumulator sets, so
-// its wgmma for group i + 1 run while it rescales group i. (No separate producer warp: with
-// wgmma, ptxas budgets registers for whole warpgroups, and a third one would cap the consumers
-// at 168 registers.)
+// busy. Each consumer also overlaps its own rescale: it issues a group as two halves of the
+// token tile, a commit each, and rescales the first while the second runs. The producer gives
+// its registers to the consumers (setmaxnreg: 24 / 240 per thread). (Measured on H100 against
+// the same kernel with thread 0 of a consumer issuing the copies 4 groups ahead: 8B gate+up
+// M = 4096 1.60 -> 1.35 ms, 8B down 0.76 -> 0.59, M = 256 8-20% faster.)
 #include "w4ax.h"
 #include "w4ax_common.cuh"
 
@@ -35,15 +34,15 @@ using detail::lo_nibbles;
 using detail::store_out;
 using detail::word;
 
-constexpr int kWarpgroups = 2;  // 64 output channels each (3 measured slower on most shapes)
+constexpr int kWarpgroups = 2;  // consumers, 64 output channels each (3 measured slower on most shapes)
 constexpr int kWideN = 64 * kWarpgroups;      // output channels per block
 constexpr int kWideStages = 6;
-// Groups loaded ahead of the one computed. Refilling the stage of group i + kLookahead waits
-// until every warp released group i + kLookahead - kWideStages = i - 2, which the other
-// warpgroup, at most about one group behind, has long done.
-[[maybe_unused]] constexpr int kLookahead = kWideStages - 2;
-constexpr int kWarps = 4 * kWarpgroups;
-constexpr int kWideThreads = 32 * kWarps;
+constexpr int kWarps = 4 * kWarpgroups;       // consumer warps: each releases every stage it used
+constexpr int kWideThreads = 32 * kWarps + 128;  // + the producer warpgroup
+// Registers per thread after the role split (setmaxnreg): the producer needs a handful, the
+// consumers hold a 64 x TOKENS int32 accumulator set (or two) and its float sums.
+constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+static_assert(128 * kProducerRegs + 32 * kWarps * kConsumerRegs <= 65536, "register file of one SM");
 
 // Tokens per block (the wgmma N) is a template parameter: 128, or 96 for large M (measured on
 // H100: 5-9% faster at M = 4096, where the partial last tile costs nothing; slower at M <= 1024).
@@ -132,49 +131,23 @@ __device__ __forceinline__ void fence_operand(int& r) { asm volatile("" : "+r"(r
 // One k32 step of a 64 x N warpgroup tile: d (int32, N / 2 registers per thread) += A
 // (int8 weights from registers, the m16n8k32 A-fragment layout per warp) x B (int8 activations
 // in shared memory, N tokens x 32 k, described by `desc`). ACCUMULATE = false starts from
-// zero. One overload per tile width (the register count picks it); the instruction string must
-// be a literal, hence three near-identical bodies (64, 96 and 128 tokens).
+// zero. One overload per half-tile width (the register count picks it: 48 tokens for 96-token
+// tiles, 64 for 128); the instruction string must be a literal, hence two near-identical bodies.
 template <bool ACCUMULATE>
-__device__ __forceinline__ void wgmma_s8(int (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
+__device__ __forceinline__ void wgmma_s8(int (&d)[24], const uint32_t (&a)[4], uint64_t desc) {
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
-      "setp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "{%64, %65, %66, %67}, %68, p;\n"
+      "setp.ne.b32 p, %29, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n48k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23}, "
+      "{%24, %25, %26, %27}, %28, p;\n"
       "}\n"
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
         "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
-        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
-        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
-        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
-        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
-        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
-        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
 }
-
-template <bool ACCUMULATE>
-__device__ __forceinline__ void wgmma_s8(int (&d)[48], const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %53, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n96k32.s32.s8.s8 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, "
-      "{%48, %49, %50, %51}, %52, p;\n"
-      "}\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
-        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
-        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
-        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
-        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
-        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
-}
-
-
 
 template <bool ACCUMULATE>
 __device__ __forceinline__ void wgmma_s8(int (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
@@ -231,7 +204,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   // Scales of the tokens this tile holds; past M the stage keeps stale values, which only reach
   // accumulator columns that are never stored.
   const uint32_t as_bytes = 4u * static_cast<uint32_t>(min(kWideM, Mpad - m0));
-  auto produce = [&](int j) {  // thread 0: group g_begin + j into its stage
+  auto produce = [&](int j) {  // group g_begin + j into its stage, once every warp released it
     const int s = j % kWideStages, g = g_begin + j;
     mbar_wait(&empty[s], ((j / kWideStages) & 1) ^ 1);
 #ifdef COMET_WIDE_SKIP_LOAD  // experiment switch: after the first ring, compute on stale stages
@@ -245,12 +218,18 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     tma_load_2d(st[s].w, &w_map, g * (kGroup / 2), n0, &full[s]);
     bulk_load(st[s].as, scales_t + static_cast<size_t>(g) * Mpad + m0, as_bytes, &full[s]);
   };
-  if (threadIdx.x == 0)
-    for (int j = 0; j < min(kLookahead, count); ++j) produce(j);
-
-  // Warpgroup wg, warp wq of it: accumulator rows (output channels) r and r + 8 of the
+  if (count <= 0) return;
+  if (warp < 4) {
+    // The producer warpgroup: one thread keeps the ring full, as far ahead as the consumers
+    // release stages; the other threads have nothing to do.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    if (threadIdx.x == 0)
+      for (int j = 0; j < count; ++j) produce(j);
+  } else {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+  // Consumer warpgroup wg, warp wq of it: accumulator rows (output channels) r and r + 8 of the
   // block, columns (tokens) 8j + 2 * tig + {0, 1}.
-  const int wg = warp >> 2, wq = warp & 3, gid = lane >> 2, tig = lane & 3;
+  const int wg = (warp >> 2) - 1, wq = warp & 3, gid = lane >> 2, tig = lane & 3;
   const int r = wg * 64 + wq * 16 + gid;
   const __half* ws_row[2] = {wscale + static_cast<size_t>(min(n0 + r, N - 1)) * G,
                              wscale + static_cast<size_t>(min(n0 + r + 8, N - 1)) * G};
@@ -264,7 +243,6 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   auto issue = [&](int i, int (&d)[kAccRegs], __half2& ws) {
     const int s = i % kWideStages;
     ws = __halves2half2(ws_row[0][g_begin + i], ws_row[1][g_begin + i]);
-    if (threadIdx.x == 0 && i + kLookahead < count) produce(i + kLookahead);
     mbar_wait(&full[s], (i / kWideStages) & 1);
     const uint32_t base = stage0 + s * static_cast<uint32_t>(sizeof(WideStage));
     const uint4 w0 = lds128(base + w_off), w1 = lds128(base + w_off + 8 * (kGroup / 2));
@@ -283,35 +261,30 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     uint64_t desc[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
-#ifndef COMET_WIDE_SKIP_MMA
-    if constexpr (TOKENS == 128) {  // tokens 0-63 then 64-127 (8 KB further), one commit each
-      int(&lo)[32] = *reinterpret_cast<int(*)[32]>(d);
-      int(&hi)[32] = *reinterpret_cast<int(*)[32]>(d + 32);
-      wgmma_fence();
-      wgmma_s8<false>(lo, a[0], desc[0]);
-      wgmma_s8<true>(lo, a[1], desc[1]);
-      wgmma_s8<true>(lo, a[2], desc[2]);
-      wgmma_s8<true>(lo, a[3], desc[3]);
-      wgmma_commit();
-      wgmma_s8<false>(hi, a[0], desc[0] + 512);
-      wgmma_s8<true>(hi, a[1], desc[1] + 512);
-      wgmma_s8<true>(hi, a[2], desc[2] + 512);
-      wgmma_s8<true>(hi, a[3], desc[3] + 512);
-      wgmma_commit();
-      return;
-    }
-#endif
+    // Tokens [0, TOKENS / 2), then the other half (TOKENS / 2 rows of 128 bytes further), one
+    // commit each, so that the caller can rescale the first half while the second runs.
 #ifndef COMET_WIDE_SKIP_MMA  // experiment switch: time the pipeline without the tensor cores
+    constexpr int kHalf = kAccRegs / 2;
+    int(&lo)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d);
+    int(&hi)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d + kHalf);
+    constexpr uint64_t kHiRows = (TOKENS / 2) * kGroup / 16;  // descriptor units of 16 bytes
     wgmma_fence();
-    wgmma_s8<false>(d, a[0], desc[0]);
-    wgmma_s8<true>(d, a[1], desc[1]);
-    wgmma_s8<true>(d, a[2], desc[2]);
-    wgmma_s8<true>(d, a[3], desc[3]);
+    wgmma_s8<false>(lo, a[0], desc[0]);
+    wgmma_s8<true>(lo, a[1], desc[1]);
+    wgmma_s8<true>(lo, a[2], desc[2]);
+    wgmma_s8<true>(lo, a[3], desc[3]);
+    wgmma_commit();
+    wgmma_s8<false>(hi, a[0], desc[0] + kHiRows);
+    wgmma_s8<true>(hi, a[1], desc[1] + kHiRows);
+    wgmma_s8<true>(hi, a[2], desc[2] + kHiRows);
+    wgmma_s8<true>(hi, a[3], desc[3] + kHiRows);
+    wgmma_commit();
 #else
 #pragma unroll
     for (int e = 0; e < kAccRegs; ++e) d[e] = static_cast<int>(a[e & 3][(e >> 2) & 3] ^ desc[e & 3]);
-#endif
     wgmma_commit();
+    wgmma_commit();
+#endif
   };
 
   // Folds group i's int32 result d into the float accumulators, then hands its stage back.
@@ -348,56 +321,20 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     if (lane == 0) mbar_arrive(&empty[i % kWideStages]);  // this warp is done with the stage
   };
 
-  // Two accumulator sets: group i + 1 is issued before group i is rescaled, so each warpgroup
-  // keeps the tensor cores busy through its own rescale (unrolled by two so the sets stay in
-  // registers).
+  // One accumulator set: the two warpgroups overlap each other's rescale, and each its own in
+  // halves: the group's wgmma run as two halves of the token tile with a commit each, and the
+  // first half is rescaled while the second is on the tensor cores. (Measured on H100, 128-token
+  // tiles: two sets need more than 255 registers and spill; one set was 2-10% faster at M = 256
+  // and 1024 on the 8B shapes; the halves another 1-7% there, same run: 8B o M = 1024 66.6 ->
+  // 61.7 us, 8B down 197.1 -> 191.6, gate+up 418.9 -> 415.0.)
   int d0[kAccRegs];
   __half2 ws0;
-  if (count <= 0) return;
-  if constexpr (TOKENS == 128) {
-    // One accumulator set: the two warpgroups overlap each other's rescale, and each its own
-    // in halves: the group's wgmma run as two 64-token halves with a commit each, and the first
-    // half is rescaled while the second is on the tensor cores. (Measured on H100: with two sets
-    // the 128-token build needs more than 255 registers and spills; one set was 2-10% faster
-    // at M = 256 and 1024 on the 8B shapes; the halves another 1-7% there, same run: 8B o
-    // M = 1024 66.6 -> 61.7 us, 8B down 197.1 -> 191.6, gate+up 418.9 -> 415.0, and 205
-    // registers instead of 227.)
-    for (int i = 0; i < count; ++i) {
-      issue(i, d0, ws0);
-      wgmma_wait<1>();
-      rescale(i, d0, ws0, 0, kTokenTiles / 2, false);
-      wgmma_wait<0>();
-      rescale(i, d0, ws0, kTokenTiles / 2, kTokenTiles);
-    }
-  } else {
-    // Two accumulator sets: group i + 1 runs on the tensor cores while group i is rescaled
-    // (measured on H100 at M = 4096: 1.66 ms vs 1.78 with one set, 8B gate+up). Every wgmma in
-    // the steady-state loop is issued unconditionally: a branch that issues on one path and
-    // not the other merges in-flight accumulators, and the compiler then serializes the wgmma.
-    // The last one or two groups are finished after the loop, where nothing is in flight at
-    // the merge.
-    int d1[kAccRegs];
-    __half2 ws1;
-    issue(0, d0, ws0);
-    int i = 0;
-    for (; i + 2 < count; i += 2) {
-      issue(i + 1, d1, ws1);
-      wgmma_wait<1>();
-      rescale(i, d0, ws0);
-      issue(i + 2, d0, ws0);
-      wgmma_wait<1>();
-      rescale(i + 1, d1, ws1);
-    }
-    if (i + 1 < count) {
-      issue(i + 1, d1, ws1);
-      wgmma_wait<1>();
-      rescale(i, d0, ws0);
-      wgmma_wait<0>();
-      rescale(i + 1, d1, ws1);
-    } else {
-      wgmma_wait<0>();
-      rescale(i, d0, ws0);
-    }
+  for (int i = 0; i < count; ++i) {
+    issue(i, d0, ws0);
+    wgmma_wait<1>();
+    rescale(i, d0, ws0, 0, kTokenTiles / 2, false);
+    wgmma_wait<0>();
+    rescale(i, d0, ws0, kTokenTiles / 2, kTokenTiles);
   }
 #pragma unroll
   for (int j = 0; j < kTokenTiles; ++j) {
@@ -410,6 +347,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       else store_out(out, out_dtype, idx, acc[4 * j + e]);
     }
   }
+  }  // consumers
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
