@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <vector>
 
 #include "kv4.h"
 #include "w4ax.h"
@@ -167,6 +168,14 @@ at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, cons
   return out;
 }
 
+// The wgmma GEMM's tile for a shape on the current GPU: (tokens per tile, split_k), as
+// w4ax_gemm_wide with split_k = 0 would take them. For tests and benchmarks.
+std::vector<int64_t> wide_tile(int64_t M, int64_t N, int64_t K) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t Kpad = (K + comet::kGroup - 1) / comet::kGroup * comet::kGroup;
+  return {comet::wide_tile_tokens(M, N, Kpad, sms), comet::choose_wide_split_k(M, N, Kpad, sms)};
+}
+
 void check_cache(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, const char* what) {
   check(codes, what, at::kByte, 4);
   check(scale, "cache scale", at::kHalf, 3);
@@ -240,6 +249,7 @@ TORCH_LIBRARY(comet, m) {
   m.def("quantize_act_wide(Tensor x, Tensor perm, int groups8, bool rotate=False) -> (Tensor, Tensor)");
   m.def("w4ax_gemm_wide(Tensor qa, Tensor scales_t, Tensor qweight, Tensor wscale, int split_k, "
         "ScalarType out_dtype) -> Tensor");
+  m.def("wide_tile(int M, int N, int K) -> int[]", &wide_tile);
   m.def("kv4_append(Tensor x, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!) zero, int start, "
         "Tensor? start_tensor=None) -> ()");
   m.def("kv4_decode_attention(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, "

@@ -79,9 +79,10 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
 int choose_split_k(int M, int N, int Kpad, int num_sms);
 
 // The Hopper (sm_90a) GEMM on wide activations: out[M, N] = sum_g scales_t[g, m] * wscale[n, g]
-// * <qa[m, g], w[n, g]>, with 128-channel x 128- or 96-token tiles on wgmma (96 where they fill
-// the last wave much better), operands staged by the tensor memory accelerator. split_k > 1 splits the K groups over blocks and reduces through
-// `workspace` (float32 [M, N]). Returns cudaErrorNotSupported off sm_90.
+// * <qa[m, g], w[n, g]>, with 128-channel x 96-, 128- or 192-token tiles on wgmma (by a wave cost
+// model: wide_tile_tokens), operands staged by the tensor memory accelerator. split_k > 1 splits
+// the K groups over blocks and reduces through `workspace` (float32 [M, N]). Returns
+// cudaErrorNotSupported off sm_90.
 cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
                                 const void* wscale, void* out, DType out_dtype, int M, int N, int Kpad,
                                 int split_k, float* workspace, cudaStream_t stream);
@@ -92,5 +93,7 @@ cudaError_t store_split_k_result(const float* workspace, void* out, DType out_dt
 
 // split_k for the wide GEMM: K splits only where the tiles fill less than half of `num_sms`.
 int choose_wide_split_k(int M, int N, int Kpad, int num_sms);
+// The token tile that GEMM takes for this shape (96, 128 or 192).
+int wide_tile_tokens(int M, int N, int Kpad, int num_sms);
 
 }  // namespace comet

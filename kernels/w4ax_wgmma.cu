@@ -7,9 +7,9 @@
 // arrive "wide" (w4ax.h): every group as int8, in the k order the weight fragments produce, so
 // B needs no expansion at all and the kernel does the same work for 4-bit and 8-bit groups.
 //
-// A block computes 128 output channels x 128 (or 96) tokens: two consumer warpgroups of 64
+// A block computes 128 output channels x 96, 128 or 192 tokens: two consumer warpgroups of 64
 // channels each share the token tile, and a third, the producer, keeps a 6-stage ring of TMA
-// copies full (tokens 16 KB, weights 8 KB, activation scales 512 B per group); the stages are
+// copies full (tokens 12-24 KB, weights 8 KB, activation scales per group); the stages are
 // handed over through mbarriers only, so while one consumer rescales its int32 group result on
 // the CUDA cores (the per-group scales of the format), the other's wgmma keep the tensor cores
 // busy. Each consumer also overlaps its own rescale: it issues a group as two halves of the
@@ -44,8 +44,7 @@ constexpr int kWideThreads = 32 * kWarps + 128;  // + the producer warpgroup
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 static_assert(128 * kProducerRegs + 32 * kWarps * kConsumerRegs <= 65536, "register file of one SM");
 
-// Tokens per block (the wgmma N) is a template parameter: 128, or 96 for large M (measured on
-// H100: 5-9% faster at M = 4096, where the partial last tile costs nothing; slower at M <= 1024).
+// Tokens per block is a template parameter (96, 128 or 192: wide_tokens below picks one per shape).
 template <int TOKENS>
 struct alignas(1024) WideStage {
   int8_t act[TOKENS * kGroup];               // [token][128], 128-byte swizzled by the TMA
@@ -132,7 +131,8 @@ __device__ __forceinline__ void fence_operand(int& r) { asm volatile("" : "+r"(r
 // (int8 weights from registers, the m16n8k32 A-fragment layout per warp) x B (int8 activations
 // in shared memory, N tokens x 32 k, described by `desc`). ACCUMULATE = false starts from
 // zero. One overload per half-tile width (the register count picks it: 48 tokens for 96-token
-// tiles, 64 for 128); the instruction string must be a literal, hence two near-identical bodies.
+// tiles, 64 for 128, 96 for 192); the instruction string must be a literal, hence three
+// near-identical bodies.
 template <bool ACCUMULATE>
 __device__ __forceinline__ void wgmma_s8(int (&d)[24], const uint32_t (&a)[4], uint64_t desc) {
   asm volatile(
@@ -163,6 +163,25 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[32], const uint32_t (&a)[4], u
         "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
         "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
         "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
+}
+
+template <bool ACCUMULATE>
+__device__ __forceinline__ void wgmma_s8(int (&d)[48], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %53, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n96k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, "
+      "{%48, %49, %50, %51}, %52, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
 }
 
@@ -395,28 +414,38 @@ int wide_split_for(int tokens, int M, int N, int Kpad, int num_sms) {
   return split;
 }
 
-// Relative time of a token tile size: waves of tiles x tokens per tile x groups per split, plus
-// the split-K reduction at ~11 us per million outputs in the same units (fitted to H100 sweeps
-// of every split at M = 128 / 256 / 512, all LLaMA-3-8B / 70B shapes: one unit ~ 7.7 ns there).
+// Relative time of a token tile size: waves of tiles x tokens per tile x groups per split x the
+// tile's time per token (below), plus the split-K reduction at ~11 us per million outputs in the
+// same units (fitted to H100 sweeps of every split at M = 128 / 256 / 512, all LLaMA-3-8B / 70B
+// shapes: one unit ~ 7.7 ns there).
 double wide_cost(int tokens, int M, int N, int Kpad, int num_sms) {
+  // Time per token of a tile, relative to 128 tokens. 192: its per-group rescale is issued
+  // against 1.5x the tensor-core work (H100 sweep of all 8 shapes at M = 256-4096 under forced
+  // tiles: 0.9 picks a tile within 3% of the faster one in 38 of 40 cases, 4.8% at worst;
+  // 70B gate+up M = 4096 5.53 -> 5.07 ms). 96: the margin it has needed to win (session 6).
+  const double per_token = tokens == 192 ? 0.9 : tokens == 96 ? 1.0 / 0.95 : 1.0;
   const int split = wide_split_for(tokens, M, N, Kpad, num_sms);
   const long long tiles = static_cast<long long>((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN) * split;
   const long long waves = (tiles + num_sms - 1) / num_sms;
   const int groups = (Kpad / kGroup + split - 1) / split;
-  return static_cast<double>(waves) * tokens * groups + (split > 1 ? 0.0015 * M * static_cast<double>(N) : 0.0);
+  return static_cast<double>(waves) * tokens * groups * per_token +
+         (split > 1 ? 0.0015 * M * static_cast<double>(N) : 0.0);
 }
 
-// Tokens per block: 128, or 96 where the cost model above makes it at least 5% cheaper, i.e.
-// where 96-token tiles fill the last wave much better and the 128-token grid would not split
-// (70B qkv M = 256: 117.7 -> 86.6 us; 8B o M = 256: 26.5 -> 23.6). The margin is what the
-// 128-token kernel gains per tile from its halves (1-7%); with them it also beats the 96-token
-// kernel at M = 4096, which had been taken from 2048 tokens on (same run: 8B gate+up 1.656 ->
-// 1.597 ms, 8B o 0.246 -> 0.235, 8B down 0.783 -> 0.751).
+// Tokens per block: the cheapest of 96, 128 and 192 by the cost model above. Big tiles win where
+// the waves are many (large M x N); 96 where it fills the last wave much better and the
+// 128-token grid would not split (70B qkv M = 256 in session 6).
 int wide_tokens(int M, int N, int Kpad, int num_sms) {
-#ifdef COMET_WIDE_TOKENS  // experiment switch: one token tile for every M (96 or 128)
+#ifdef COMET_WIDE_TOKENS  // experiment switch: one token tile for every M (96, 128 or 192)
   return COMET_WIDE_TOKENS;
 #endif
-  return wide_cost(96, M, N, Kpad, num_sms) < 0.95 * wide_cost(128, M, N, Kpad, num_sms) ? 96 : 128;
+  int best = 128;
+  double best_cost = wide_cost(128, M, N, Kpad, num_sms);
+  for (int tokens : {96, 192}) {
+    const double c = wide_cost(tokens, M, N, Kpad, num_sms);
+    if (c < best_cost) best = tokens, best_cost = c;
+  }
+  return best;
 }
 
 }  // namespace
@@ -424,6 +453,8 @@ int wide_tokens(int M, int N, int Kpad, int num_sms) {
 int choose_wide_split_k(int M, int N, int Kpad, int num_sms) {
   return wide_split_for(wide_tokens(M, N, Kpad, num_sms), M, N, Kpad, num_sms);
 }
+
+int wide_tile_tokens(int M, int N, int Kpad, int num_sms) { return wide_tokens(M, N, Kpad, num_sms); }
 
 template <int TOKENS>
 cudaError_t launch_wide(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
@@ -460,11 +491,18 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
     e = cudaMemsetAsync(workspace, 0, sizeof(float) * static_cast<size_t>(M) * N, stream);
     if (e != cudaSuccess) return e;
   }
-  e = wide_tokens(M, N, Kpad, sms) == 96
-          ? launch_wide<96>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, split_k, workspace,
-                            stream)
-          : launch_wide<128>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, split_k, workspace,
-                             stream);
+  switch (wide_tokens(M, N, Kpad, sms)) {
+    case 96:
+      e = launch_wide<96>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, split_k, workspace, stream);
+      break;
+    case 192:
+      e = launch_wide<192>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, split_k, workspace,
+                           stream);
+      break;
+    default:
+      e = launch_wide<128>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, split_k, workspace,
+                           stream);
+  }
   if (e != cudaSuccess || split_k == 1) return e;
   return store_split_k_result(workspace, out, out_dtype, static_cast<size_t>(M) * N, stream);
 }

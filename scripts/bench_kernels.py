@@ -105,6 +105,9 @@ def bench_shape(name, n, k, m, results, split_k_off: bool):
     perm = torch.randperm(k, device=dev).to(torch.int32)
     wide = ops.uses_wide_gemm(x)  # sm_90 and M >= WIDE_MIN_M: what w4ax_linear runs
     row["path"] = "wgmma" if wide else ("decode" if m <= 32 else "tiled")
+    if wide:  # its token tile (and split-K, if any) for this shape
+        tokens, split = torch.ops.comet.wide_tile(m, n, k)
+        row["path"] += f" {tokens}" + (f"/{split}" if split > 1 else "")
     for pct in (0, 10, 25):
         g8 = round(g * pct / 100)
         q8, q4, s = ops.quantize_act(x, perm, g8)

@@ -9,7 +9,9 @@ compute wrong results on purpose: they only say where the time goes.
 --kernel picks what is timed: the wgmma GEMM (M = 256 / 1024 / 4096), the decode GEMM
 (M = 1 / 16, all LLaMA-3 shapes), the activation quantization (M = 4096, both layouts), or
 "tiles": the wgmma GEMM at M = 128 / 256 / 512 on all LLaMA-3 shapes under every split_k (auto,
-1, 2, 3, 4, 6), microseconds, to compare token tiles forced by -DCOMET_WIDE_TOKENS=128 / 96.
+1, 2, 3, 4, 6), microseconds, to compare token tiles forced by -DCOMET_WIDE_TOKENS=128 / 96; or
+"sizes": the wgmma GEMM on all LLaMA-3 shapes at M = 256 ... 4096 with the automatic split, to
+fit the token-tile rule to builds forced to each tile size.
 
     python scripts/bench_variants.py --quick --variant=base --variant=-DCOMET_WIDE_SKIP_RESCALE
     python scripts/bench_variants.py --kernel decode --variant=base --variant=-DSOME_SWITCH
@@ -89,6 +91,16 @@ def run_variant(kernel: str, quick: bool) -> None:
                       for split in splits]
                 print(f"| {tag} | {name} | {m} | " + " | ".join(f"{t:.1f}" for t in us) + " |", flush=True)
         return
+    if kernel == "sizes":
+        for name, (n, k) in ALL_SHAPES.items():
+            g, nc, qws, ws, perm = weights(n, k)
+            for m in (256, 512, 1024, 2048, 4096):
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g // 10)
+                t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qws[i], ws, 0, torch.float16)
+                            for i in range(nc)])
+                print(f"| {tag} | {name} | {m} | {t * 1e3:.1f} us | {2 * m * n * k / t / 1e9:.0f} |", flush=True)
+        return
     for n, k in SHAPES[:1] if quick else SHAPES:
         for m in (4096,) if quick else (256, 1024, 4096):
             g, nc, qws, ws, perm = weights(n, k)
@@ -103,7 +115,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", action="append", metavar="FLAGS",
                     help="nvcc flags of one build, written --variant=FLAGS ('base': none); repeatable")
-    ap.add_argument("--kernel", choices=["wgmma", "decode", "actq", "tiles"], default="wgmma")
+    ap.add_argument("--kernel", choices=["wgmma", "decode", "actq", "tiles", "sizes"], default="wgmma")
     ap.add_argument("--quick", action="store_true", help="wgmma: 8B gate+up at M = 4096 only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -113,7 +125,7 @@ def main():
         print("| build flags | shape | M | us, split auto | 1 | 2 | 3 | 4 | 6 |\n|---|---|---|---|---|---|---|---|---|",
               flush=True)
     else:
-        unit = "equivalent TOPS" if args.kernel == "wgmma" else "bytes / time"
+        unit = "equivalent TOPS" if args.kernel in ("wgmma", "sizes") else "bytes / time"
         print(f"| build flags | shape | M | time | {unit} |\n|---|---|---|---|---|", flush=True)
     variants = args.variant or ["base", "-DCOMET_WIDE_SKIP_RESCALE", "-DCOMET_WIDE_SKIP_MMA", "-DCOMET_WIDE_SKIP_LOAD"]
     for flags in variants:

@@ -276,6 +276,28 @@ def test_gemm_wide_integer_accumulation_exact(kernels, m, k8_frac):
 
 
 @sm90
+def test_gemm_wide_every_token_tile_exact(kernels):
+    """Every token tile of the wgmma GEMM (96, 128 or 192, picked per shape by its wave cost
+    model), each on shapes that take it, with partial token and channel tiles; unit scales make
+    every output an integer sum, so float32 must match exactly."""
+    k = 1024
+    g = k // GROUP
+    seen = set()
+    for m, n in [(200, 200), (700, 2048), (1000, 4096), (777, 3000), (3000, 6000), (4096, 4096)]:
+        tokens, split = torch.ops.comet.wide_tile(m, n, k)
+        seen.add(tokens)
+        x, perm, _, qw, _ = make_case(m, k, n, 2, seed=m, device="cuda")
+        qa, _ = torch.ops.comet.quantize_act_wide(x, perm, 2)
+        scales_t = torch.ones(g, -(-m // 4) * 4, device="cuda")
+        sw = torch.ones(n, g, device="cuda", dtype=torch.float16)
+        ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, sw, torch.float32)
+        assert ref.abs().max() > 100
+        y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, sw, 0, torch.float32)
+        assert torch.equal(y, ref), (m, n, tokens, split, (y - ref).abs().max())
+    assert seen == {96, 128, 192}, seen
+
+
+@sm90
 def test_opcheck_wide(kernels):
     x, perm, g8, qw, ws = make_case(130, 512, 256, 1, device="cuda")
     torch.library.opcheck(torch.ops.comet.quantize_act_wide.default, (x, perm, g8))
