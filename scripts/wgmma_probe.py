@@ -15,6 +15,8 @@ loop structure itself: what a kernel built on it can reach at best. Configuratio
                 while the second runs (the 128-token kernel)
                 two: two accumulator sets, group i + 1 issued before group i is rescaled
                 (the 96-token kernel)
+    ping-pong   (optional, 2 warpgroups) 1: the warpgroups take turns issuing their groups' wgmma
+                (named barriers), so one's rescale runs while the other's wgmma do
     rescale     0: none (the tensor-core stream alone: the accumulators are never reset, or ptxas
                 drops the wgmma whose results are overwritten), 1: the kernel's
                 three-instruction rescale
@@ -32,11 +34,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-# (A operand, tokens, warpgroups, loop, rescale)
+# (A operand, tokens, warpgroups, loop, rescale[, ping-pong: the two warpgroups take turns issuing])
 CONFIGS = [
     ("rs", 128, 2, "halves", 0),
     ("rs", 128, 2, "halves", 1),
     ("rs", 128, 2, "one", 1),
+    ("rs", 128, 2, "halves", 1, 1),
+    ("rs", 128, 2, "one", 1, 1),
+    ("rs", 192, 2, "halves", 1, 1),
     ("rs", 96, 2, "two", 0),
     ("ss", 128, 2, "halves", 0),
     ("ss", 128, 2, "halves", 1),
@@ -115,7 +120,10 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) { return i == 0 
 template <int N, bool SS> struct Mma;
 @DISPATCH@
 
-template <int N, bool SS, int WGS, int LOOP, bool RESCALE>
+__device__ __forceinline__ void bar_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void bar_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+
+template <int N, bool SS, int WGS, int LOOP, bool RESCALE, bool PP = false>
 __global__ void __launch_bounds__(WGS * 128, 1) probe(int groups, float* out) {
   constexpr int R = N / 2;           // int32 accumulators per thread
   constexpr int B_BYTES = N * 128;   // token tile [N][128], 128-byte swizzle (content is arbitrary)
@@ -194,15 +202,23 @@ __global__ void __launch_bounds__(WGS * 128, 1) probe(int groups, float* out) {
     }
   };
   int d0[R];
+  // Ping-pong: warpgroup w issues after barrier 1 + w, then lets the other one go (barrier 2 - w).
+  auto turn = [&]() { if constexpr (PP) bar_sync(1 + wg); };
+  auto pass = [&](int i) { if constexpr (PP) if (wg == 0 || i + 1 < groups) bar_arrive(2 - wg); };
+  if constexpr (PP) if (wg == 1) bar_arrive(1);
   if constexpr (LOOP == 0) {
     for (int i = 0; i < groups; ++i) {
+      turn();
       issue(d0);
+      pass(i);
       wait<0>();
       rescale(d0, 0, N / 8);
     }
   } else if constexpr (LOOP == 1) {
     for (int i = 0; i < groups; ++i) {
+      turn();
       issue(d0);
+      pass(i);
       wait<1>();
       rescale(d0, 0, N / 16);
       wait<0>();
@@ -236,9 +252,9 @@ __global__ void __launch_bounds__(WGS * 128, 1) probe(int groups, float* out) {
   out[blockIdx.x * T + threadIdx.x] = s;
 }
 
-template <int N, bool SS, int WGS, int LOOP, bool RESCALE>
+template <int N, bool SS, int WGS, int LOOP, bool RESCALE, bool PP = false>
 void run(const char* name, int groups, int sms, float* out) {
-  auto k = probe<N, SS, WGS, LOOP, RESCALE>;
+  auto k = probe<N, SS, WGS, LOOP, RESCALE, PP>;
   const int smem = N * 128 + WGS * 64 * 128 + N * 4 + 1024;
   cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   cudaEvent_t a, b;
@@ -280,12 +296,13 @@ int main(int argc, char** argv) {
 def source() -> str:
     fns, disp, runs = [], [], []
     shapes = set()
-    for a, n, wgs, loop, resc in CONFIGS:
+    for a, n, wgs, loop, resc, *pp in CONFIGS:
         for nn in (n, n // 2):
             shapes.add((nn, a == "ss"))
-        name = f"{a}, {n}, {wgs}, {loop}, {resc}"
-        runs.append(f'  run<{n}, {str(a == "ss").lower()}, {wgs}, {LOOPS[loop]}, {str(bool(resc)).lower()}>'
-                    f'("{name}", groups, sms, out);')
+        pp = bool(pp and pp[0])
+        name = f"{a}, {n}, {wgs}, {loop}{' ping-pong' if pp else ''}, {resc}"
+        runs.append(f'  run<{n}, {str(a == "ss").lower()}, {wgs}, {LOOPS[loop]}, {str(bool(resc)).lower()}, '
+                    f'{str(pp).lower()}>("{name}", groups, sms, out);')
     for n, ss in sorted(shapes):
         fns.append(wgmma_fn(n, ss))
         kind = "ss" if ss else "rs"
