@@ -11,7 +11,9 @@ compute wrong results on purpose: they only say where the time goes.
 "tiles": the wgmma GEMM at M = 128 / 256 / 512 on all LLaMA-3 shapes under every split_k (auto,
 1, 2, 3, 4, 6), microseconds, to compare token tiles forced by -DCOMET_WIDE_TOKENS=128 / 96; or
 "sizes": the wgmma GEMM on all LLaMA-3 shapes at M = 256 ... 4096 with the automatic split, to
-fit the token-tile rule to builds forced to each tile size.
+fit the token-tile rule to builds forced to each tile size; or "crossover": quantization + GEMM on
+the packed (decode / tiled) and the wide (wgmma) path at M = 17 ... 80, where ops.WIDE_MIN_M
+chooses between them.
 
     python scripts/bench_variants.py --quick --variant=base --variant=-DCOMET_WIDE_SKIP_RESCALE
     python scripts/bench_variants.py --kernel decode --variant=base --variant=-DSOME_SWITCH
@@ -91,6 +93,23 @@ def run_variant(kernel: str, quick: bool) -> None:
                       for split in splits]
                 print(f"| {tag} | {name} | {m} | " + " | ".join(f"{t:.1f}" for t in us) + " |", flush=True)
         return
+    if kernel == "crossover":  # quantize + GEMM on each path, where M decides between them
+        for name, (n, k) in ALL_SHAPES.items():
+            g, nc, qws, ws, perm = weights(n, k)
+            for m in (17, 24, 32, 40, 48, 56, 64, 80):
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+
+                def packed(i):
+                    q8, q4, s = ops.quantize_act(x, perm, g // 10)
+                    return torch.ops.comet.w4ax_gemm(q8, q4, s, qws[i], ws, g // 10, 0, False, torch.float16)
+
+                def wide(i):
+                    qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g // 10)
+                    return torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qws[i], ws, 0, torch.float16)
+                tp = timeit([lambda i=i: packed(i) for i in range(nc)]) * 1e3
+                tw = timeit([lambda i=i: wide(i) for i in range(nc)]) * 1e3
+                print(f"| {tag} | {name} | {m} | {tp:.1f} us | {tw:.1f} us |", flush=True)
+        return
     if kernel == "sizes":
         for name, (n, k) in ALL_SHAPES.items():
             g, nc, qws, ws, perm = weights(n, k)
@@ -115,13 +134,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", action="append", metavar="FLAGS",
                     help="nvcc flags of one build, written --variant=FLAGS ('base': none); repeatable")
-    ap.add_argument("--kernel", choices=["wgmma", "decode", "actq", "tiles", "sizes"], default="wgmma")
+    ap.add_argument("--kernel", choices=["wgmma", "decode", "actq", "tiles", "sizes", "crossover"],
+                    default="wgmma")
     ap.add_argument("--quick", action="store_true", help="wgmma: 8B gate+up at M = 4096 only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return run_variant(args.kernel, args.quick)
-    if args.kernel == "tiles":
+    if args.kernel == "crossover":
+        print("| build flags | shape | M | packed: quantize + decode / tiled GEMM | wide: quantize + wgmma GEMM |\n"
+              "|---|---|---|---|---|", flush=True)
+    elif args.kernel == "tiles":
         print("| build flags | shape | M | us, split auto | 1 | 2 | 3 | 4 | 6 |\n|---|---|---|---|---|---|---|---|---|",
               flush=True)
     else:
