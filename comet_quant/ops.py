@@ -21,11 +21,16 @@ GROUP = 128  # kernels/w4ax.h kGroup
 SOURCES = ("binding.cpp", "w4ax_kernels.cu", "w4ax_wgmma.cu", "kv4_kernels.cu")
 HEADERS = ("w4ax.h", "w4ax_common.cuh", "kv4.h")
 _state: dict = {"loaded": False, "error": None}
-# From this many tokens on, an sm_90 GPU runs the wgmma GEMM on wide activations; fewer tokens
-# take the decode or tiled mma.sync kernels (measured on H100, docs/BENCHMARKS.md: at M = 64
-# the two are within 10% either way, half of the wgmma kernel's 128-token tile idle; at
-# M = 256 the wgmma kernel is 1.4-2x faster).
-WIDE_MIN_M = 65
+# From WIDE_MIN_M tokens on, an sm_90 GPU runs the wgmma GEMM on wide activations, and from
+# WIDE_MIN_M_LARGE on where the weight matrix has WIDE_LARGE_WEIGHT elements or more; fewer
+# tokens take the decode or tiled mma.sync kernels. Measured on H100, quantization + GEMM on
+# each path, all LLaMA-3-8B / 70B shapes (docs/BENCHMARKS.md, "Session 7"): at 40-80 tokens
+# the wgmma path is 1.2-2.9x faster on every shape (33 is where the packed path's decode kernel
+# stops); at 17-32 tokens 1.1-1.5x faster on the matrices of 58M+ elements, 2-26% slower on
+# 8B qkv / o (25M / 17M); at 16 and fewer the decode kernel is faster everywhere.
+WIDE_MIN_M = 33
+WIDE_MIN_M_LARGE = 17
+WIDE_LARGE_WEIGHT = 1 << 25
 
 
 def _wide_position(c: int) -> int:
@@ -241,9 +246,12 @@ def w4ax_gemm(q8, q4, ascale, qweight, wscale, groups8: int, out_dtype=torch.flo
     return w4ax_gemm_reference(q8, q4, ascale, qweight, wscale, groups8, out_dtype)
 
 
-def uses_wide_gemm(x: torch.Tensor) -> bool:
-    """Whether :func:`w4ax_linear` takes the Hopper wgmma path for this input."""
-    return (x.is_cuda and x.shape[0] >= WIDE_MIN_M and kernels_available()
+def uses_wide_gemm(x: torch.Tensor, qweight: torch.Tensor | None = None) -> bool:
+    """Whether :func:`w4ax_linear` takes the Hopper wgmma path for this input (and these packed
+    weights [N, K / 2]; without them, the rule for small weight matrices)."""
+    m = x.shape[0]
+    large = qweight is not None and qweight.shape[0] * qweight.shape[1] * 2 >= WIDE_LARGE_WEIGHT
+    return (x.is_cuda and (m >= WIDE_MIN_M or (large and m >= WIDE_MIN_M_LARGE)) and kernels_available()
             and torch.cuda.get_device_capability(x.device) == (9, 0))
 
 
@@ -252,9 +260,10 @@ def w4ax_linear(x: torch.Tensor, perm: torch.Tensor, groups8: int, qweight: torc
     """y = W4Ax(x): x float16/bfloat16 [M, K] (original channel order) -> [M, N].
 
     With ``rotate`` the activation groups are Hadamard-rotated (the weights already are). On
-    sm_90 from WIDE_MIN_M tokens on, the activations are quantized into the wide layout and
-    multiplied by the wgmma kernel; elsewhere the packed layout and the mma.sync kernels."""
-    if uses_wide_gemm(x):
+    sm_90 from WIDE_MIN_M tokens on (WIDE_MIN_M_LARGE on large weight matrices), the activations
+    are quantized into the wide layout and multiplied by the wgmma kernel; elsewhere the packed
+    layout and the mma.sync kernels."""
+    if uses_wide_gemm(x, qweight):
         qa, scales_t = torch.ops.comet.quantize_act_wide(_kernel_input(x), perm, groups8, rotate)
         return torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qweight, wscale, 0, out_dtype or x.dtype)
     q8, q4, s = quantize_act(x, perm, groups8, rotate)

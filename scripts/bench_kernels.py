@@ -103,7 +103,7 @@ def bench_shape(name, n, k, m, results, split_k_off: bool):
     qws = [torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8) for _ in range(nc)]
     wss = [torch.rand(n, g, device=dev, dtype=torch.float16) * 0.01 + 1e-3 for _ in range(nc)]
     perm = torch.randperm(k, device=dev).to(torch.int32)
-    wide = ops.uses_wide_gemm(x)  # sm_90 and M >= WIDE_MIN_M: what w4ax_linear runs
+    wide = ops.uses_wide_gemm(x, qws[0])  # sm_90 and enough tokens: what w4ax_linear runs
     row["path"] = "wgmma" if wide else ("decode" if m <= 32 else "tiled")
     if wide:  # its token tile (and split-K, if any) for this shape
         tokens, split = torch.ops.comet.wide_tile(m, n, k)

@@ -317,10 +317,11 @@ SHAPES = {  # (N, K): LLaMA-3-8B and 70B linears, plus SmolLM2's padded and narr
 
 @gpu
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("m", [1, 16, 65, 129, 200, 1024])
+@pytest.mark.parametrize("m", [1, 16, 24, 40, 65, 129, 200, 1024])
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 def test_gemm_scaled_matches_reference(kernels, shape, m, out_dtype):
-    """Whatever kernel w4ax_linear picks (decode, tiled, or on sm_90 from 65 tokens wgmma)."""
+    """Whatever kernel w4ax_linear picks (decode, tiled, or on sm_90 wgmma: from 17 tokens on
+    large weight matrices, from 33 on all)."""
     n, k = SHAPES[shape]
     g = -(-k // GROUP)
     g8 = max(1, g // 10)
@@ -330,7 +331,7 @@ def test_gemm_scaled_matches_reference(kernels, shape, m, out_dtype):
     ref = ops.w4ax_gemm_reference(*codes, qw, ws, g8, torch.float32)
     tol = 2e-3 if out_dtype == torch.float16 else 1e-2
     assert rel_err(y, ref) < tol
-    if ops.uses_wide_gemm(x):  # the wgmma path, float32 out: only accumulation order differs
+    if ops.uses_wide_gemm(x, qw):  # the wgmma path, float32 out: only accumulation order differs
         qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g8)
         assert rel_err(torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, 0, torch.float32), ref) < 1e-5
 
