@@ -19,7 +19,7 @@ from .primitives import pack_int4, pad_channels, quantize_activation, rotate_gro
 
 GROUP = 128  # kernels/w4ax.h kGroup
 SOURCES = ("binding.cpp", "w4ax_kernels.cu", "w4ax_wgmma.cu", "kv4_kernels.cu")
-HEADERS = ("w4ax.h", "w4ax_common.cuh", "kv4.h")
+HEADERS = ("w4ax.h", "w4ax_common.cuh", "wgmma_common.cuh", "kv4.h")
 _state: dict = {"loaded": False, "error": None}
 # From WIDE_MIN_M tokens on, an sm_90 GPU runs the wgmma GEMM on wide activations, and from
 # WIDE_MIN_M_LARGE on where the weight matrix has WIDE_LARGE_WEIGHT elements or more; fewer

@@ -19,6 +19,7 @@
 // M = 4096 1.60 -> 1.35 ms, 8B down 0.76 -> 0.59, M = 256 8-20% faster.)
 #include "w4ax.h"
 #include "w4ax_common.cuh"
+#include "wgmma_common.cuh"
 
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -29,10 +30,8 @@
 namespace comet {
 namespace {
 
-using detail::hi_nibbles;
-using detail::lo_nibbles;
 using detail::store_out;
-using detail::word;
+using namespace sm90;
 
 constexpr int kWarpgroups = 2;  // consumers, 64 output channels each (3 measured slower on most shapes)
 constexpr int kWideN = 64 * kWarpgroups;      // output channels per block
@@ -55,10 +54,6 @@ template <int TOKENS>
 constexpr size_t kWideSmem = kWideStages * sizeof(WideStage<TOKENS>) + 1024;  // + alignment slack
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
 }
@@ -96,36 +91,6 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
                "l"(src), "r"(bytes), "r"(smem_u32(bar))
                : "memory");
 }
-
-// Shared-memory loads by address (the stages are addressed from one aligned base).
-__device__ __forceinline__ uint4 lds128(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ float2 lds64f(uint32_t addr) {
-  float2 v;
-  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr));
-  return v;
-}
-
-// Shared-memory matrix descriptor of a K-major tile whose rows are 128 bytes, 128-byte swizzled
-// (the TMA's CU_TENSOR_MAP_SWIZZLE_128B): 8-row core groups 1024 bytes apart. Adding 2 moves the
-// start 32 bytes along k, one k32 step of int8.
-__device__ __forceinline__ uint64_t desc_k_major_sw128(const void* tile) {
-  uint64_t d = (smem_u32(tile) & 0x3FFFF) >> 4;
-  d |= uint64_t{1} << 16;            // leading byte offset: unused for swizzled K-major tiles
-  d |= uint64_t{1024 >> 4} << 32;    // stride byte offset
-  d |= uint64_t{1} << 62;            // 128-byte swizzle
-  return d;
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
-// Orders the compiler's accesses to an accumulator after the preceding wgmma wait.
-__device__ __forceinline__ void fence_operand(int& r) { asm volatile("" : "+r"(r)::"memory"); }
 
 // One k32 step of a 64 x N warpgroup tile: d (int32, N / 2 registers per thread) += A
 // (int8 weights from registers, the m16n8k32 A-fragment layout per warp) x B (int8 activations
@@ -255,7 +220,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   const uint32_t stage0 = smem_u32(st);
   const uint32_t w_off = offsetof(WideStage, w) + r * (kGroup / 2) + tig * 16;
   const uint32_t as_off = offsetof(WideStage, as) + 8 * tig;
-  const uint64_t desc0 = desc_k_major_sw128(st[0].act);
+  const uint64_t desc0 = desc_k_major_sw128(smem_u32(st[0].act));
 
   // Issues the four wgmma of group i into d (int32, from zero) and returns the group's two weight
   // scales, still fp16; the wgmma run on while the caller rescales the previous group.
@@ -265,17 +230,8 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     mbar_wait(&full[s], (i / kWideStages) & 1);
     const uint32_t base = stage0 + s * static_cast<uint32_t>(sizeof(WideStage));
     const uint4 w0 = lds128(base + w_off), w1 = lds128(base + w_off + 8 * (kGroup / 2));
-    // All four k32 steps' fragments first: register writes between wgmma instructions would make
-    // the compiler fence (serialize) them.
     uint32_t a[4][4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint32_t x = word(w0, k), y = word(w1, k);
-      a[k][0] = lo_nibbles(x);
-      a[k][1] = lo_nibbles(y);
-      a[k][2] = hi_nibbles(x);
-      a[k][3] = hi_nibbles(y);
-    }
+    weight_fragments(w0, w1, a);
     // Descriptors too: one k32 step is 32 bytes further along the swizzled rows.
     uint64_t desc[4];
 #pragma unroll

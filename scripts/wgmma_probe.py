@@ -91,29 +91,11 @@ KERNEL = r"""
 #include <algorithm>
 #include <cuda_runtime.h>
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
-  uint64_t d = (addr & 0x3FFFF) >> 4;
-  d |= uint64_t{1} << 16;
-  d |= uint64_t{1024 >> 4} << 32;
-  d |= uint64_t{1} << 62;
-  return d;
-}
-__device__ __forceinline__ uint4 lds128(uint32_t a) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
-  return v;
-}
-__device__ __forceinline__ float2 lds64f(uint32_t a) {
-  float2 v;
-  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(a));
-  return v;
-}
-__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
-__device__ __forceinline__ void fence_operand(int& r) { asm volatile("" : "+r"(r)::"memory"); }
-__device__ __forceinline__ uint32_t word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+#include "wgmma_common.cuh"
+
+// The kernel's own helpers (shared-memory loads, descriptors, wgmma fence / commit / wait,
+// weight fragments).
+using namespace comet::sm90;
 
 @WGMMA@
 
@@ -141,24 +123,14 @@ __global__ void __launch_bounds__(WGS * 128, 1) probe(int groups, float* out) {
   const int warp = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 5), 0), lane = threadIdx.x & 31;
   const int wg = warp >> 2, wq = warp & 3, gid = lane >> 2, tig = lane & 3;
   const uint32_t b0 = smem_u32(sm), a0 = b0 + B_BYTES + wg * A_BYTES, s0 = b0 + B_BYTES + WGS * A_BYTES;
-  const uint64_t db = desc_sw128(b0), da = desc_sw128(a0);
+  const uint64_t db = desc_k_major_sw128(b0), da = desc_k_major_sw128(a0);
   const uint32_t w_off = a0 + (wq * 16 + gid) * 64 + tig * 16;
   const float ws[2] = {1e-3f * (1 + lane), 2e-3f}, off[2] = {-12582912.f * ws[0], -12582912.f * ws[1]};
   float acc[R];
 #pragma unroll
   for (int e = 0; e < R; ++e) acc[e] = 0.f;
 
-  auto frags = [&](uint32_t (&a)[4][4]) {
-    const uint4 w0 = lds128(w_off), w1 = lds128(w_off + 8 * 64);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint32_t x = word(w0, k), y = word(w1, k);
-      a[k][0] = (x << 4) & 0xF0F0F0F0u;
-      a[k][1] = (y << 4) & 0xF0F0F0F0u;
-      a[k][2] = x & 0xF0F0F0F0u;
-      a[k][3] = y & 0xF0F0F0F0u;
-    }
-  };
+  auto frags = [&](uint32_t (&a)[4][4]) { weight_fragments(lds128(w_off), lds128(w_off + 8 * 64), a); };
   // One group's four k32 steps on tokens [t0, t0 + NN) into d.
   auto steps = [&](auto& d, uint32_t (&a)[4][4], int t0) {
     using M = Mma<sizeof(d) / sizeof(int) * 2, SS>;
@@ -188,17 +160,17 @@ __global__ void __launch_bounds__(WGS * 128, 1) probe(int groups, float* out) {
   auto issue = [&](int (&d)[R]) {
     uint32_t a[4][4];
     if constexpr (!SS) frags(a);
-    fence();
+    wgmma_fence();
     if constexpr (LOOP == 1) {
       int(&lo)[R / 2] = *reinterpret_cast<int(*)[R / 2]>(d);
       int(&hi)[R / 2] = *reinterpret_cast<int(*)[R / 2]>(d + R / 2);
       steps(lo, a, 0);
-      commit();
+      wgmma_commit();
       steps(hi, a, N / 2);
-      commit();
+      wgmma_commit();
     } else {
       steps(d, a, 0);
-      commit();
+      wgmma_commit();
     }
   };
   int d0[R];
@@ -211,7 +183,7 @@ __global__ void __launch_bounds__(WGS * 128, 1) probe(int groups, float* out) {
       turn();
       issue(d0);
       pass(i);
-      wait<0>();
+      wgmma_wait<0>();
       rescale(d0, 0, N / 8);
     }
   } else if constexpr (LOOP == 1) {
@@ -219,9 +191,9 @@ __global__ void __launch_bounds__(WGS * 128, 1) probe(int groups, float* out) {
       turn();
       issue(d0);
       pass(i);
-      wait<1>();
+      wgmma_wait<1>();
       rescale(d0, 0, N / 16);
-      wait<0>();
+      wgmma_wait<0>();
       rescale(d0, N / 16, N / 8);
     }
   } else {
@@ -230,16 +202,16 @@ __global__ void __launch_bounds__(WGS * 128, 1) probe(int groups, float* out) {
     int i = 0;
     for (; i + 2 < groups; i += 2) {
       issue(d1);
-      wait<1>();
+      wgmma_wait<1>();
       rescale(d0, 0, N / 8);
       issue(d0);
-      wait<1>();
+      wgmma_wait<1>();
       rescale(d1, 0, N / 8);
     }
     issue(d1);
-    wait<1>();
+    wgmma_wait<1>();
     rescale(d0, 0, N / 8);
-    wait<0>();
+    wgmma_wait<0>();
     rescale(d1, 0, N / 8);
     if constexpr (!RESCALE) {
 #pragma unroll
@@ -322,7 +294,9 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="wgmma_probe_"))
     (work / "probe.cu").write_text(source())
+    kernels = Path(__file__).resolve().parents[1] / "kernels"
     build = subprocess.run(["nvcc", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+                            f"-I{kernels}",
                             "-o", str(work / "probe"), str(work / "probe.cu")], capture_output=True, text=True)
     report = "\n".join(line for line in build.stderr.splitlines()
                        if "registers" in line or "spill" in line or "error" in line or "Function" in line)

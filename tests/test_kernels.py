@@ -68,6 +68,14 @@ def test_wide_order_is_a_permutation_per_group():
         assert ops.WIDE_ORDER[p] == 32 * t + 8 * s + 2 * b + h
 
 
+def test_build_identity_covers_every_kernel_file():
+    """The JIT build's cache key hashes ops.SOURCES + ops.HEADERS: a kernel file left out of them
+    could change without a rebuild."""
+    src = ops._source_dir()
+    on_disk = {p.name for p in src.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")}
+    assert on_disk == set(ops.SOURCES + ops.HEADERS)
+
+
 def test_cpu_wrappers_fall_back_to_reference():
     x, perm, g8, qw, ws = make_case(3, 256, 16, 1)
     torch.testing.assert_close(ops.w4ax_linear(x, perm, g8, qw, ws, torch.float32),
