@@ -306,6 +306,33 @@ def test_gemm_wide_every_token_tile_exact(kernels):
 
 
 @sm90
+def test_wide_path_small_batch_in_cuda_graph(kernels):
+    """24 tokens on a 32M-element weight matrix take the wgmma path (ops.WIDE_MIN_M_LARGE), as a
+    batched CUDA-graph decode step would: captured and replayed, it matches the eager call and
+    the reference."""
+    m, k, n = 24, 4096, 8192
+    x, perm, g8, qw, ws = make_case(m, k, n, 3, seed=5, device="cuda")
+    assert ops.uses_wide_gemm(x, qw) and not ops.uses_wide_gemm(x, qw[:1024])
+    eager = ops.w4ax_linear(x, perm, g8, qw, ws)
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.w4ax_linear(static_x, perm, g8, qw, ws)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = ops.w4ax_linear(static_x, perm, g8, qw, ws)
+    static_x.copy_(x * 2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(static_y, ops.w4ax_linear(x * 2, perm, g8, qw, ws)) < 1e-6  # split-K order aside
+    codes = [t.cuda() for t in ops.quantize_act_reference(x.cpu(), perm.cpu(), g8)]
+    ref = ops.w4ax_gemm_reference(*codes, qw, ws, g8, torch.float32)
+    assert rel_err(eager, ref) < 2e-3
+
+
+@sm90
 def test_opcheck_wide(kernels):
     x, perm, g8, qw, ws = make_case(130, 512, 256, 1, device="cuda")
     torch.library.opcheck(torch.ops.comet.quantize_act_wide.default, (x, perm, g8))
