@@ -39,7 +39,7 @@ constexpr int kWideStages = 6;
 constexpr int kWarps = 4 * kWarpgroups;       // consumer warps: each releases every stage it used
 constexpr int kWideThreads = 32 * kWarps + 128;  // + the producer warpgroup
 // Registers per thread after the role split (setmaxnreg): the producer needs a handful, the
-// consumers hold a 64 x TOKENS int32 accumulator set (or two) and its float sums.
+// consumers hold a 64 x TOKENS int32 accumulator set and its float sums.
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 static_assert(128 * kProducerRegs + 32 * kWarps * kConsumerRegs <= 65536, "register file of one SM");
 
@@ -210,118 +210,118 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     if (threadIdx.x == 0)
       for (int j = 0; j < count; ++j) produce(j);
   } else {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
-  // Consumer warpgroup wg, warp wq of it: accumulator rows (output channels) r and r + 8 of the
-  // block, columns (tokens) 8j + 2 * tig + {0, 1}.
-  const int wg = (warp >> 2) - 1, wq = warp & 3, gid = lane >> 2, tig = lane & 3;
-  const int r = wg * 64 + wq * 16 + gid;
-  const __half* ws_row[2] = {wscale + static_cast<size_t>(min(n0 + r, N - 1)) * G,
-                             wscale + static_cast<size_t>(min(n0 + r + 8, N - 1)) * G};
-  const uint32_t stage0 = smem_u32(st);
-  const uint32_t w_off = offsetof(WideStage, w) + r * (kGroup / 2) + tig * 16;
-  const uint32_t as_off = offsetof(WideStage, as) + 8 * tig;
-  const uint64_t desc0 = desc_k_major_sw128(smem_u32(st[0].act));
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+    // Consumer warpgroup wg, warp wq of it: accumulator rows (output channels) r and r + 8 of the
+    // block, columns (tokens) 8j + 2 * tig + {0, 1}.
+    const int wg = (warp >> 2) - 1, wq = warp & 3, gid = lane >> 2, tig = lane & 3;
+    const int r = wg * 64 + wq * 16 + gid;
+    const __half* ws_row[2] = {wscale + static_cast<size_t>(min(n0 + r, N - 1)) * G,
+                               wscale + static_cast<size_t>(min(n0 + r + 8, N - 1)) * G};
+    const uint32_t stage0 = smem_u32(st);
+    const uint32_t w_off = offsetof(WideStage, w) + r * (kGroup / 2) + tig * 16;
+    const uint32_t as_off = offsetof(WideStage, as) + 8 * tig;
+    const uint64_t desc0 = desc_k_major_sw128(smem_u32(st[0].act));
 
-  // Issues the four wgmma of group i into d (int32, from zero) and returns the group's two weight
-  // scales, still fp16; the wgmma run on while the caller rescales the previous group.
-  auto issue = [&](int i, int (&d)[kAccRegs], __half2& ws) {
-    const int s = i % kWideStages;
-    ws = __halves2half2(ws_row[0][g_begin + i], ws_row[1][g_begin + i]);
-    mbar_wait(&full[s], (i / kWideStages) & 1);
-    const uint32_t base = stage0 + s * static_cast<uint32_t>(sizeof(WideStage));
-    const uint4 w0 = lds128(base + w_off), w1 = lds128(base + w_off + 8 * (kGroup / 2));
-    uint32_t a[4][4];
-    weight_fragments(w0, w1, a);
-    // Descriptors too: one k32 step is 32 bytes further along the swizzled rows.
-    uint64_t desc[4];
+    // Issues the four wgmma of group i into d (int32, from zero) and returns the group's two weight
+    // scales, still fp16; the wgmma run on while the caller rescales the previous group.
+    auto issue = [&](int i, int (&d)[kAccRegs], __half2& ws) {
+      const int s = i % kWideStages;
+      ws = __halves2half2(ws_row[0][g_begin + i], ws_row[1][g_begin + i]);
+      mbar_wait(&full[s], (i / kWideStages) & 1);
+      const uint32_t base = stage0 + s * static_cast<uint32_t>(sizeof(WideStage));
+      const uint4 w0 = lds128(base + w_off), w1 = lds128(base + w_off + 8 * (kGroup / 2));
+      uint32_t a[4][4];
+      weight_fragments(w0, w1, a);
+      // Descriptors too: one k32 step is 32 bytes further along the swizzled rows.
+      uint64_t desc[4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
-    // Tokens [0, TOKENS / 2), then the other half (TOKENS / 2 rows of 128 bytes further), one
-    // commit each, so that the caller can rescale the first half while the second runs.
+      for (int k = 0; k < 4; ++k) desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
+      // Tokens [0, TOKENS / 2), then the other half (TOKENS / 2 rows of 128 bytes further), one
+      // commit each, so that the caller can rescale the first half while the second runs.
 #ifndef COMET_WIDE_SKIP_MMA  // experiment switch: time the pipeline without the tensor cores
-    constexpr int kHalf = kAccRegs / 2;
-    int(&lo)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d);
-    int(&hi)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d + kHalf);
-    constexpr uint64_t kHiRows = (TOKENS / 2) * kGroup / 16;  // descriptor units of 16 bytes
-    wgmma_fence();
-    wgmma_s8<false>(lo, a[0], desc[0]);
-    wgmma_s8<true>(lo, a[1], desc[1]);
-    wgmma_s8<true>(lo, a[2], desc[2]);
-    wgmma_s8<true>(lo, a[3], desc[3]);
-    wgmma_commit();
-    wgmma_s8<false>(hi, a[0], desc[0] + kHiRows);
-    wgmma_s8<true>(hi, a[1], desc[1] + kHiRows);
-    wgmma_s8<true>(hi, a[2], desc[2] + kHiRows);
-    wgmma_s8<true>(hi, a[3], desc[3] + kHiRows);
-    wgmma_commit();
+      constexpr int kHalf = kAccRegs / 2;
+      int(&lo)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d);
+      int(&hi)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d + kHalf);
+      constexpr uint64_t kHiRows = (TOKENS / 2) * kGroup / 16;  // descriptor units of 16 bytes
+      wgmma_fence();
+      wgmma_s8<false>(lo, a[0], desc[0]);
+      wgmma_s8<true>(lo, a[1], desc[1]);
+      wgmma_s8<true>(lo, a[2], desc[2]);
+      wgmma_s8<true>(lo, a[3], desc[3]);
+      wgmma_commit();
+      wgmma_s8<false>(hi, a[0], desc[0] + kHiRows);
+      wgmma_s8<true>(hi, a[1], desc[1] + kHiRows);
+      wgmma_s8<true>(hi, a[2], desc[2] + kHiRows);
+      wgmma_s8<true>(hi, a[3], desc[3] + kHiRows);
+      wgmma_commit();
 #else
 #pragma unroll
-    for (int e = 0; e < kAccRegs; ++e) d[e] = static_cast<int>(a[e & 3][(e >> 2) & 3] ^ desc[e & 3]);
-    wgmma_commit();
-    wgmma_commit();
+      for (int e = 0; e < kAccRegs; ++e) d[e] = static_cast<int>(a[e & 3][(e >> 2) & 3] ^ desc[e & 3]);
+      wgmma_commit();
+      wgmma_commit();
 #endif
-  };
+    };
 
-  // Folds group i's int32 result d into the float accumulators, then hands its stage back.
-  // Per element: t = d * ws exactly rounded, with the int -> float conversion folded into the
-  // FMA (0x4B400000 + d is the float 1.5 * 2^23 + d, exact for |d| < 2^22, and 1.5 * 2^23 * ws
-  // is exact: ws has 11 significant bits), then acc += t * as. Three instructions.
-  float acc[kAccRegs];
+    // Folds group i's int32 result d into the float accumulators, then hands its stage back.
+    // Per element: t = d * ws exactly rounded, with the int -> float conversion folded into the
+    // FMA (0x4B400000 + d is the float 1.5 * 2^23 + d, exact for |d| < 2^22, and 1.5 * 2^23 * ws
+    // is exact: ws has 11 significant bits), then acc += t * as. Three instructions.
+    float acc[kAccRegs];
 #pragma unroll
-  for (int e = 0; e < kAccRegs; ++e) acc[e] = 0.f;
-  auto rescale = [&](int i, int (&d)[kAccRegs], __half2 ws_h, int j0 = 0, int j1 = TOKENS / 8,
-                     bool release = true) {
+    for (int e = 0; e < kAccRegs; ++e) acc[e] = 0.f;
+    auto rescale = [&](int i, int (&d)[kAccRegs], __half2 ws_h, int j0 = 0, int j1 = TOKENS / 8,
+                       bool release = true) {
 #pragma unroll
-    for (int e = 4 * j0; e < 4 * j1; ++e) fence_operand(d[e]);
-    constexpr float kUnscale = 1.f / 16.f;  // the weights enter as code * 16
-    const float2 wsf = __half22float2(ws_h);
-    const float ws[2] = {wsf.x * kUnscale, wsf.y * kUnscale};
-    [[maybe_unused]] const float off[2] = {-12582912.f * ws[0], -12582912.f * ws[1]};
-    const uint32_t base = stage0 + (i % kWideStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
+      for (int e = 4 * j0; e < 4 * j1; ++e) fence_operand(d[e]);
+      constexpr float kUnscale = 1.f / 16.f;  // the weights enter as code * 16
+      const float2 wsf = __half22float2(ws_h);
+      const float ws[2] = {wsf.x * kUnscale, wsf.y * kUnscale};
+      [[maybe_unused]] const float off[2] = {-12582912.f * ws[0], -12582912.f * ws[1]};
+      const uint32_t base = stage0 + (i % kWideStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
 #pragma unroll
-    for (int j = j0; j < j1; ++j) {
-      const float2 as = lds64f(base + 32 * j);
+      for (int j = j0; j < j1; ++j) {
+        const float2 as = lds64f(base + 32 * j);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+#ifndef COMET_WIDE_SKIP_RESCALE
+          const float t = fmaf(__int_as_float(d[4 * j + e] + 0x4B400000), ws[e >> 1], off[e >> 1]);
+          acc[4 * j + e] = fmaf(t, (e & 1) ? as.y : as.x, acc[4 * j + e]);
+#else  // experiment switch: one add per element instead of three instructions (wrong results)
+          acc[4 * j + e] += __int_as_float(d[4 * j + e]);
+#endif
+        }
+      }
+      if (!release) return;
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[i % kWideStages]);  // this warp is done with the stage
+    };
+
+    // One accumulator set: the two warpgroups overlap each other's rescale, and each its own in
+    // halves: the group's wgmma run as two halves of the token tile with a commit each, and the
+    // first half is rescaled while the second is on the tensor cores. (Measured on H100, 128-token
+    // tiles: two sets need more than 255 registers and spill; one set was 2-10% faster at M = 256
+    // and 1024 on the 8B shapes; the halves another 1-7% there, same run: 8B o M = 1024 66.6 ->
+    // 61.7 us, 8B down 197.1 -> 191.6, gate+up 418.9 -> 415.0.)
+    int d0[kAccRegs];
+    __half2 ws0;
+    for (int i = 0; i < count; ++i) {
+      issue(i, d0, ws0);
+      wgmma_wait<1>();
+      rescale(i, d0, ws0, 0, kTokenTiles / 2, false);
+      wgmma_wait<0>();
+      rescale(i, d0, ws0, kTokenTiles / 2, kTokenTiles);
+    }
+#pragma unroll
+    for (int j = 0; j < kTokenTiles; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-#ifndef COMET_WIDE_SKIP_RESCALE
-        const float t = fmaf(__int_as_float(d[4 * j + e] + 0x4B400000), ws[e >> 1], off[e >> 1]);
-        acc[4 * j + e] = fmaf(t, (e & 1) ? as.y : as.x, acc[4 * j + e]);
-#else  // experiment switch: one add per element instead of three instructions (wrong results)
-        acc[4 * j + e] += __int_as_float(d[4 * j + e]);
-#endif
+        const int m = m0 + 8 * j + 2 * tig + (e & 1), n = n0 + r + 8 * (e >> 1);
+        if (m >= M || n >= N) continue;
+        const size_t idx = static_cast<size_t>(m) * N + n;
+        if (split_k > 1) atomicAdd(workspace + idx, acc[4 * j + e]);
+        else store_out(out, out_dtype, idx, acc[4 * j + e]);
       }
     }
-    if (!release) return;
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[i % kWideStages]);  // this warp is done with the stage
-  };
-
-  // One accumulator set: the two warpgroups overlap each other's rescale, and each its own in
-  // halves: the group's wgmma run as two halves of the token tile with a commit each, and the
-  // first half is rescaled while the second is on the tensor cores. (Measured on H100, 128-token
-  // tiles: two sets need more than 255 registers and spill; one set was 2-10% faster at M = 256
-  // and 1024 on the 8B shapes; the halves another 1-7% there, same run: 8B o M = 1024 66.6 ->
-  // 61.7 us, 8B down 197.1 -> 191.6, gate+up 418.9 -> 415.0.)
-  int d0[kAccRegs];
-  __half2 ws0;
-  for (int i = 0; i < count; ++i) {
-    issue(i, d0, ws0);
-    wgmma_wait<1>();
-    rescale(i, d0, ws0, 0, kTokenTiles / 2, false);
-    wgmma_wait<0>();
-    rescale(i, d0, ws0, kTokenTiles / 2, kTokenTiles);
-  }
-#pragma unroll
-  for (int j = 0; j < kTokenTiles; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int m = m0 + 8 * j + 2 * tig + (e & 1), n = n0 + r + 8 * (e >> 1);
-      if (m >= M || n >= N) continue;
-      const size_t idx = static_cast<size_t>(m) * N + n;
-      if (split_k > 1) atomicAdd(workspace + idx, acc[4 * j + e]);
-      else store_out(out, out_dtype, idx, acc[4 * j + e]);
-    }
-  }
   }  // consumers
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
