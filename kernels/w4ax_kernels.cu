@@ -607,8 +607,9 @@ w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
 // 16-byte (int4) load of its token's activations, reordered with byte permutes (int8) or
 // expanded the same way as the weights (int4).
 //
-// A block is 16 output channels x all of K: its 8 warps take every 8th group and meet in shared
-// memory at the end. Each warp keeps kGemvDepth groups of loads in flight.
+// A block is 16 output channels x all of K: its WARPS warps (8, or 4 where that fits the grid in
+// one wave: decode_warps) take every WARPS-th group and meet in shared memory at the end. Each
+// warp keeps kGemvDepth groups of loads in flight.
 constexpr int kGemvWarps = 8;
 // Groups of loads in flight per warp: fewer as the token tiles multiply the activation registers
 // (8 and 16 tokens stay within 128 registers, two blocks per SM; 32 tokens take one block).
@@ -651,8 +652,12 @@ __device__ __forceinline__ void gemv_load_act(GemvFrag<NT>& f, int g, int groups
   }
 }
 
-template <int NT>
-__device__ __forceinline__ void gemv_compute(const GemvFrag<NT>& f, bool a8, float (&acc)[NT][4]) {
+// One group of one warp: 4 mma steps per 8-token tile, then the group's rescale. A8 (the group's
+// activations are 8-bit) is a template argument, so the callers branch once per group on it
+// (warp-uniform) instead of issuing both expansions under predicates.
+template <int NT, bool A8>
+__device__ __forceinline__ void gemv_compute(const GemvFrag<NT>& f, float (&acc)[NT][4]) {
+  constexpr bool a8 = A8;
   int c[NT][4] = {};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {  // 8 codes of k per thread per mma step
@@ -674,17 +679,28 @@ __device__ __forceinline__ void gemv_compute(const GemvFrag<NT>& f, bool a8, flo
       mma_s8(c[nt], a, b);
     }
   }
-  const float unscale = a8 ? 1.f / 16.f : 1.f / 256.f;  // the x16 of each expanded int4 operand
+  // The x16 of each expanded int4 operand, folded into the weight scale (a power of two: the
+  // same products as ws * as * unscale, bit for bit).
+  constexpr float unscale = a8 ? 1.f / 16.f : 1.f / 256.f;
+  const float ws[2] = {f.ws[0] * unscale, f.ws[1] * unscale};
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e)
-      acc[nt][e] = fmaf(exact_float(c[nt][e]), f.ws[e >> 1] * f.as[nt][e & 1] * unscale, acc[nt][e]);
+      acc[nt][e] = fmaf(exact_float(c[nt][e]), ws[e >> 1] * f.as[nt][e & 1], acc[nt][e]);
 }
 
-// The end of both decode kernels: the 8 warps' partial sums of the block's 16 channels x 8 * NT
-// tokens meet in shared memory `red` and are stored.
 template <int NT>
+__device__ __forceinline__ void gemv_compute(const GemvFrag<NT>& f, bool a8, float (&acc)[NT][4]) {
+  if (a8)
+    gemv_compute<NT, true>(f, acc);
+  else
+    gemv_compute<NT, false>(f, acc);
+}
+
+// The end of both decode kernels: the warps' partial sums of the block's 16 channels x 8 * NT
+// tokens meet in shared memory `red` and are stored.
+template <int NT, int WARPS>
 __device__ __forceinline__ void gemv_reduce_store(float (*red)[16][8 * NT], const float (&acc)[NT][4], int n0,
                                                   int M, int N, void* out, DType out_dtype) {
   const int warp = threadIdx.x >> 5, gid = (threadIdx.x & 31) >> 2, tig = threadIdx.x & 3;
@@ -693,23 +709,23 @@ __device__ __forceinline__ void gemv_reduce_store(float (*red)[16][8 * NT], cons
 #pragma unroll
     for (int e = 0; e < 4; ++e) red[warp][gid + 8 * (e >> 1)][8 * nt + 2 * tig + (e & 1)] = acc[nt][e];
   __syncthreads();
-  for (int i = threadIdx.x; i < 16 * 8 * NT; i += kGemvWarps * 32) {
+  for (int i = threadIdx.x; i < 16 * 8 * NT; i += WARPS * 32) {
     const int r = i / (8 * NT), m = i % (8 * NT), n = n0 + r;
     if (n >= N || m >= M) continue;
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < kGemvWarps; ++w) v += red[w][r][m];
+    for (int w = 0; w < WARPS; ++w) v += red[w][r][m];
     store_out(out, out_dtype, static_cast<size_t>(m) * N + n, v);
   }
 }
 
-template <int NT>
-__global__ void __launch_bounds__(kGemvWarps * 32, NT <= 2 ? 2 : 1)
+template <int NT, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, (NT <= 2 ? 2 : 1) * (kGemvWarps / WARPS))
 w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
                  const float* __restrict__ ascale, const uint8_t* __restrict__ qw,
                  const __half* __restrict__ wscale, void* __restrict__ out, DType out_dtype, int M, int N,
                  int Kpad, int groups8) {
-  __shared__ float red[kGemvWarps][16][8 * NT];
+  __shared__ float red[WARPS][16][8 * NT];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gid = lane >> 2, tig = lane & 3;
   const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
@@ -736,22 +752,22 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
       asrow[nt][j] = ascale + static_cast<size_t>(min(8 * nt + 2 * tig + j, M - 1)) * G;
   }
 
-  // Warp w takes groups w, w + 8, ... (measured on H100: giving each warp a contiguous range
+  // Warp w takes groups w, w + WARPS, ... (measured on H100: giving each warp a contiguous range
   // instead is no faster overall, +-10% per shape), keeping D of them in flight.
-  constexpr int D = kGemvDepth<NT>, kStride = D * kGemvWarps;
+  constexpr int D = kGemvDepth<NT>, kStride = D * WARPS;
   float acc[NT][4] = {};
   GemvFrag<NT> f[D];
 #pragma unroll
   for (int d = 0; d < D; ++d)
-    if (warp + d * kGemvWarps < G) gemv_load_weights(f[d], warp + d * kGemvWarps, wrow, srow);
+    if (warp + d * WARPS < G) gemv_load_weights(f[d], warp + d * WARPS, wrow, srow);
   grid_dependency_wait();
 #pragma unroll
   for (int d = 0; d < D; ++d)
-    if (warp + d * kGemvWarps < G) gemv_load_act(f[d], warp + d * kGemvWarps, groups8, a8row, a4row, asrow);
+    if (warp + d * WARPS < G) gemv_load_act(f[d], warp + d * WARPS, groups8, a8row, a4row, asrow);
   for (int base = warp; base < G; base += kStride) {
 #pragma unroll
     for (int d = 0; d < D; ++d) {
-      const int g = base + d * kGemvWarps;
+      const int g = base + d * WARPS;
       if (g < G) {
         gemv_compute(f[d], g < groups8, acc);
         if (g + kStride < G) {
@@ -762,7 +778,7 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
     }
   }
 
-  gemv_reduce_store<NT>(red, acc, n0, M, N, out, out_dtype);
+  gemv_reduce_store<NT, WARPS>(red, acc, n0, M, N, out, out_dtype);
 }
 
 // Large matrices at M <= 8, and the largest at M <= 16 (ring kernel): the weights stream
@@ -795,8 +811,8 @@ __device__ __forceinline__ void ring_copy(RingStage& st, int g, int lane, const 
 #ifndef COMET_RING_MIN_BLOCKS  // blocks per SM the single-tile ring kernel is compiled for
 #define COMET_RING_MIN_BLOCKS 4
 #endif
-template <int NT>
-__global__ void __launch_bounds__(kGemvWarps * 32, NT == 1 ? COMET_RING_MIN_BLOCKS : 3)
+template <int NT, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, (NT == 1 ? COMET_RING_MIN_BLOCKS : 3) * (kGemvWarps / WARPS))
 w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
                       const float* __restrict__ ascale, const uint8_t* __restrict__ qw,
                       const __half* __restrict__ wscale, void* __restrict__ out, DType out_dtype, int M, int N,
@@ -807,13 +823,13 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
   const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
   const int n0 = blockIdx.x * 16;
   RingStage* ring = reinterpret_cast<RingStage*>(ring_smem) + warp * kRingStages;
-  uint8_t* tile = ring_smem + sizeof(RingStage) * kRingStages * kGemvWarps;  // [16][G] fp16 scales
+  uint8_t* tile = ring_smem + sizeof(RingStage) * kRingStages * WARPS;  // [16][G] fp16 scales
   float(*red)[16][8 * NT] = reinterpret_cast<float(*)[16][8 * NT]>(ring_smem);  // once the ring is drained
 
   // The scale rows of the block are contiguous and start 16-byte aligned (32 * G bytes per block).
   const uint8_t* sbase = reinterpret_cast<const uint8_t*>(wscale + static_cast<size_t>(n0) * G);
   const int sbytes = min(16, N - n0) * G * 2;
-  for (int i = threadIdx.x * 16; i + 16 <= sbytes; i += kGemvWarps * 32 * 16) cp_async16(tile + i, sbase + i, true);
+  for (int i = threadIdx.x * 16; i + 16 <= sbytes; i += WARPS * 32 * 16) cp_async16(tile + i, sbase + i, true);
   if (threadIdx.x == 0)  // the last block's tail, when N * G is not a multiple of 8
     for (int i = sbytes & ~15; i < sbytes; i += 2)
       *reinterpret_cast<__half*>(tile + i) = *reinterpret_cast<const __half*>(sbase + i);
@@ -833,12 +849,12 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
     for (int j = 0; j < 2; ++j) asrow[nt][j] = ascale + static_cast<size_t>(min(8 * nt + 2 * tig + j, M - 1)) * G;
   }
 
-  // Warp w takes groups w, w + 8, ...; one cp.async group per ring slot (the first also holds
-  // the scale tile), committed even when empty, so "slot i has landed" is always
+  // Warp w takes groups w, w + WARPS, ...; one cp.async group per ring slot (the first also
+  // holds the scale tile), committed even when empty, so "slot i has landed" is always
   // wait_group<kRingStages - 1>.
 #pragma unroll
   for (int d = 0; d < kRingStages; ++d) {
-    const int g = warp + d * kGemvWarps;
+    const int g = warp + d * WARPS;
     if (g < G) ring_copy(ring[d], g, lane, wrow);
     cp_async_commit();
   }
@@ -850,8 +866,8 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
   const __half* sw[2] = {reinterpret_cast<const __half*>(tile) + gid * G,
                          reinterpret_cast<const __half*>(tile) + (gid + 8) * G};
   float acc[NT][4] = {};
-  for (int i = 0, g = warp; g < G; ++i, g += kGemvWarps) {
-    if (g + kGemvWarps < G) gemv_load_act(nxt, g + kGemvWarps, groups8, a8row, a4row, asrow);
+  for (int i = 0, g = warp; g < G; ++i, g += WARPS) {
+    if (g + WARPS < G) gemv_load_act(nxt, g + WARPS, groups8, a8row, a4row, asrow);
     cp_async_wait<kRingStages - 1>();
     RingStage& st = ring[i % kRingStages];
     cur.w[0] = st.w[0][lane];
@@ -860,7 +876,7 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
     cur.ws[1] = __half2float(sw[1][g]);
     gemv_compute(cur, g < groups8, acc);
     // This thread's reads of the slot are consumed above, so its copies may overwrite it.
-    const int gn = g + kRingStages * kGemvWarps;
+    const int gn = g + kRingStages * WARPS;
     if (gn < G) ring_copy(st, gn, lane, wrow);
     cp_async_commit();
     cur = nxt;
@@ -868,17 +884,18 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with its ring: the reduction reuses the space
 
-  gemv_reduce_store<NT>(red, acc, n0, M, N, out, out_dtype);
+  gemv_reduce_store<NT, WARPS>(red, acc, n0, M, N, out, out_dtype);
 }
 
 // Launches a decode GEMM allowed to overlap the previous kernel in the stream (see
 // grid_dependency_wait) on sm_90 and later; a plain launch elsewhere or when built with
 // -DCOMET_NO_PDL (the experiment switch that measures what the overlap buys).
 template <typename... Args>
-cudaError_t launch_decode(void (*kernel)(Args...), int blocks, size_t smem, cudaStream_t stream, Args... args) {
+cudaError_t launch_decode(void (*kernel)(Args...), int blocks, int warps, size_t smem, cudaStream_t stream,
+                          Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(blocks);
-  cfg.blockDim = dim3(kGemvWarps * 32);
+  cfg.blockDim = dim3(warps * 32);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
@@ -897,10 +914,27 @@ cudaError_t launch_decode(void (*kernel)(Args...), int blocks, size_t smem, cuda
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-size_t ring_smem_bytes(int G) {  // the ring, then the [16][G] fp16 scale tile
-  static_assert(sizeof(RingStage) * kRingStages * kGemvWarps >= sizeof(float) * kGemvWarps * 16 * 16,
+size_t ring_smem_bytes(int G, int warps) {  // the ring, then the [16][G] fp16 scale tile
+  static_assert(sizeof(RingStage) * kRingStages >= sizeof(float) * 16 * 16,
                 "the cross-warp reduction (up to 16 tokens) reuses the ring's shared memory");
-  return sizeof(RingStage) * kRingStages * kGemvWarps + static_cast<size_t>(16) * G * 2;
+  return sizeof(RingStage) * kRingStages * warps + static_cast<size_t>(16) * G * 2;
+}
+
+// Warps per decode block. A block is 16 output channels whatever its warps, so the grid is fixed
+// by N; 8-warp blocks fit 2 (register kernel) to 4 (ring kernel, M <= 8) per SM, and a grid just
+// over one wave of them (70B qkv: 640 blocks on 528 places) left most SMs idle while its last
+// blocks ran. With 4-warp blocks twice as many fit, so such a grid runs as one wave, each warp
+// streaming twice the groups. Measured on H100 (docs/BENCHMARKS.md, "Session 8"), 8 -> 4 warps:
+// 70B qkv M = 1 23.7 -> 19.6 us, 8B qkv 8.4 -> 7.4; at 9-16 tokens also on grids many waves deep
+// (8B gate+up 32.7 -> 31.1); but within one wave 8 warps keep more bytes in flight (8B down
+// M = 1: 14.1 against 16.6), and so they do on the deep grids of M <= 8 (70B gate+up 87.8 / 90.8).
+#ifndef COMET_GEMV_WARPS  // 4 or 8 forces the block size (an experiment switch); 0: automatic
+#define COMET_GEMV_WARPS 0
+#endif
+int decode_warps(int M, int blocks, int blocks_per_sm8, int num_sms) {
+  if (COMET_GEMV_WARPS == 4 || COMET_GEMV_WARPS == 8) return COMET_GEMV_WARPS;
+  const int slots = blocks_per_sm8 * num_sms;
+  return blocks > slots && (blocks <= 2 * slots || M > 8) ? 4 : kGemvWarps;
 }
 
 // The automatic choice, measured on H100 (docs/BENCHMARKS.md): up to 8 tokens from 32 MB of
@@ -982,17 +1016,29 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
   if ((split_k == 0 || split_k == kDecodeRing) && M <= kDecodeMaxM) {
     const __half* wsh = static_cast<const __half*>(wscale);
     const int blocks = (N + 15) / 16;
+    int device = 0, sms = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (e != cudaSuccess) return e;
     if (use_ring_kernel(M, N, Kpad, wscale, split_k)) {
-      const size_t smem = ring_smem_bytes(Kpad / kGroup);
-      auto kernel = M <= 8 ? w4ax_gemv_ring_kernel<1> : w4ax_gemv_ring_kernel<2>;
-      cudaError_t e = allow_dynamic_smem(kernel, smem);
+      const int warps = decode_warps(M, blocks, M <= 8 ? COMET_RING_MIN_BLOCKS : 3, sms);
+      const size_t smem = ring_smem_bytes(Kpad / kGroup, warps);
+      auto kernel = M <= 8 ? (warps == 4 ? w4ax_gemv_ring_kernel<1, 4> : w4ax_gemv_ring_kernel<1, kGemvWarps>)
+                           : (warps == 4 ? w4ax_gemv_ring_kernel<2, 4> : w4ax_gemv_ring_kernel<2, kGemvWarps>);
+      e = allow_dynamic_smem(kernel, smem);
       if (e != cudaSuccess) return e;
-      return launch_decode(kernel, blocks, smem, stream, q8, q4, ascale, qweight, wsh, out,
+      return launch_decode(kernel, blocks, warps, smem, stream, q8, q4, ascale, qweight, wsh, out,
                            out_dtype, M, N, Kpad, groups8);
     }
-    auto kernel = M <= 8 ? w4ax_gemv_kernel<1> : M <= 16 ? w4ax_gemv_kernel<2> : w4ax_gemv_kernel<4>;
-    return launch_decode(kernel, blocks, 0, stream, q8, q4, ascale, qweight, wsh, out, out_dtype, M, N, Kpad,
-                         groups8);
+    const int warps = decode_warps(M, blocks, M <= 16 ? 2 : 1, sms);
+    auto kernel = warps == 4 ? (M <= 8    ? w4ax_gemv_kernel<1, 4>
+                                : M <= 16 ? w4ax_gemv_kernel<2, 4>
+                                          : w4ax_gemv_kernel<4, 4>)
+                             : (M <= 8    ? w4ax_gemv_kernel<1, kGemvWarps>
+                                : M <= 16 ? w4ax_gemv_kernel<2, kGemvWarps>
+                                          : w4ax_gemv_kernel<4, kGemvWarps>);
+    return launch_decode(kernel, blocks, warps, 0, stream, q8, q4, ascale, qweight, wsh, out, out_dtype, M, N,
+                         Kpad, groups8);
   }
   const int bm = tile_m(M);
   const int G = Kpad / kGroup;

@@ -7,7 +7,8 @@ same way as scripts/bench_kernels.py (CUDA-graph replays, weights rotating past 
 compute wrong results on purpose: they only say where the time goes.
 
 --kernel picks what is timed: the wgmma GEMM (M = 256 / 1024 / 4096), the decode GEMM
-(M = 1 / 16, all LLaMA-3 shapes), the activation quantization (M = 4096, both layouts), or
+(M = 1 / 16 on all LLaMA-3 shapes, 24 on those that take it there), the activation
+quantization (M = 4096, both layouts), or
 "tiles": the wgmma GEMM at M = 128 / 256 / 512 on all LLaMA-3 shapes under every split_k (auto,
 1, 2, 3, 4, 6), microseconds, to compare token tiles forced by -DCOMET_WIDE_TOKENS=128 / 96; or
 "sizes": the wgmma GEMM on all LLaMA-3 shapes at M = 256 ... 4096 with the automatic split, to
@@ -55,7 +56,9 @@ def run_variant(kernel: str, quick: bool) -> None:
     if kernel == "decode":
         for name, (n, k) in ALL_SHAPES.items():
             g, nc, qws, ws, perm = weights(n, k)
-            for m in (1, 16):
+            for m in (1, 16, 24):
+                if m > 16 and n * k >= ops.WIDE_LARGE_WEIGHT:  # those take the wgmma path from 17 tokens
+                    continue
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 q8, q4, s = ops.quantize_act(x, perm, g // 10)
                 t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm(q8, q4, s, qws[i], ws, g // 10, 0, False,

@@ -1,0 +1,52 @@
+"""Launch one W4Ax GEMM a few times, for a profiler (Nsight Compute) to look at.
+
+    ncu --kernel-name regex:gemv --launch-skip 3 --launch-count 1 --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+        python3 scripts/profile_decode.py --shape "70B down" -m 16
+
+Random packed weights of a LLaMA-3 linear shape (scripts/bench_kernels.py SHAPES), 10% 8-bit
+groups, the GEMM the op picks for M (--split-k forces one: 0 = decode kernel, -1 = the ring
+kernel). No timing here: Nsight Compute measures the launch it is told to.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="70B qkv", help="a name of bench_kernels.SHAPES")
+    ap.add_argument("-m", type=int, default=1, help="tokens")
+    ap.add_argument("--split-k", type=int, default=0, help="0: automatic; -1: the decode ring kernel")
+    ap.add_argument("--launches", type=int, default=5)
+    args = ap.parse_args()
+
+    import torch
+
+    from bench_kernels import SHAPES
+    from comet_quant import ops
+
+    if args.shape not in SHAPES:
+        sys.exit(f"error: unknown shape {args.shape!r}; one of: {', '.join(SHAPES)}")
+    n, k = SHAPES[args.shape]
+    g = k // ops.GROUP
+    torch.manual_seed(0)
+    qw = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+    ws = torch.rand(n, g, device="cuda", dtype=torch.float16) * 0.01 + 1e-3
+    perm = torch.randperm(k, device="cuda").to(torch.int32)
+    x = torch.randn(args.m, k, device="cuda", dtype=torch.float16)
+    q8, q4, s = ops.quantize_act(x, perm, g // 10)
+    for _ in range(args.launches):
+        torch.ops.comet.w4ax_gemm(q8, q4, s, qw, ws, g // 10, args.split_k, False, torch.float16)
+    torch.cuda.synchronize()
+    print(f"{args.launches} launches of {args.shape} (N={n}, K={k}) at M={args.m}, split_k={args.split_k}")
+
+
+if __name__ == "__main__":
+    main()
