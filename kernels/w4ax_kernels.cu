@@ -613,8 +613,23 @@ w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
 constexpr int kGemvWarps = 8;
 // Groups of loads in flight per warp: fewer as the token tiles multiply the activation registers
 // (8 and 16 tokens stay within 128 registers, two blocks per SM; 32 tokens take one block).
+#ifndef COMET_GEMV_DEPTH2  // groups in flight at 9-16 tokens (an experiment switch)
+#define COMET_GEMV_DEPTH2 3
+#endif
 template <int NT>
-constexpr int kGemvDepth = NT == 1 ? 4 : NT == 2 ? 3 : 2;
+constexpr int kGemvDepth = NT == 1 ? 4 : NT == 2 ? COMET_GEMV_DEPTH2 : 2;
+
+// Keeps a per-thread row pointer in a register. Left to itself the compiler recomputes the
+// decode kernels' row pointers (row index, clamp to the last row, 64-bit multiply-add) from the
+// thread index before every group's loads; an empty asm that "may change" the pointer forbids
+// that. Used by the ring kernel at M <= 8: 219 -> 190 instructions per loop, 1-3% faster
+// (docs/BENCHMARKS.md, "Session 8"). Not in the register kernel: its fragments already fill the
+// registers, and pinning its pointers spills at 3 groups in flight, or, at 2, issues 20% fewer
+// instructions but runs 10% slower at 16 tokens (the loads in flight matter more there).
+template <typename T>
+__device__ __forceinline__ void keep_in_register(T*& p) {
+  asm volatile("" : "+l"(p));
+}
 
 template <int NT>
 struct GemvFrag {
@@ -648,7 +663,7 @@ __device__ __forceinline__ void gemv_load_act(GemvFrag<NT>& f, int g, int groups
       f.a[nt][0] = __ldg(reinterpret_cast<const uint4*>(a4row[nt] + (g - groups8) * kPackedGroupBytes));
     }
 #pragma unroll
-    for (int j = 0; j < 2; ++j) f.as[nt][j] = asrow[nt][j][g];
+    for (int j = 0; j < 2; ++j) f.as[nt][j] = __ldg(asrow[nt][j] + g);
   }
 }
 
@@ -837,7 +852,10 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
   // Rows past N and tokens past M read the last valid one; their results are never stored.
   const uint8_t* wrow[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) wrow[r] = qw + static_cast<size_t>(min(n0 + gid + 8 * r, N - 1)) * (Kpad / 2) + tig * 16;
+  for (int r = 0; r < 2; ++r) {
+    wrow[r] = qw + static_cast<size_t>(min(n0 + gid + 8 * r, N - 1)) * (Kpad / 2) + tig * 16;
+    if (NT == 1) keep_in_register(wrow[r]);
+  }
   const int8_t* a8row[NT];
   const uint8_t* a4row[NT];
   const float* asrow[NT][2];
@@ -847,6 +865,12 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
     a4row[nt] = q4 + static_cast<size_t>(min(8 * nt + gid, M - 1)) * (K4 / 2) + tig * 16;
 #pragma unroll
     for (int j = 0; j < 2; ++j) asrow[nt][j] = ascale + static_cast<size_t>(min(8 * nt + 2 * tig + j, M - 1)) * G;
+    if (NT == 1) {  // at 16 tokens (80 registers) the pinned pointers would spill
+      keep_in_register(a8row[nt]);
+      keep_in_register(a4row[nt]);
+      keep_in_register(asrow[nt][0]);
+      keep_in_register(asrow[nt][1]);
+    }
   }
 
   // Warp w takes groups w, w + WARPS, ...; one cp.async group per ring slot (the first also
@@ -938,14 +962,20 @@ int decode_warps(int M, int blocks, int blocks_per_sm8, int num_sms) {
 }
 
 // The automatic choice, measured on H100 (docs/BENCHMARKS.md): up to 8 tokens from 32 MB of
-// weights; at 9-16 tokens (3 blocks per SM) only for grids many waves deep (N >= 32768: 70B
-// gate+up 112.7 -> 103.7 us), as it lost on long K (70B down 57.6 -> 67.5) and short grids.
-constexpr int kRingWideMinN = 32768;
-bool use_ring_kernel(int M, int N, int Kpad, const void* wscale, int split_k) {
+// weights; at 9-16 tokens (3 blocks per SM) for grids many waves deep (N >= 32768: 70B gate+up
+// 112.7 -> 103.7 us), as it lost on long K (70B down 57.6 -> 67.5) and short grids; and (session
+// 8) where the register kernel's grid, at 4 blocks of 4 warps per SM, spills into a second wave
+// that the ring kernel's 6 per SM avoid (70B qkv M = 16: 27.5 -> 23.1 us).
+#ifndef COMET_RING_WIDE_MIN_N  // an experiment switch (0: the ring kernel for all of M <= 16 from 32 MB)
+#define COMET_RING_WIDE_MIN_N 32768
+#endif
+constexpr int kRingWideMinN = COMET_RING_WIDE_MIN_N;
+bool use_ring_kernel(int M, int N, int Kpad, const void* wscale, int split_k, int num_sms) {
   if (M > kRingMaxM || reinterpret_cast<uintptr_t>(wscale) % 16 != 0) return false;  // tile: 16-byte copies
   if (split_k == kDecodeRing) return true;
   if (static_cast<long long>(N) * Kpad / 2 < COMET_GEMV_RING_MIN_BYTES) return false;
-  return M <= 8 || N >= kRingWideMinN;
+  const int blocks = (N + 15) / 16;
+  return M <= 8 || N >= kRingWideMinN || (blocks > 4 * num_sms && blocks <= 6 * num_sms);
 }
 
 __global__ void convert_kernel(const float* __restrict__ src, void* __restrict__ dst, DType dt, size_t n) {
@@ -1020,7 +1050,7 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
     cudaError_t e = cudaGetDevice(&device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (e != cudaSuccess) return e;
-    if (use_ring_kernel(M, N, Kpad, wscale, split_k)) {
+    if (use_ring_kernel(M, N, Kpad, wscale, split_k, sms)) {
       const int warps = decode_warps(M, blocks, M <= 8 ? COMET_RING_MIN_BLOCKS : 3, sms);
       const size_t smem = ring_smem_bytes(Kpad / kGroup, warps);
       auto kernel = M <= 8 ? (warps == 4 ? w4ax_gemv_ring_kernel<1, 4> : w4ax_gemv_ring_kernel<1, kGemvWarps>)

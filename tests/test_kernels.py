@@ -172,6 +172,26 @@ def test_gemm_ring_kernel_scaled(kernels, m, n, k):
 
 
 @gpu
+@pytest.mark.parametrize("blocks_per_sm", [2.5, 5])
+@pytest.mark.parametrize("m", [1, 16])
+def test_gemm_decode_block_sizes_exact(kernels, blocks_per_sm, m):
+    """The decode kernels run 4- or 8-warp blocks of 16 channels, chosen from the grid's waves
+    on this GPU: 2.5 and 5 blocks per SM take, between them, both sizes of the register and the
+    ring kernel at 1 and 16 tokens. Unit scales: float32 must match the reference exactly."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    k, n = 1024, int(16 * blocks_per_sm * sms)
+    g = k // GROUP
+    x, perm, _, qw, _ = make_case(m, k, n, 2, seed=n + m, device="cuda")
+    q8, q4, _ = torch.ops.comet.quantize_act(x, perm, 2)
+    sa, sw = unit_scales(m, n, g)
+    ref = ops.w4ax_gemm_reference(q8.cpu(), q4.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), 2, torch.float32)
+    assert ref.abs().max() > 100
+    for split in (0, -1):  # the automatic kernel (the register kernel below 32 MB), the ring kernel
+        y = torch.ops.comet.w4ax_gemm(q8, q4, sa, qw, sw, 2, split, False, torch.float32)
+        assert torch.equal(y.cpu(), ref), (split, (y.cpu() - ref).abs().max())
+
+
+@gpu
 def test_offset_views(kernels):
     """A row slice is contiguous but not 16-byte aligned: the Python entry points copy it, the
     ops refuse it with a clear error (not a misaligned-address fault that kills the context)."""
