@@ -33,10 +33,6 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   const int bytes = valid ? 16 : 0;  // zero-fill rows past M or N
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
 }
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -818,42 +814,13 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
 #endif
 constexpr int kRingStages = COMET_GEMV_STAGES;
 
-// At 9-16 tokens the activation codes ride in the ring too (COMET_RING_ACT, on by default):
-// one group ahead in registers, their L2 latency was exposed at every group (the ring kernel
-// lost to the register kernel at 16 tokens on 70B o / down), and a 16-token group is 1-2 KB of
-// codes per warp, as much as its weights.
-#ifndef COMET_RING_ACT
-#define COMET_RING_ACT 1
-#endif
-__host__ __device__ constexpr int ring_act_tiles(int NT) { return COMET_RING_ACT && NT == 2 ? NT : 0; }
-template <int NA>  // 8-token activation tiles staged with the weights (0: none)
 struct RingStage {
-  uint4 w[2][32];       // lane's 16 bytes of weight rows gid and gid + 8
-  uint4 a[NA][2][32];   // lane's 32 int8 codes (a[nt][0..1]) or 32 packed int4 codes (a[nt][0])
-};
-template <>
-struct RingStage<0> {
-  uint4 w[2][32];
+  uint4 w[2][32];  // lane's 16 bytes of weight rows gid and gid + 8
 };
 
-template <int NA>
-__device__ __forceinline__ void ring_copy(RingStage<NA>& st, int g, int lane, const uint8_t* const (&wrow)[2]) {
+__device__ __forceinline__ void ring_copy(RingStage& st, int g, int lane, const uint8_t* const (&wrow)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) cp_async16(&st.w[r][lane], wrow[r] + g * kPackedGroupBytes, true);
-}
-
-template <int NA>
-__device__ __forceinline__ void ring_copy_act(RingStage<NA>& st, int g, int groups8, int lane,
-                                              const int8_t* const (&a8row)[NA], const uint8_t* const (&a4row)[NA]) {
-#pragma unroll
-  for (int nt = 0; nt < NA; ++nt) {
-    if (g < groups8) {
-      cp_async16(&st.a[nt][0][lane], a8row[nt] + g * kGroup, true);
-      cp_async16(&st.a[nt][1][lane], a8row[nt] + g * kGroup + 16, true);
-    } else {
-      cp_async16(&st.a[nt][0][lane], a4row[nt] + (g - groups8) * kPackedGroupBytes, true);
-    }
-  }
 }
 
 #ifndef COMET_RING_MIN_BLOCKS  // blocks per SM the single-tile ring kernel is compiled for
@@ -866,16 +833,12 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
                       const __half* __restrict__ wscale, void* __restrict__ out, DType out_dtype, int M, int N,
                       int Kpad, int groups8) {
   extern __shared__ __align__(16) uint8_t ring_smem[];
-  constexpr int NA = ring_act_tiles(NT);
-  using Stage = RingStage<NA>;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gid = lane >> 2, tig = lane & 3;
   const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
   const int n0 = blockIdx.x * 16;
-  Stage* ring = reinterpret_cast<Stage*>(ring_smem) + warp * kRingStages;
-  uint8_t* tile = ring_smem + sizeof(Stage) * kRingStages * WARPS;  // [16][G] fp16 scales
-  // With the activations in the ring: their scales as a [8 * NT][G] float tile after it.
-  float* atile = reinterpret_cast<float*>(tile + 32 * G);
+  RingStage* ring = reinterpret_cast<RingStage*>(ring_smem) + warp * kRingStages;
+  uint8_t* tile = ring_smem + sizeof(RingStage) * kRingStages * WARPS;  // [16][G] fp16 scales
   float(*red)[16][8 * NT] = reinterpret_cast<float(*)[16][8 * NT]>(ring_smem);  // once the ring is drained
 
   // The scale rows of the block are contiguous and start 16-byte aligned (32 * G bytes per block).
@@ -912,64 +875,35 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
 
   // Warp w takes groups w, w + WARPS, ...; one cp.async group per ring slot (the first also
   // holds the scale tile), committed even when empty, so "slot i has landed" is always
-  // wait_group<kRingStages - 1>. Weights first; what the previous kernel writes (activations)
-  // only after grid_dependency_wait.
-  GemvFrag<NT> cur, nxt;
-  if constexpr (NA == 0) {
+  // wait_group<kRingStages - 1>.
 #pragma unroll
-    for (int d = 0; d < kRingStages; ++d) {
-      const int g = warp + d * WARPS;
-      if (g < G) ring_copy(ring[d], g, lane, wrow);
-      cp_async_commit();
-    }
-    grid_dependency_wait();
-    if (warp < G) gemv_load_act(cur, warp, groups8, a8row, a4row, asrow);
-  } else {
-#pragma unroll
-    for (int d = 0; d < kRingStages; ++d)
-      if (warp + d * WARPS < G) ring_copy(ring[d], warp + d * WARPS, lane, wrow);
-    grid_dependency_wait();
-    for (int i = threadIdx.x; i < 8 * NT * G; i += WARPS * 32)  // the activation-scale tile
-      cp_async4(atile + i, ascale + static_cast<size_t>(min(i / G, M - 1)) * G + i % G);
-#pragma unroll
-    for (int d = 0; d < kRingStages; ++d) {  // slot d's group: all weights + scales, then codes of slot d
-      const int g = warp + d * WARPS;
-      if (g < G) ring_copy_act(ring[d], g, groups8, lane, a8row, a4row);
-      cp_async_commit();
-    }
+  for (int d = 0; d < kRingStages; ++d) {
+    const int g = warp + d * WARPS;
+    if (g < G) ring_copy(ring[d], g, lane, wrow);
+    cp_async_commit();
   }
+  GemvFrag<NT> cur, nxt;
+  grid_dependency_wait();
+  if (warp < G) gemv_load_act(cur, warp, groups8, a8row, a4row, asrow);
   cp_async_wait<kRingStages - 1>();
-  __syncthreads();  // the scale tiles, copied by every thread, are visible to all
+  __syncthreads();  // the scale tile, copied by every thread, is visible to all
   const __half* sw[2] = {reinterpret_cast<const __half*>(tile) + gid * G,
                          reinterpret_cast<const __half*>(tile) + (gid + 8) * G};
   float acc[NT][4] = {};
   for (int i = 0, g = warp; g < G; ++i, g += WARPS) {
-    if constexpr (NA == 0)
-      if (g + WARPS < G) gemv_load_act(nxt, g + WARPS, groups8, a8row, a4row, asrow);
+    if (g + WARPS < G) gemv_load_act(nxt, g + WARPS, groups8, a8row, a4row, asrow);
     cp_async_wait<kRingStages - 1>();
-    Stage& st = ring[i % kRingStages];
+    RingStage& st = ring[i % kRingStages];
     cur.w[0] = st.w[0][lane];
     cur.w[1] = st.w[1][lane];
     cur.ws[0] = __half2float(sw[0][g]);
     cur.ws[1] = __half2float(sw[1][g]);
-    if constexpr (NA > 0) {
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        cur.a[nt][0] = st.a[nt][0][lane];
-        if (g < groups8) cur.a[nt][1] = st.a[nt][1][lane];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) cur.as[nt][j] = atile[(8 * nt + 2 * tig + j) * G + g];
-      }
-    }
     gemv_compute(cur, g < groups8, acc);
     // This thread's reads of the slot are consumed above, so its copies may overwrite it.
     const int gn = g + kRingStages * WARPS;
-    if (gn < G) {
-      ring_copy(st, gn, lane, wrow);
-      if constexpr (NA > 0) ring_copy_act(st, gn, groups8, lane, a8row, a4row);
-    }
+    if (gn < G) ring_copy(st, gn, lane, wrow);
     cp_async_commit();
-    if constexpr (NA == 0) cur = nxt;
+    cur = nxt;
   }
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with its ring: the reduction reuses the space
@@ -1004,14 +938,10 @@ cudaError_t launch_decode(void (*kernel)(Args...), int blocks, int warps, size_t
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-// The ring, the [16][G] fp16 weight-scale tile, and with the activations in the ring their
-// [8 * NT][G] float scale tile.
-size_t ring_smem_bytes(int M, int G, int warps) {
-  static_assert(sizeof(RingStage<0>) * kRingStages >= sizeof(float) * 16 * 16,
+size_t ring_smem_bytes(int G, int warps) {  // the ring, then the [16][G] fp16 scale tile
+  static_assert(sizeof(RingStage) * kRingStages >= sizeof(float) * 16 * 16,
                 "the cross-warp reduction (up to 16 tokens) reuses the ring's shared memory");
-  const int NT = M <= 8 ? 1 : 2, NA = ring_act_tiles(NT);
-  const size_t stage = NA == 0 ? sizeof(RingStage<0>) : sizeof(RingStage<2>);
-  return stage * kRingStages * warps + static_cast<size_t>(16) * G * 2 + static_cast<size_t>(8 * NA) * G * 4;
+  return sizeof(RingStage) * kRingStages * warps + static_cast<size_t>(16) * G * 2;
 }
 
 // Warps per decode block. A block is 16 output channels whatever its warps, so the grid is fixed
@@ -1122,7 +1052,7 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
     if (e != cudaSuccess) return e;
     if (use_ring_kernel(M, N, Kpad, wscale, split_k, sms)) {
       const int warps = decode_warps(M, blocks, M <= 8 ? COMET_RING_MIN_BLOCKS : 3, sms);
-      const size_t smem = ring_smem_bytes(M, Kpad / kGroup, warps);
+      const size_t smem = ring_smem_bytes(Kpad / kGroup, warps);
       auto kernel = M <= 8 ? (warps == 4 ? w4ax_gemv_ring_kernel<1, 4> : w4ax_gemv_ring_kernel<1, kGemvWarps>)
                            : (warps == 4 ? w4ax_gemv_ring_kernel<2, 4> : w4ax_gemv_ring_kernel<2, kGemvWarps>);
       e = allow_dynamic_smem(kernel, smem);
