@@ -612,7 +612,8 @@ w4ax_gemm_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
 // warp keeps kGemvDepth groups of loads in flight.
 constexpr int kGemvWarps = 8;
 // Groups of loads in flight per warp: fewer as the token tiles multiply the activation registers
-// (8 and 16 tokens stay within 128 registers, two blocks per SM; 32 tokens take one block).
+// (8 and 16 tokens stay within 128 registers, two 8-warp or four 4-warp blocks per SM; 32 tokens
+// take 162 registers, one 8-warp or two 4-warp blocks).
 #ifndef COMET_GEMV_DEPTH2  // groups in flight at 9-16 tokens (an experiment switch)
 #define COMET_GEMV_DEPTH2 3
 #endif
@@ -796,14 +797,16 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
   gemv_reduce_store<NT, WARPS>(red, acc, n0, M, N, out, out_dtype);
 }
 
-// Large matrices at M <= 8, and the largest at M <= 16 (ring kernel): the weights stream
-// through a per-warp ring of shared-memory stages filled by cp.async, so the bytes in flight are
-// bounded by shared memory instead of registers (60 / 80 registers for 8 / 16 tokens: four /
-// three blocks per SM). Every thread copies, and later reads back, only its own fragment bytes,
-// so a stage needs no barrier. The block's weight scales arrive once, as a tile copied with the
-// first stage: fetched per group, each 2-byte scale was a DRAM miss of its own that the warp
-// waited on as long as on the weights (ncu source counters of the register kernel, 70B
-// gate+up). Activations and their scales are L2 hits and run one group ahead in registers.
+// Large matrices at M <= 8, and some at 9-16 tokens (ring kernel, use_ring_kernel): the weights
+// stream through a per-warp ring of shared-memory stages filled by cp.async, so the bytes in
+// flight are bounded by shared memory instead of registers (64 / 80 registers for 8 / 16 tokens:
+// four / three 8-warp blocks per SM, twice that of 4-warp blocks). Every thread copies, and
+// later reads back, only its own fragment bytes, so a stage needs no barrier. The block's weight
+// scales arrive once, as a tile copied with the first stage: fetched per group, each 2-byte
+// scale was a DRAM miss of its own that the warp waited on as long as on the weights (ncu
+// source counters of the register kernel, 70B gate+up). Activations and their scales are L2
+// hits and run one group ahead in registers (staged in the ring with the weights instead, they
+// were far slower at 16 tokens: docs/BENCHMARKS.md, "Session 8").
 // Measured on H100 (docs/BENCHMARKS.md): faster than the register kernel where there are many
 // blocks per SM to stream, slower on small matrices (use_ring_kernel).
 #ifndef COMET_GEMV_STAGES
