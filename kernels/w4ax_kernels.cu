@@ -623,13 +623,11 @@ constexpr int kGemvDepth = NT == 1 ? 4 : NT == 2 ? COMET_GEMV_DEPTH2 : 2;
 // Keeps a per-thread row pointer in a register. Left to itself the compiler recomputes the
 // decode kernels' row pointers (row index, clamp to the last row, 64-bit multiply-add) from the
 // thread index before every group's loads; an empty asm that "may change" the pointer forbids
-// that. Used by the ring kernel at M <= 8: 219 -> 190 instructions per loop, 1-3% faster
-// (docs/BENCHMARKS.md, "Session 8"). Not in the register kernel: its fragments already fill the
-// registers, and pinning its pointers spills at 3 groups in flight, or, at 2, issues 20% fewer
-// instructions but runs 10% slower at 16 tokens (the loads in flight matter more there).
-#ifndef COMET_GEMV_PIN  // register kernel: which row pointers to pin (bits: 1 weights, 2 weight scales,
-#define COMET_GEMV_PIN 0  // 4 activation codes, 8 activation scales); an experiment switch
-#endif
+// that. Used at M <= 8 (docs/BENCHMARKS.md, "Session 8"): in the ring kernel all its pointers
+// (219 -> 190 instructions per loop, 1-3% faster), in the register kernel the weight rows and
+// activation-scale rows (8B qkv / o / down M = 1: 3-5% faster; the others, or any pointer at
+// 9-32 tokens, were slower: there the fragments fill the registers, and at 16 tokens pinning
+// all spills at 3 groups in flight or, at 2, issues 20% fewer instructions but runs 10% slower).
 template <typename T>
 __device__ __forceinline__ void keep_in_register(T*& p) {
   asm volatile("" : "+l"(p));
@@ -757,8 +755,7 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
     const int n = min(n0 + gid + 8 * r, N - 1);
     wrow[r] = qw + static_cast<size_t>(n) * (Kpad / 2) + tig * 16;
     srow[r] = wscale + static_cast<size_t>(n) * G;
-    if (COMET_GEMV_PIN & 1) keep_in_register(wrow[r]);
-    if (COMET_GEMV_PIN & 2) keep_in_register(srow[r]);
+    if (NT == 1) keep_in_register(wrow[r]);
   }
   const int8_t* a8row[NT];
   const uint8_t* a4row[NT];
@@ -771,11 +768,7 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       asrow[nt][j] = ascale + static_cast<size_t>(min(8 * nt + 2 * tig + j, M - 1)) * G;
-      if (COMET_GEMV_PIN & 8) keep_in_register(asrow[nt][j]);
-    }
-    if (COMET_GEMV_PIN & 4) {
-      keep_in_register(a8row[nt]);
-      keep_in_register(a4row[nt]);
+      if (NT == 1) keep_in_register(asrow[nt][j]);
     }
   }
 
