@@ -27,6 +27,14 @@ __device__ __forceinline__ float exact_float(int v) {
   return __int_as_float(v + 0x4B400000) - 12582912.f;
 }
 
+// An attribute of the current device (host side; the runtime answers from its cache). The
+// launches ask for the SM count (grids sized in waves) and the compute capability.
+inline cudaError_t current_device_attribute(cudaDeviceAttr attr, int* value) {
+  int dev = 0;
+  const cudaError_t e = cudaGetDevice(&dev);
+  return e == cudaSuccess ? cudaDeviceGetAttribute(value, attr, dev) : e;
+}
+
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }

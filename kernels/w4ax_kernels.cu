@@ -11,6 +11,7 @@
 namespace comet {
 namespace {
 
+using detail::current_device_attribute;
 using detail::exact_float;
 using detail::hi_nibbles;
 using detail::lo_nibbles;
@@ -334,9 +335,8 @@ cudaError_t launch_stream(const T* x, const int32_t* perm, int M, int K, int gro
                           size_t smem, cudaStream_t stream) {
   const auto kernel = quantize_act_stream_kernel<WIDE, T>;
   cudaError_t e = allow_dynamic_smem(kernel, smem);
-  int dev = 0, sms = 0, per_sm = 0;
-  if (e == cudaSuccess) e = cudaGetDevice(&dev);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  int sms = 0, per_sm = 0;
+  if (e == cudaSuccess) e = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
   if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kActThreads, smem);
   if (e != cudaSuccess) return e;
   const int grid = std::max(1, std::min(M, sms * per_sm));
@@ -933,9 +933,8 @@ cudaError_t launch_decode(void (*kernel)(Args...), int blocks, int warps, size_t
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
 #ifndef COMET_NO_PDL
-  int device = 0, major = 0;
-  cudaError_t e = cudaGetDevice(&device);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  int major = 0;
+  const cudaError_t e = current_device_attribute(cudaDevAttrComputeCapabilityMajor, &major);
   if (e != cudaSuccess) return e;
   if (major >= 9) {
     cfg.attrs = attr;
@@ -1053,9 +1052,8 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
   if ((split_k == 0 || split_k == kDecodeRing) && M <= kDecodeMaxM) {
     const __half* wsh = static_cast<const __half*>(wscale);
     const int blocks = (N + 15) / 16;
-    int device = 0, sms = 0;
-    cudaError_t e = cudaGetDevice(&device);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    int sms = 0;
+    cudaError_t e = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
     if (e != cudaSuccess) return e;
     if (use_ring_kernel(M, N, Kpad, wscale, split_k, sms)) {
       const int warps = decode_warps(M, blocks, M <= 8 ? COMET_RING_MIN_BLOCKS : 3, sms);

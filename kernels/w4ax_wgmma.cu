@@ -30,6 +30,7 @@
 namespace comet {
 namespace {
 
+using detail::current_device_attribute;
 using detail::store_out;
 using namespace sm90;
 
@@ -433,13 +434,11 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
                                 const void* wscale, void* out, DType out_dtype, int M, int N, int Kpad,
                                 int split_k, float* workspace, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
-  int dev = 0, major = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  int major = 0, sms = 0;
+  cudaError_t e = current_device_attribute(cudaDevAttrComputeCapabilityMajor, &major);
   if (e != cudaSuccess) return e;
   if (major != 9) return cudaErrorNotSupported;
-  int sms = 0;
-  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  e = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
   if (e != cudaSuccess) return e;
   const int G = Kpad / kGroup;
   split_k = std::max(1, std::min(split_k, G));
