@@ -780,8 +780,8 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
   // Warp w takes groups w, w + WARPS, ... (measured on H100: giving each warp a contiguous range
   // instead is no faster overall, +-10% per shape), keeping DW groups of weights (DRAM) and DA
   // of activations (L2 hits, 2-4x the registers at 16 tokens) in flight.
-  constexpr int DW = kGemvDepth<NT>, DA = kGemvDepthAct<NT>, U = DW > DA ? DW : DA, kStride = U * WARPS;
-  static_assert(U % DW == 0 && U % DA == 0, "step d of an unrolled round uses slots d % DW and d % DA");
+  constexpr int DW = kGemvDepth<NT>, DA = kGemvDepthAct<NT>, kStride = DW * WARPS;
+  static_assert(DW % DA == 0, "a step's activation slot is its weight slot modulo DA");
   float acc[NT][4] = {};
   GemvFrag<NT> fw[DW], fa[DA];  // fw holds w and ws, fa holds a and as
 #pragma unroll
@@ -793,10 +793,10 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
     if (warp + d * WARPS < G) gemv_load_act(fa[d], warp + d * WARPS, groups8, a8row, a4row, asrow);
   for (int base = warp; base < G; base += kStride) {
 #pragma unroll
-    for (int d = 0; d < U; ++d) {
+    for (int d = 0; d < DW; ++d) {
       const int g = base + d * WARPS;
       if (g < G) {
-        GemvFrag<NT>& w = fw[d % DW];
+        GemvFrag<NT>& w = fw[d];
         GemvFrag<NT>& x = fa[d % DA];
         GemvFrag<NT> f;
         f.w[0] = w.w[0];
@@ -811,7 +811,7 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
           f.as[nt][1] = x.as[nt][1];
         }
         gemv_compute(f, g < groups8, acc);
-        if (g + DW * WARPS < G) gemv_load_weights(w, g + DW * WARPS, wrow, srow);
+        if (g + kStride < G) gemv_load_weights(w, g + kStride, wrow, srow);
         if (g + DA * WARPS < G) gemv_load_act(x, g + DA * WARPS, groups8, a8row, a4row, asrow);
       }
     }
