@@ -617,13 +617,8 @@ constexpr int kGemvWarps = 8;
 #ifndef COMET_GEMV_DEPTH2  // groups in flight at 9-16 tokens (an experiment switch)
 #define COMET_GEMV_DEPTH2 3
 #endif
-#ifndef COMET_GEMV_DEPTH2_ACT  // activation groups in flight at 9-16 tokens (an experiment switch)
-#define COMET_GEMV_DEPTH2_ACT 3
-#endif
 template <int NT>
 constexpr int kGemvDepth = NT == 1 ? 4 : NT == 2 ? COMET_GEMV_DEPTH2 : 2;
-template <int NT>
-constexpr int kGemvDepthAct = NT == 2 ? COMET_GEMV_DEPTH2_ACT : kGemvDepth<NT>;
 
 // Keeps a per-thread row pointer in a register. Left to itself the compiler recomputes the
 // decode kernels' row pointers (row index, clamp to the last row, 64-bit multiply-add) from the
@@ -778,41 +773,27 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
   }
 
   // Warp w takes groups w, w + WARPS, ... (measured on H100: giving each warp a contiguous range
-  // instead is no faster overall, +-10% per shape), keeping DW groups of weights (DRAM) and DA
-  // of activations (L2 hits, 2-4x the registers at 16 tokens) in flight.
-  constexpr int DW = kGemvDepth<NT>, DA = kGemvDepthAct<NT>, kStride = DW * WARPS;
-  static_assert(DW % DA == 0, "a step's activation slot is its weight slot modulo DA");
+  // instead is no faster overall, +-10% per shape), keeping D of them in flight.
+  constexpr int D = kGemvDepth<NT>, kStride = D * WARPS;
   float acc[NT][4] = {};
-  GemvFrag<NT> fw[DW], fa[DA];  // fw holds w and ws, fa holds a and as
+  GemvFrag<NT> f[D];
 #pragma unroll
-  for (int d = 0; d < DW; ++d)
-    if (warp + d * WARPS < G) gemv_load_weights(fw[d], warp + d * WARPS, wrow, srow);
+  for (int d = 0; d < D; ++d)
+    if (warp + d * WARPS < G) gemv_load_weights(f[d], warp + d * WARPS, wrow, srow);
   grid_dependency_wait();
 #pragma unroll
-  for (int d = 0; d < DA; ++d)
-    if (warp + d * WARPS < G) gemv_load_act(fa[d], warp + d * WARPS, groups8, a8row, a4row, asrow);
+  for (int d = 0; d < D; ++d)
+    if (warp + d * WARPS < G) gemv_load_act(f[d], warp + d * WARPS, groups8, a8row, a4row, asrow);
   for (int base = warp; base < G; base += kStride) {
 #pragma unroll
-    for (int d = 0; d < DW; ++d) {
+    for (int d = 0; d < D; ++d) {
       const int g = base + d * WARPS;
       if (g < G) {
-        GemvFrag<NT>& w = fw[d];
-        GemvFrag<NT>& x = fa[d % DA];
-        GemvFrag<NT> f;
-        f.w[0] = w.w[0];
-        f.w[1] = w.w[1];
-        f.ws[0] = w.ws[0];
-        f.ws[1] = w.ws[1];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          f.a[nt][0] = x.a[nt][0];
-          f.a[nt][1] = x.a[nt][1];
-          f.as[nt][0] = x.as[nt][0];
-          f.as[nt][1] = x.as[nt][1];
+        gemv_compute(f[d], g < groups8, acc);
+        if (g + kStride < G) {
+          gemv_load_weights(f[d], g + kStride, wrow, srow);
+          gemv_load_act(f[d], g + kStride, groups8, a8row, a4row, asrow);
         }
-        gemv_compute(f, g < groups8, acc);
-        if (g + kStride < G) gemv_load_weights(w, g + kStride, wrow, srow);
-        if (g + DA * WARPS < G) gemv_load_act(x, g + DA * WARPS, groups8, a8row, a4row, asrow);
       }
     }
   }
