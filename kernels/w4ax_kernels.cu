@@ -669,29 +669,27 @@ __device__ __forceinline__ void gemv_load_act(GemvFrag<NT>& f, int g, int groups
   }
 }
 
-// J mma steps of one warp per 8-token tile (4: a group; 2: half of an 8-bit group), then their
-// rescale. Step j uses weight words j of w and, through W(nt, k) (word k of the lane's codes of
-// tile nt), activation words 2j, 2j + 1 (8-bit) or j (4-bit). A8 (the activations are 8-bit) is
-// a template argument, so the callers branch once per group on it (warp-uniform) instead of
-// issuing both expansions under predicates.
-template <int NT, bool A8, int J, typename ActWord>
-__device__ __forceinline__ void gemv_steps(const uint4 (&w)[2], ActWord W, const float (&wscale)[2],
-                                           const float (&as)[NT][2], float (&acc)[NT][4]) {
+// One group of one warp: 4 mma steps per 8-token tile, then the group's rescale. A8 (the group's
+// activations are 8-bit) is a template argument, so the callers branch once per group on it
+// (warp-uniform) instead of issuing both expansions under predicates.
+template <int NT, bool A8>
+__device__ __forceinline__ void gemv_compute(const GemvFrag<NT>& f, float (&acc)[NT][4]) {
+  constexpr bool a8 = A8;
   int c[NT][4] = {};
 #pragma unroll
-  for (int j = 0; j < J; ++j) {  // 8 codes of k per thread per mma step
-    const uint32_t w0 = word(w[0], j), w1 = word(w[1], j);
+  for (int j = 0; j < 4; ++j) {  // 8 codes of k per thread per mma step
+    const uint32_t w0 = word(f.w[0], j), w1 = word(f.w[1], j);
     // Nibble into the high half of each byte: int8 = code * 16, sign extension for free.
     const uint32_t a[4] = {lo_nibbles(w0), lo_nibbles(w1), hi_nibbles(w0), hi_nibbles(w1)};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       uint32_t b[2];
-      if constexpr (A8) {
-        const uint32_t x0 = W(nt, 2 * j), x1 = W(nt, 2 * j + 1);
+      if (a8) {
+        const uint32_t x0 = word(f.a[nt][j >> 1], (j & 1) * 2), x1 = word(f.a[nt][j >> 1], (j & 1) * 2 + 1);
         b[0] = __byte_perm(x0, x1, 0x6420);  // even k: pairs with the low weight nibbles
         b[1] = __byte_perm(x0, x1, 0x7531);  // odd k
       } else {
-        const uint32_t x = W(nt, j);
+        const uint32_t x = word(f.a[nt][0], j);
         b[0] = lo_nibbles(x);
         b[1] = hi_nibbles(x);
       }
@@ -700,82 +698,13 @@ __device__ __forceinline__ void gemv_steps(const uint4 (&w)[2], ActWord W, const
   }
   // The x16 of each expanded int4 operand, folded into the weight scale (a power of two: the
   // same products as ws * as * unscale, bit for bit).
-  constexpr float unscale = A8 ? 1.f / 16.f : 1.f / 256.f;
-  const float ws[2] = {wscale[0] * unscale, wscale[1] * unscale};
+  constexpr float unscale = a8 ? 1.f / 16.f : 1.f / 256.f;
+  const float ws[2] = {f.ws[0] * unscale, f.ws[1] * unscale};
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e)
-      acc[nt][e] = fmaf(exact_float(c[nt][e]), ws[e >> 1] * as[nt][e & 1], acc[nt][e]);
-}
-
-// One group of one warp: 4 mma steps per 8-token tile, then the group's rescale.
-template <int NT, bool A8>
-__device__ __forceinline__ void gemv_compute(const GemvFrag<NT>& f, float (&acc)[NT][4]) {
-  gemv_steps<NT, A8, 4>(f.w, [&](int nt, int k) { return word(f.a[nt][k >> 2], k & 3); }, f.ws, f.as, acc);
-}
-
-// At 9-16 tokens the register kernel streams units of 16 bytes of activations per lane and tile:
-// a 4-bit group, or half of an 8-bit group (its k steps 0-1 or 2-3: 8 bytes of each weight row,
-// 16 of each token's codes). A full fragment held 32 bytes per tile for the 8-bit groups, so
-// units free the registers for a fourth unit in flight (COMET_GEMV_UNITS; docs/BENCHMARKS.md,
-// "Session 8"). The two halves of an 8-bit group are rescaled apart: the same sum, rounded once
-// more.
-#ifndef COMET_GEMV_UNITS
-#define COMET_GEMV_UNITS 1
-#endif
-#ifndef COMET_GEMV_UNIT_DEPTH
-#define COMET_GEMV_UNIT_DEPTH 4
-#endif
-template <int NT>
-struct GemvUnit {
-  uint4 w[2];      // weight rows gid, gid + 8: 32 packed codes each (.x, .y only in a half group)
-  uint4 a[NT];     // per 8-token tile: 16 int8 codes, or 32 packed int4 codes
-  float ws[2];
-  float as[NT][2];
-};
-
-// Unit u: 8-bit group u / 2, half u % 2, for u < 2 * groups8; then the 4-bit groups in order.
-template <int NT>
-__device__ __forceinline__ void unit_load_weights(GemvUnit<NT>& f, int u, int groups8, const uint8_t* const (&wrow)[2],
-                                                  const __half* const (&srow)[2]) {
-  const int g = u < 2 * groups8 ? u >> 1 : u - groups8;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (u < 2 * groups8) {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(wrow[r] + g * kPackedGroupBytes + 8 * (u & 1)));
-      f.w[r].x = v.x;
-      f.w[r].y = v.y;
-    } else {
-      f.w[r] = __ldg(reinterpret_cast<const uint4*>(wrow[r] + g * kPackedGroupBytes));
-    }
-    f.ws[r] = __half2float(srow[r][g]);
-  }
-}
-
-template <int NT>
-__device__ __forceinline__ void unit_load_act(GemvUnit<NT>& f, int u, int groups8, const int8_t* const (&a8row)[NT],
-                                              const uint8_t* const (&a4row)[NT],
-                                              const float* const (&asrow)[NT][2]) {
-  const int g = u < 2 * groups8 ? u >> 1 : u - groups8;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    if (u < 2 * groups8)
-      f.a[nt] = __ldg(reinterpret_cast<const uint4*>(a8row[nt] + g * kGroup + 16 * (u & 1)));
-    else
-      f.a[nt] = __ldg(reinterpret_cast<const uint4*>(a4row[nt] + (g - groups8) * kPackedGroupBytes));
-#pragma unroll
-    for (int j = 0; j < 2; ++j) f.as[nt][j] = __ldg(asrow[nt][j] + g);
-  }
-}
-
-template <int NT>
-__device__ __forceinline__ void unit_compute(const GemvUnit<NT>& f, bool a8, float (&acc)[NT][4]) {
-  const auto W = [&](int nt, int k) { return word(f.a[nt], k); };
-  if (a8)
-    gemv_steps<NT, true, 2>(f.w, W, f.ws, f.as, acc);
-  else
-    gemv_steps<NT, false, 4>(f.w, W, f.ws, f.as, acc);
+      acc[nt][e] = fmaf(exact_float(c[nt][e]), ws[e >> 1] * f.as[nt][e & 1], acc[nt][e]);
 }
 
 template <int NT>
@@ -843,38 +772,10 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
     }
   }
 
-  float acc[NT][4] = {};
-  if constexpr (NT == 2 && COMET_GEMV_UNITS) {  // units (GemvUnit), warp w taking w, w + WARPS, ...
-    constexpr int D = COMET_GEMV_UNIT_DEPTH, kStride = D * WARPS;
-    const int units = G + groups8;
-    GemvUnit<NT> f[D];
-#pragma unroll
-    for (int d = 0; d < D; ++d)
-      if (warp + d * WARPS < units) unit_load_weights(f[d], warp + d * WARPS, groups8, wrow, srow);
-    grid_dependency_wait();
-#pragma unroll
-    for (int d = 0; d < D; ++d)
-      if (warp + d * WARPS < units) unit_load_act(f[d], warp + d * WARPS, groups8, a8row, a4row, asrow);
-    for (int base = warp; base < units; base += kStride) {
-#pragma unroll
-      for (int d = 0; d < D; ++d) {
-        const int u = base + d * WARPS;
-        if (u < units) {
-          unit_compute(f[d], u < 2 * groups8, acc);
-          if (u + kStride < units) {
-            unit_load_weights(f[d], u + kStride, groups8, wrow, srow);
-            unit_load_act(f[d], u + kStride, groups8, a8row, a4row, asrow);
-          }
-        }
-      }
-    }
-    gemv_reduce_store<NT, WARPS>(red, acc, n0, M, N, out, out_dtype);
-    return;
-  }
-
   // Warp w takes groups w, w + WARPS, ... (measured on H100: giving each warp a contiguous range
   // instead is no faster overall, +-10% per shape), keeping D of them in flight.
   constexpr int D = kGemvDepth<NT>, kStride = D * WARPS;
+  float acc[NT][4] = {};
   GemvFrag<NT> f[D];
 #pragma unroll
   for (int d = 0; d < D; ++d)
