@@ -154,26 +154,31 @@ at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, cons
   TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major == 9, "comet: w4ax_gemm_wide needs an sm_90 GPU");
   const c10::cuda::CUDAGuard guard(qweight.device());
   at::Tensor out = at::empty({M, N}, qweight.options().dtype(out_dtype));
-  if (split_k <= 0) {
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    split_k = comet::choose_wide_split_k(M, N, Kpad, sms);
-  }
-  at::Tensor work = split_k > 1 ? at::empty({M, N}, qweight.options().dtype(at::kFloat)) : at::Tensor();
+  static_assert(comet::kWideStreamK == -1, "update the message below");
+  TORCH_CHECK(split_k >= -1, "comet: split_k must be >= 0 (0: automatic), or -1 (stream-K)");
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const comet::WidePlan plan = comet::wide_plan(M, N, Kpad, split_k, sms);
+  const size_t work_floats = comet::wide_workspace_floats(plan, M, N);
+  at::Tensor work = work_floats ? at::empty({static_cast<int64_t>(work_floats)}, qweight.options().dtype(at::kFloat))
+                                : at::Tensor();
   check_cuda(comet::w4ax_gemm_wide_host(qa.data_ptr<int8_t>(), scales_t.data_ptr<float>(), Mpad,
                                         qweight.data_ptr<uint8_t>(), wscale.data_ptr(), out.data_ptr(),
                                         to_dtype(out_dtype), M, N, Kpad, split_k,
-                                        split_k > 1 ? work.data_ptr<float>() : nullptr,
+                                        work_floats ? work.data_ptr<float>() : nullptr,
                                         at::cuda::getCurrentCUDAStream()),
              "w4ax_gemm_wide");
   return out;
 }
 
-// The wgmma GEMM's tile for a shape on the current GPU: (tokens per tile, split_k), as
-// w4ax_gemm_wide with split_k = 0 would take them. For tests and benchmarks.
-std::vector<int64_t> wide_tile(int64_t M, int64_t N, int64_t K) {
+// The wgmma GEMM's plan for a shape on the current GPU: (tokens per tile, split_k, blocks, tiles
+// that stream-K runs one per block before sharing the rest), as
+// w4ax_gemm_wide with this split_k (0: automatic) would take them; split_k -1 is stream-K. For
+// tests and benchmarks.
+std::vector<int64_t> wide_tile(int64_t M, int64_t N, int64_t K, int64_t split_k) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t Kpad = (K + comet::kGroup - 1) / comet::kGroup * comet::kGroup;
-  return {comet::wide_tile_tokens(M, N, Kpad, sms), comet::choose_wide_split_k(M, N, Kpad, sms)};
+  const comet::WidePlan p = comet::wide_plan(M, N, Kpad, split_k, sms);
+  return {p.tokens, p.split_k, p.blocks, p.dp_tiles};
 }
 
 void check_cache(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, const char* what) {
@@ -249,7 +254,7 @@ TORCH_LIBRARY(comet, m) {
   m.def("quantize_act_wide(Tensor x, Tensor perm, int groups8, bool rotate=False) -> (Tensor, Tensor)");
   m.def("w4ax_gemm_wide(Tensor qa, Tensor scales_t, Tensor qweight, Tensor wscale, int split_k, "
         "ScalarType out_dtype) -> Tensor");
-  m.def("wide_tile(int M, int N, int K) -> int[]", &wide_tile);
+  m.def("wide_tile(int M, int N, int K, int split_k=0) -> int[]", &wide_tile);
   m.def("kv4_append(Tensor x, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!) zero, int start, "
         "Tensor? start_tensor=None) -> ()");
   m.def("kv4_decode_attention(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, "

@@ -3,6 +3,7 @@
 // binding.cpp stays a thin checker.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cuda_runtime.h>
 
@@ -80,20 +81,29 @@ int choose_split_k(int M, int N, int Kpad, int num_sms);
 
 // The Hopper (sm_90a) GEMM on wide activations: out[M, N] = sum_g scales_t[g, m] * wscale[n, g]
 // * <qa[m, g], w[n, g]>, with 128-channel x 96-, 128- or 192-token tiles on wgmma (by a wave cost
-// model: wide_tile_tokens), operands staged by the tensor memory accelerator. split_k > 1 splits
-// the K groups over blocks and reduces through `workspace` (float32 [M, N]). Returns
-// cudaErrorNotSupported off sm_90.
+// model: wide_plan), operands staged by the tensor memory accelerator. split_k: 0 picks (wide_plan);
+// 1 one block per tile; > 1 splits the K groups over blocks and reduces through `workspace`
+// (float32 [M, N]); kWideStreamK runs stream-K: one block per SM, each an equal share of the
+// tiles x K groups, tiles cut between blocks finished through `workspace`. The workspace holds
+// wide_workspace_floats(plan) floats (none needs clearing). Returns cudaErrorNotSupported off sm_90.
 cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
                                 const void* wscale, void* out, DType out_dtype, int M, int N, int Kpad,
                                 int split_k, float* workspace, cudaStream_t stream);
 
+constexpr int kWideStreamK = -1;
+// What the wide GEMM runs for a shape on `num_sms` multiprocessors: tokens per tile (96, 128 or
+// 192), split_k (1, > 1, or kWideStreamK), the number of blocks and, for stream-K, the tiles
+// that go one per block before the rest is shared. split_k as requested (0: the cheapest by the
+// cost model: stream-K where the tiles leave much of the last wave idle).
+struct WidePlan {
+  int tokens, split_k, blocks, dp_tiles;
+};
+WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms);
+// float32 elements of workspace that plan needs (0 for none).
+size_t wide_workspace_floats(const WidePlan& plan, int M, int N);
+
 // The last step of a split-K GEMM: the float32 workspace [n] -> out (fp16 / bf16 / fp32).
 cudaError_t store_split_k_result(const float* workspace, void* out, DType out_dtype, size_t n,
                                  cudaStream_t stream);
-
-// split_k for the wide GEMM: K splits only where the tiles fill less than half of `num_sms`.
-int choose_wide_split_k(int M, int N, int Kpad, int num_sms);
-// The token tile that GEMM takes for this shape (96, 128 or 192).
-int wide_tile_tokens(int M, int N, int Kpad, int num_sms);
 
 }  // namespace comet

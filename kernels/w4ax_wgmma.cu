@@ -25,6 +25,7 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 
 namespace comet {
@@ -153,12 +154,55 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[48], const uint32_t (&a)[4], u
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
+// Stream-K (split_k == kWideStreamK): the grid is P blocks, one per SM. The tiles of the full
+// waves but one (dp_tiles, a multiple of P) go one per block as usual, tile c + w * P to block c,
+// so that the blocks running at once share their operands in L2. The rest, one to two waves'
+// worth, is shared evenly: block c takes the iterations [sk_begin(c), sk_begin(c + 1)) of their
+// (tile, K group) space, tiles in order with the channel tile fastest and the groups of a tile
+// consecutive. A block so works through segments: the tail of a tile, whole tiles, the head of a
+// tile, its ring running on across them. A whole tile is stored directly. A tile cut between
+// blocks is finished by the block that holds its first group: it reaches that head last in its
+// range, while the blocks holding the rest computed theirs first in theirs, so their partial
+// sums (a slot per block in the workspace, published by a flag) are ready by then and it rarely
+// waits. The flags hold a per-call nonce and are reset by the block that consumes them, so the
+// workspace needs no clearing, and a CUDA graph may replay the launch. No atomics: the sum order
+// is fixed. (Sharing every tile this way spreads the running blocks over all tiles: at large M
+// their operands no longer fit in L2, measured 25% slower on 8B down at M = 4096.)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ int sk_begin(int c, int total, int blocks) {
+  return static_cast<int>(static_cast<long long>(total) * c / blocks);
+}
+
+// One block's stretch of a single tile: output channels n0.., tokens m0.., groups [g0, g1).
+struct WideSegment {
+  int n0, m0, g0, g1;
+};
+
+// The segment that starts at iteration `it` (tile * G + group) of a block whose range ends at `end`.
 template <int TOKENS>
+__device__ __forceinline__ WideSegment wide_segment(int it, int end, int G, int tiles_n) {
+  const int tile = it / G, g0 = it - tile * G;
+  return {(tile % tiles_n) * kWideN, (tile / tiles_n) * TOKENS, g0, min(G, g0 + (end - it))};
+}
+
+// The two consumer warpgroups only (named barrier 1; the producer is not waited for).
+__device__ __forceinline__ void consumer_barrier() { asm volatile("bar.sync 1, %0;\n" ::"n"(32 * kWarps) : "memory"); }
+__device__ __forceinline__ void store_release(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;\n" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ unsigned long long load_acquire(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];\n" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+#endif
+
+template <int TOKENS, bool STREAMK>
 __global__ void __launch_bounds__(kWideThreads, 1)
 w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_constant__ CUtensorMap w_map,
                       const float* __restrict__ scales_t, int Mpad, const __half* __restrict__ wscale,
                       void* __restrict__ out, DType out_dtype, float* __restrict__ workspace, int M, int N,
-                      int Kpad, int split_k) {
+                      int Kpad, int split_k, int dp_tiles, unsigned long long nonce) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kWideM = TOKENS;
   constexpr int kAccRegs = kWideM / 2;     // int32 accumulators per thread per set
@@ -169,9 +213,15 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   WideStage* st = reinterpret_cast<WideStage*>((reinterpret_cast<uintptr_t>(wide_smem) + 1023) & ~uintptr_t{1023});
 
   const int G = Kpad / kGroup;
-  const int n0 = blockIdx.x * kWideN, m0 = blockIdx.y * kWideM;
-  const int per = (G + split_k - 1) / split_k;
-  const int g_begin = blockIdx.z * per, count = min(G, g_begin + per) - g_begin;
+  const int tiles_n = (N + kWideN - 1) / kWideN;
+  // This block's work: ranges of iterations (tile * G + group). Split-K or one tile per block:
+  // one range, the block's part of its tile. Stream-K: its whole tiles, then its share of the rest.
+  int n_ranges = 1, sk_base = 0, sk_total = 0;
+  if constexpr (STREAMK) {
+    n_ranges = dp_tiles / gridDim.x + 1;
+    sk_base = dp_tiles * G;
+    sk_total = tiles_n * ((M + kWideM - 1) / kWideM) * G - sk_base;
+  }
   // The warp index through a shuffle: provably warp-uniform, so the compiler knows that nothing
   // derived from it splits a warpgroup (it serializes wgmma instructions it cannot prove are
   // issued by whole warpgroups).
@@ -186,11 +236,25 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   }
   __syncthreads();
 
-  // Scales of the tokens this tile holds; past M the stage keeps stale values, which only reach
-  // accumulator columns that are never stored.
-  const uint32_t as_bytes = 4u * static_cast<uint32_t>(min(kWideM, Mpad - m0));
-  auto produce = [&](int j) {  // group g_begin + j into its stage, once every warp released it
-    const int s = j % kWideStages, g = g_begin + j;
+  auto range = [&](int k, int& begin, int& end) {  // the block's k-th range
+    if (STREAMK && k < n_ranges - 1) {  // a whole tile of the full waves
+      begin = (blockIdx.x + k * gridDim.x) * G;
+      end = begin + G;
+    } else if (STREAMK) {
+      begin = sk_base + sk_begin(blockIdx.x, sk_total, gridDim.x);
+      end = sk_base + sk_begin(blockIdx.x + 1, sk_total, gridDim.x);
+    } else {
+      const int per = (G + split_k - 1) / split_k, tile = blockIdx.y * tiles_n + blockIdx.x;
+      begin = tile * G + min(G, static_cast<int>(blockIdx.z) * per);
+      end = tile * G + min(G, static_cast<int>(blockIdx.z + 1) * per);
+    }
+  };
+  // Group g of the segment sg into stage j % kWideStages (the j-th this block fills), once every
+  // warp released it. Scales of the tokens the tile holds; past M the stage keeps stale values,
+  // which only reach accumulator columns that are never stored.
+  auto produce = [&](int j, int g, const WideSegment& sg) {
+    const int s = j % kWideStages;
+    const uint32_t as_bytes = 4u * static_cast<uint32_t>(min(kWideM, Mpad - sg.m0));
     mbar_wait(&empty[s], ((j / kWideStages) & 1) ^ 1);
 #ifdef COMET_WIDE_SKIP_LOAD  // experiment switch: after the first ring, compute on stale stages
     if (j >= kWideStages) {
@@ -199,35 +263,47 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     }
 #endif
     mbar_expect_tx(&full[s], sizeof(st->act) + sizeof(st->w) + as_bytes);
-    tma_load_2d(st[s].act, &act_map, g * kGroup, m0, &full[s]);
-    tma_load_2d(st[s].w, &w_map, g * (kGroup / 2), n0, &full[s]);
-    bulk_load(st[s].as, scales_t + static_cast<size_t>(g) * Mpad + m0, as_bytes, &full[s]);
+    tma_load_2d(st[s].act, &act_map, g * kGroup, sg.m0, &full[s]);
+    tma_load_2d(st[s].w, &w_map, g * (kGroup / 2), sg.n0, &full[s]);
+    bulk_load(st[s].as, scales_t + static_cast<size_t>(g) * Mpad + sg.m0, as_bytes, &full[s]);
   };
-  if (count <= 0) return;
+  if (!STREAMK) {  // a split past the last group has nothing to do
+    int begin, end;
+    range(0, begin, end);
+    if (begin >= end) return;
+  }
   if (warp < 4) {
     // The producer warpgroup: one thread keeps the ring full, as far ahead as the consumers
-    // release stages; the other threads have nothing to do.
+    // release stages, through every segment of the block; the other threads have nothing to do.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     if (threadIdx.x == 0)
-      for (int j = 0; j < count; ++j) produce(j);
+      for (int k = 0, j = 0; k < n_ranges; ++k) {
+        int it, end;
+        range(k, it, end);
+        while (it < end) {
+          const WideSegment sg = wide_segment<TOKENS>(it, end, G, tiles_n);
+          for (int g = sg.g0; g < sg.g1; ++g) produce(j++, g, sg);
+          it += sg.g1 - sg.g0;
+        }
+      }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
     // Consumer warpgroup wg, warp wq of it: accumulator rows (output channels) r and r + 8 of the
     // block, columns (tokens) 8j + 2 * tig + {0, 1}.
     const int wg = (warp >> 2) - 1, wq = warp & 3, gid = lane >> 2, tig = lane & 3;
     const int r = wg * 64 + wq * 16 + gid;
-    const __half* ws_row[2] = {wscale + static_cast<size_t>(min(n0 + r, N - 1)) * G,
-                               wscale + static_cast<size_t>(min(n0 + r + 8, N - 1)) * G};
+    const __half* ws_row[2] = {wscale, wscale};  // this thread's weight-scale rows in the segment's tile
     const uint32_t stage0 = smem_u32(st);
     const uint32_t w_off = offsetof(WideStage, w) + r * (kGroup / 2) + tig * 16;
     const uint32_t as_off = offsetof(WideStage, as) + 8 * tig;
     const uint64_t desc0 = desc_k_major_sw128(smem_u32(st[0].act));
 
-    // Issues the four wgmma of group i into d (int32, from zero) and returns the group's two weight
-    // scales, still fp16; the wgmma run on while the caller rescales the previous group.
-    auto issue = [&](int i, int (&d)[kAccRegs], __half2& ws) {
+    // Issues the four wgmma of group g, in stage i % kWideStages, into d (int32, from zero) and
+    // returns the group's two weight scales, still fp16; the wgmma run on while the caller
+    // rescales the previous group.
+    auto issue = [&](int i, int g, int (&d)[kAccRegs], __half2& ws) {
       const int s = i % kWideStages;
-      ws = __halves2half2(ws_row[0][g_begin + i], ws_row[1][g_begin + i]);
+      ws = __halves2half2(ws_row[0][g], ws_row[1][g]);
       mbar_wait(&full[s], (i / kWideStages) & 1);
       const uint32_t base = stage0 + s * static_cast<uint32_t>(sizeof(WideStage));
       const uint4 w0 = lds128(base + w_off), w1 = lds128(base + w_off + 8 * (kGroup / 2));
@@ -268,8 +344,6 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // FMA (0x4B400000 + d is the float 1.5 * 2^23 + d, exact for |d| < 2^22, and 1.5 * 2^23 * ws
     // is exact: ws has 11 significant bits), then acc += t * as. Three instructions.
     float acc[kAccRegs];
-#pragma unroll
-    for (int e = 0; e < kAccRegs; ++e) acc[e] = 0.f;
     auto rescale = [&](int i, int (&d)[kAccRegs], __half2 ws_h, int j0 = 0, int j1 = TOKENS / 8,
                        bool release = true) {
 #pragma unroll
@@ -305,22 +379,67 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // 61.7 us, 8B down 197.1 -> 191.6, gate+up 418.9 -> 415.0.)
     int d0[kAccRegs];
     __half2 ws0;
-    for (int i = 0; i < count; ++i) {
-      issue(i, d0, ws0);
-      wgmma_wait<1>();
-      rescale(i, d0, ws0, 0, kTokenTiles / 2, false);
-      wgmma_wait<0>();
-      rescale(i, d0, ws0, kTokenTiles / 2, kTokenTiles);
-    }
+    for (int k = 0, i = 0, it = 0, end = 0; k < n_ranges || it < end;) {
+      if (it >= end) {  // the block's next range
+        range(k++, it, end);
+        continue;
+      }
+      const WideSegment sg = wide_segment<TOKENS>(it, end, G, tiles_n);
+      ws_row[0] = wscale + static_cast<size_t>(min(sg.n0 + r, N - 1)) * G;
+      ws_row[1] = wscale + static_cast<size_t>(min(sg.n0 + r + 8, N - 1)) * G;
 #pragma unroll
-    for (int j = 0; j < kTokenTiles; ++j) {
+      for (int e = 0; e < kAccRegs; ++e) acc[e] = 0.f;
+      for (int g = sg.g0; g < sg.g1; ++g, ++i) {
+        issue(i, g, d0, ws0);
+        wgmma_wait<1>();
+        rescale(i, d0, ws0, 0, kTokenTiles / 2, false);
+        wgmma_wait<0>();
+        rescale(i, d0, ws0, kTokenTiles / 2, kTokenTiles);
+      }
+      it += sg.g1 - sg.g0;
+#ifndef COMET_SK_NO_FIXUP  // experiment switch: cut tiles store their partial sums (wrong results)
+      if constexpr (STREAMK) {
+#else
+      if constexpr (false) {
+#endif
+        if (sg.g0 > 0 || sg.g1 < G) {  // a tile cut between blocks
+          const int ct = threadIdx.x - 128;  // consumer thread 0 .. 255
+          float* slots = workspace;        // [blocks][kAccRegs][256] partial sums
+          auto* flags = reinterpret_cast<unsigned long long*>(workspace + static_cast<size_t>(gridDim.x) * kAccRegs * 256);
+          if (sg.g0 > 0) {  // not the tile's head: publish the partial sums to its owner, go on
+            float* slot = slots + static_cast<size_t>(blockIdx.x) * kAccRegs * 256 + ct;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int m = m0 + 8 * j + 2 * tig + (e & 1), n = n0 + r + 8 * (e >> 1);
-        if (m >= M || n >= N) continue;
-        const size_t idx = static_cast<size_t>(m) * N + n;
-        if (split_k > 1) atomicAdd(workspace + idx, acc[4 * j + e]);
-        else store_out(out, out_dtype, idx, acc[4 * j + e]);
+            for (int e = 0; e < kAccRegs; ++e) __stcg(slot + 256 * e, acc[e]);
+            __threadfence();
+            consumer_barrier();
+            if (ct == 0) store_release(flags + blockIdx.x, nonce);
+            continue;
+          }
+          // The head: add the partial sums of the next blocks whose first segment is this tile's rest.
+          const int tile_end = it - sg.g1 + G - sk_base;  // in the shared iterations
+          for (int c = blockIdx.x + 1;
+               c < static_cast<int>(gridDim.x) && sk_begin(c, sk_total, gridDim.x) < tile_end; ++c) {
+            if (ct == 0) {
+              while (load_acquire(flags + c) != nonce) __nanosleep(20);
+              flags[c] = 0;  // consumed: the next launch on this workspace starts clear
+            }
+            consumer_barrier();
+            const float* slot = slots + static_cast<size_t>(c) * kAccRegs * 256 + ct;
+#pragma unroll
+            for (int e = 0; e < kAccRegs; ++e) acc[e] += __ldcg(slot + 256 * e);
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kTokenTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int m = sg.m0 + 8 * j + 2 * tig + (e & 1), n = sg.n0 + r + 8 * (e >> 1);
+          if (m >= M || n >= N) continue;
+          const size_t idx = static_cast<size_t>(m) * N + n;
+          if (!STREAMK && split_k > 1) atomicAdd(workspace + idx, acc[4 * j + e]);
+          else store_out(out, out_dtype, idx, acc[4 * j + e]);
+        }
       }
     }
   }  // consumers
@@ -389,6 +508,50 @@ double wide_cost(int tokens, int M, int N, int Kpad, int num_sms) {
          (split > 1 ? 0.0015 * M * static_cast<double>(N) : 0.0);
 }
 
+// Stream-K's split of a grid of `tiles` tiles over `num_sms` blocks: the tiles that go one per
+// block (all full waves but one) and the blocks.
+struct StreamKSplit {
+  long long dp_tiles;
+  int blocks;
+};
+StreamKSplit stream_k_split(long long tiles, int G, int num_sms) {
+  if (tiles <= num_sms) return {0, static_cast<int>(std::min<long long>(num_sms, tiles * G))};
+  return {(tiles / num_sms - 1) * num_sms, num_sms};
+}
+
+// Relative time of a stream-K launch (same units as wide_cost): the full waves, then the busiest
+// block's share of the rest, x tokens x the tile's time per token, plus the fix-up of the tiles
+// cut between blocks (their partial sums written and read back through L2), which grows with
+// the pieces a tile is cut into. The fix-up constants are fitted to H100 sweeps (builds with
+// -DCOMET_SK_NO_FIXUP, docs/BENCHMARKS.md "Session 9").
+#ifndef COMET_SK_FIXUP  // fix-up cost per launch with cut tiles and per piece of a cut tile
+#define COMET_SK_FIXUP 250
+#endif
+#ifndef COMET_SK_FIXUP_PIECE
+#define COMET_SK_FIXUP_PIECE 100
+#endif
+double stream_k_cost(int tokens, int M, int N, int Kpad, int num_sms) {
+  const double per_token = tokens == 96 ? 1.0 / 0.95 : 1.0;
+  const int G = Kpad / kGroup;
+  const long long tiles = static_cast<long long>((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN);
+  const StreamKSplit sp = stream_k_split(tiles, G, num_sms);
+  const long long rest = tiles - sp.dp_tiles;
+  const long long share = (rest * G + sp.blocks - 1) / sp.blocks;
+  const double waves = static_cast<double>(sp.dp_tiles / sp.blocks);
+  double cost = (waves * G + static_cast<double>(share)) * tokens * per_token;
+  if (rest % sp.blocks) cost += COMET_SK_FIXUP + COMET_SK_FIXUP_PIECE * static_cast<double>((sp.blocks + rest - 1) / rest + 1);
+  return cost;
+}
+
+// Tokens per block under stream-K: 96 or 128 (192-token tiles hold 227 of their 240 registers
+// already; stream-K is for grids whose last wave is far from full, where smaller tiles lose little).
+int stream_k_tokens(int M, int N, int Kpad, int num_sms) {
+#ifdef COMET_WIDE_TOKENS
+  if (COMET_WIDE_TOKENS != 192) return COMET_WIDE_TOKENS;
+#endif
+  return stream_k_cost(96, M, N, Kpad, num_sms) < stream_k_cost(128, M, N, Kpad, num_sms) ? 96 : 128;
+}
+
 // Tokens per block: the cheapest of 96, 128 and 192 by the cost model above. Big tiles win where
 // the waves are many (large M x N); 96 where it fills the last wave much better and the
 // 128-token grid would not split (70B qkv M = 256 in session 6).
@@ -405,30 +568,67 @@ int wide_tokens(int M, int N, int Kpad, int num_sms) {
   return best;
 }
 
-}  // namespace
-
-int choose_wide_split_k(int M, int N, int Kpad, int num_sms) {
-  return wide_split_for(wide_tokens(M, N, Kpad, num_sms), M, N, Kpad, num_sms);
+// A 64-bit value no earlier launch in this process used (splitmix64 of a counter), never 0.
+unsigned long long next_nonce() {
+  static std::atomic<unsigned long long> counter{0};
+  unsigned long long z = (counter.fetch_add(1) + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return z ? z : 1;
 }
 
-int wide_tile_tokens(int M, int N, int Kpad, int num_sms) { return wide_tokens(M, N, Kpad, num_sms); }
+}  // namespace
 
-template <int TOKENS>
+WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms) {
+  const int G = Kpad / kGroup;
+  const auto stream_k = [&] {
+    const int tokens = stream_k_tokens(M, N, Kpad, num_sms);
+    const long long tiles = static_cast<long long>((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN);
+    const StreamKSplit sp = stream_k_split(tiles, G, num_sms);
+    return WidePlan{tokens, kWideStreamK, sp.blocks, static_cast<int>(sp.dp_tiles)};
+  };
+  if (split_k == kWideStreamK) return stream_k();
+  const int tokens = wide_tokens(M, N, Kpad, num_sms);
+  const auto tiled = [&](int split) {
+    split = std::max(1, std::min(split, G));
+    return WidePlan{tokens, split, ((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN) * split, 0};
+  };
+  if (split_k >= 1) return tiled(split_k);
+#ifndef COMET_NO_STREAM_K  // experiment switch: the automatic choice never takes stream-K
+  const int sk_tokens = stream_k_tokens(M, N, Kpad, num_sms);
+  if (stream_k_cost(sk_tokens, M, N, Kpad, num_sms) < wide_cost(tokens, M, N, Kpad, num_sms)) return stream_k();
+#endif
+  return tiled(wide_split_for(tokens, M, N, Kpad, num_sms));
+}
+
+size_t wide_workspace_floats(const WidePlan& plan, int M, int N) {
+  if (plan.split_k == kWideStreamK)  // a slot of partial sums per block, then a 64-bit flag per block
+    return static_cast<size_t>(plan.blocks) * (kWideN * plan.tokens + 2);
+  return plan.split_k > 1 ? static_cast<size_t>(M) * N : 0;
+}
+
+namespace {
+
+template <int TOKENS, bool STREAMK>
 cudaError_t launch_wide(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
-                        const void* wscale, void* out, DType out_dtype, int M, int N, int Kpad, int split_k,
+                        const void* wscale, void* out, DType out_dtype, int M, int N, int Kpad, const WidePlan& plan,
                         float* workspace, cudaStream_t stream) {
   CUtensorMap act_map, w_map;
   if (!make_map(&act_map, qa, M, Kpad, TOKENS, kGroup, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !make_map(&w_map, qweight, N, Kpad / 2, kWideN, kGroup / 2, CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorInvalidValue;
-  cudaError_t e = allow_dynamic_smem(w4ax_gemm_wide_kernel<TOKENS>, kWideSmem<TOKENS>);
+  cudaError_t e = allow_dynamic_smem(w4ax_gemm_wide_kernel<TOKENS, STREAMK>, kWideSmem<TOKENS>);
   if (e != cudaSuccess) return e;
-  const dim3 grid((N + kWideN - 1) / kWideN, (M + TOKENS - 1) / TOKENS, split_k);
-  w4ax_gemm_wide_kernel<TOKENS><<<grid, kWideThreads, kWideSmem<TOKENS>, stream>>>(
+  const dim3 grid = STREAMK ? dim3(plan.blocks)
+                            : dim3((N + kWideN - 1) / kWideN, (M + TOKENS - 1) / TOKENS, plan.split_k);
+  w4ax_gemm_wide_kernel<TOKENS, STREAMK><<<grid, kWideThreads, kWideSmem<TOKENS>, stream>>>(
       act_map, w_map, scales_t, Mpad, static_cast<const __half*>(wscale), out, out_dtype, workspace, M, N, Kpad,
-      split_k);
+      plan.split_k, plan.dp_tiles, STREAMK ? next_nonce() : 0);
   return cudaGetLastError();
 }
+
+}  // namespace
 
 cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
                                 const void* wscale, void* out, DType out_dtype, int M, int N, int Kpad,
@@ -440,25 +640,32 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
   if (major != 9) return cudaErrorNotSupported;
   e = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
   if (e != cudaSuccess) return e;
-  const int G = Kpad / kGroup;
-  split_k = std::max(1, std::min(split_k, G));
-  if (split_k > 1) {
+  const WidePlan plan = wide_plan(M, N, Kpad, split_k, sms);
+  if (plan.split_k > 1) {
     e = cudaMemsetAsync(workspace, 0, sizeof(float) * static_cast<size_t>(M) * N, stream);
     if (e != cudaSuccess) return e;
   }
-  switch (wide_tokens(M, N, Kpad, sms)) {
+  if (plan.split_k == kWideStreamK) {
+    e = plan.tokens == 96 ? launch_wide<96, true>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad,
+                                                  plan, workspace, stream)
+                          : launch_wide<128, true>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad,
+                                                   plan, workspace, stream);
+    return e;
+  }
+  switch (plan.tokens) {
     case 96:
-      e = launch_wide<96>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, split_k, workspace, stream);
+      e = launch_wide<96, false>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, plan, workspace,
+                                 stream);
       break;
     case 192:
-      e = launch_wide<192>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, split_k, workspace,
-                           stream);
+      e = launch_wide<192, false>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, plan, workspace,
+                                  stream);
       break;
     default:
-      e = launch_wide<128>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, split_k, workspace,
-                           stream);
+      e = launch_wide<128, false>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, plan, workspace,
+                                  stream);
   }
-  if (e != cudaSuccess || split_k == 1) return e;
+  if (e != cudaSuccess || plan.split_k == 1) return e;
   return store_split_k_result(workspace, out, out_dtype, static_cast<size_t>(M) * N, stream);
 }
 

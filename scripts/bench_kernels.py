@@ -105,9 +105,9 @@ def bench_shape(name, n, k, m, results, split_k_off: bool):
     perm = torch.randperm(k, device=dev).to(torch.int32)
     wide = ops.uses_wide_gemm(x, qws[0])  # sm_90 and enough tokens: what w4ax_linear runs
     row["path"] = "wgmma" if wide else ("decode" if m <= 32 else "tiled")
-    if wide:  # its token tile (and split-K, if any) for this shape
-        tokens, split = torch.ops.comet.wide_tile(m, n, k)
-        row["path"] += f" {tokens}" + (f"/{split}" if split > 1 else "")
+    if wide:  # its token tile, and split-K ("/2") or stream-K ("/sk"), if any, for this shape
+        tokens, split, _, _ = torch.ops.comet.wide_tile(m, n, k)
+        row["path"] += f" {tokens}" + ("/sk" if split == -1 else f"/{split}" if split > 1 else "")
     for pct in (0, 10, 25):
         g8 = round(g * pct / 100)
         q8, q4, s = ops.quantize_act(x, perm, g8)
@@ -146,7 +146,7 @@ def fmt(v, digits=3):
 
 
 def table(results) -> str:
-    head = ("| shape | M | fp16 ms | fp8 ms | int8 ms | path | ours 0% | ours 10% | ours 25% | 10% no split-K |"
+    head = ("| shape | M | fp16 ms | fp8 ms | int8 ms | path | ours 0% | ours 10% | ours 25% | 10% no split/stream-K |"
             " 10% mma.sync tiled | x fp16 | x fp8 | weight TB/s | TOPS | act-quant TB/s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:

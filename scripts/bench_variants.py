@@ -12,7 +12,9 @@ quantization (M = 4096, both layouts), or
 "tiles": the wgmma GEMM at M = 128 / 256 / 512 on all LLaMA-3 shapes under every split_k (auto,
 1, 2, 3, 4, 6), microseconds, to compare token tiles forced by -DCOMET_WIDE_TOKENS=128 / 96; or
 "sizes": the wgmma GEMM on all LLaMA-3 shapes at M = 256 ... 4096 with the automatic split, to
-fit the token-tile rule to builds forced to each tile size; or "crossover": quantization + GEMM on
+fit the token-tile rule to builds forced to each tile size; or "streamk": the wgmma GEMM on all
+LLaMA-3 shapes at M = 64 ... 4096 under the automatic plan, one block per tile and stream-K
+(split_k 0, 1, -1; the plan each took in brackets); or "crossover": quantization + GEMM on
 the packed (decode / tiled) and the wide (wgmma) path at M = 17 ... 80, where ops.WIDE_MIN_M
 chooses between them.
 
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(28672, 4096), (4096, 4096), (4096, 14336)]  # 8B gate+up, o, down (N, K)
 
 
-def run_variant(kernel: str, quick: bool) -> None:
+def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = ()) -> None:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "scripts"))
     import torch
@@ -96,6 +98,23 @@ def run_variant(kernel: str, quick: bool) -> None:
                       for split in splits]
                 print(f"| {tag} | {name} | {m} | " + " | ".join(f"{t:.1f}" for t in us) + " |", flush=True)
         return
+    if kernel == "streamk":  # the automatic plan, one block per tile, and stream-K, per shape and M
+        # + a matrix of one 128-channel tile per SM: stream-K then cuts no tile at M <= 128
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for name, (n, k) in dict(ALL_SHAPES, **{f"{sms} tiles": (128 * sms, 4096)}).items():
+            g, nc, qws, ws, perm = weights(n, k)
+            for m in ms or (64, 128, 256, 512, 1024, 2048, 4096):
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g // 10)
+                cells = []
+                for split in (0, 1, -1):
+                    tokens, chosen, _, _ = torch.ops.comet.wide_tile(m, n, k, split)
+                    t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qws[i], ws, split,
+                                                                           torch.float16) for i in range(nc)])
+                    plan = f"{tokens}" + ("/sk" if chosen == -1 else f"/{chosen}" if chosen > 1 else "")
+                    cells.append(f"{t * 1e3:.1f} ({plan})")
+                print(f"| {tag} | {name} | {m} | " + " | ".join(cells) + " |", flush=True)
+        return
     if kernel == "crossover":  # quantize + GEMM on each path, where M decides between them
         for name, (n, k) in ALL_SHAPES.items():
             g, nc, qws, ws, perm = weights(n, k)
@@ -137,16 +156,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", action="append", metavar="FLAGS",
                     help="nvcc flags of one build, written --variant=FLAGS ('base': none); repeatable")
-    ap.add_argument("--kernel", choices=["wgmma", "decode", "actq", "tiles", "sizes", "crossover"],
+    ap.add_argument("--kernel", choices=["wgmma", "decode", "actq", "tiles", "sizes", "crossover", "streamk"],
                     default="wgmma")
     ap.add_argument("--quick", action="store_true", help="wgmma: 8B gate+up at M = 4096 only")
+    ap.add_argument("--ms", default="", help="streamk: the token counts, comma-separated (default 64 ... 4096)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return run_variant(args.kernel, args.quick)
+        return run_variant(args.kernel, args.quick, tuple(int(m) for m in args.ms.split(",") if m))
     if args.kernel == "crossover":
         print("| build flags | shape | M | packed: quantize + decode / tiled GEMM | wide: quantize + wgmma GEMM |\n"
               "|---|---|---|---|---|", flush=True)
+    elif args.kernel == "streamk":
+        print("| build flags | shape | M | us (plan), automatic | one block per tile | stream-K |\n|---|---|---|---|---|---|",
+              flush=True)
     elif args.kernel == "tiles":
         print("| build flags | shape | M | us, split auto | 1 | 2 | 3 | 4 | 6 |\n|---|---|---|---|---|---|---|---|---|",
               flush=True)
@@ -156,7 +179,8 @@ def main():
     variants = args.variant or ["base", "-DCOMET_WIDE_SKIP_RESCALE", "-DCOMET_WIDE_SKIP_MMA", "-DCOMET_WIDE_SKIP_LOAD"]
     for flags in variants:
         env = dict(os.environ, COMET_QUANT_NVCC_FLAGS="" if flags == "base" else flags)
-        cmd = [sys.executable, __file__, "--child", "--kernel", args.kernel] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, __file__, "--child", "--kernel", args.kernel, "--ms", args.ms] + (
+            ["--quick"] if args.quick else [])
         subprocess.run(cmd, env=env, check=True)
 
 

@@ -288,7 +288,8 @@ def test_quantize_act_wide_rotated(kernels, m):
 @pytest.mark.parametrize("k8_frac", [0.0, "one", 0.5, 1.0])
 def test_gemm_wide_integer_accumulation_exact(kernels, m, k8_frac):
     """Unit scales: every output is an integer sum below 2^24, so float32 must match exactly.
-    N = 200 leaves a partial 128-channel tile; split 3 of 8 groups leaves a short last split."""
+    N = 200 leaves a partial 128-channel tile; split 3 of 8 groups leaves a short last split;
+    -1 is stream-K (at these sizes every block takes one to a few groups of a tile)."""
     k, n = 1024, 200
     g = k // GROUP
     g8 = 1 if k8_frac == "one" else int(k8_frac * g)
@@ -298,7 +299,7 @@ def test_gemm_wide_integer_accumulation_exact(kernels, m, k8_frac):
     sw = torch.ones(n, g, device="cuda", dtype=torch.float16)
     ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, sw, torch.float32)
     assert ref.abs().max() > 100  # real data, not zeros
-    for split in (0, 1, 3, 8):
+    for split in (0, 1, 3, 8, -1):
         y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, sw, split, torch.float32)
         assert torch.equal(y, ref), (m, g8, split, (y - ref).abs().max())
 
@@ -312,7 +313,7 @@ def test_gemm_wide_every_token_tile_exact(kernels):
     g = k // GROUP
     seen = set()
     for m, n in [(200, 200), (700, 2048), (1000, 4096), (777, 3000), (3000, 6000), (4096, 4096)]:
-        tokens, split = torch.ops.comet.wide_tile(m, n, k)
+        tokens, split, _, _ = torch.ops.comet.wide_tile(m, n, k)
         seen.add(tokens)
         x, perm, _, qw, _ = make_case(m, k, n, 2, seed=m, device="cuda")
         qa, _ = torch.ops.comet.quantize_act_wide(x, perm, 2)
@@ -323,6 +324,69 @@ def test_gemm_wide_every_token_tile_exact(kernels):
         y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, sw, 0, torch.float32)
         assert torch.equal(y, ref), (m, n, tokens, split, (y - ref).abs().max())
     assert seen == {96, 128, 192}, seen
+
+
+def unit_scale_case(m, n, k, seed):
+    """Wide activations with unit scales (every GEMM output an exact integer sum) and the reference."""
+    g = k // GROUP
+    x, perm, _, qw, _ = make_case(m, k, n, 2, seed=seed, device="cuda")
+    qa, _ = torch.ops.comet.quantize_act_wide(x, perm, 2)
+    scales_t = torch.ones(g, -(-m // 4) * 4, device="cuda")
+    sw = torch.ones(n, g, device="cuda", dtype=torch.float16)
+    ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, sw, torch.float32)
+    assert ref.abs().max() > 100  # real data, not zeros
+    return qa, scales_t, qw, sw, ref
+
+
+@sm90
+def test_gemm_wide_stream_k_exact(kernels):
+    """Stream-K (split_k = -1) on both of its token tiles, on shapes whose iteration shares cut
+    tiles between 2 to 8 blocks and give blocks a tile's tail, whole tiles and another's head,
+    and on two with full waves of whole tiles first (1000 x 6000: 376 tiles on 132 SMs, one wave;
+    900 x 6144: 480 tiles, two waves); partial channel and token tiles too. Unit scales: float32
+    must match the reference exactly."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    seen, waves = set(), set()
+    for m, n, k in [(200, 1000, 4096), (300, 6144, 1024), (700, 4096, 2048), (90, 700, 1024), (1, 200, 1024),
+                    (1000, 6000, 1024), (900, 6144, 1024)]:
+        tokens, split, blocks, dp_tiles = torch.ops.comet.wide_tile(m, n, k, -1)
+        g = k // GROUP
+        tiles = -(-m // tokens) * -(-n // 128)
+        assert split == -1 and blocks == min(sms, tiles * g) and dp_tiles % blocks == 0
+        assert (tiles - dp_tiles) % blocks, (m, n, k)  # some tile is cut between blocks
+        seen.add(tokens)
+        waves.add(dp_tiles // blocks)
+        qa, scales_t, qw, sw, ref = unit_scale_case(m, n, k, seed=m + n)
+        for _ in range(2):  # a second launch on a fresh workspace and nonce
+            y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, sw, -1, torch.float32)
+            assert torch.equal(y, ref), (m, n, k, tokens, (y - ref).abs().max())
+    assert seen == {96, 128} and waves == {0, 1, 2}, (seen, waves)
+
+
+@sm90
+def test_gemm_wide_stream_k_graph_replays(kernels):
+    """A captured stream-K launch replays on the same workspace: its flags must come back clear
+    after every replay. Replayed on new activations each time, real scales, fp16 out."""
+    m, n, k = 300, 6144, 1024
+    x, perm, g8, qw, ws = make_case(m, k, n, 2, seed=3, device="cuda")
+    qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g8)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, -1, torch.float16)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, -1, torch.float16)
+    for seed in range(3):
+        x2 = make_case(m, k, n, 2, seed=10 + seed, device="cuda")[0]
+        qa2, scales2 = torch.ops.comet.quantize_act_wide(x2, perm, g8)
+        qa.copy_(qa2)
+        scales_t.copy_(scales2)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = ops.w4ax_gemm_wide_reference(qa2, scales2, qw, ws, torch.float32)
+        assert rel_err(y, ref) < 1e-3, seed  # fp16 rounding of the output only
 
 
 @sm90
