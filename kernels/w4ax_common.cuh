@@ -35,6 +35,23 @@ inline cudaError_t current_device_attribute(cudaDeviceAttr attr, int* value) {
   return e == cudaSuccess ? cudaDeviceGetAttribute(value, attr, dev) : e;
 }
 
+// Programmatic dependent launch (sm_90): the decode GEMMs and the wgmma GEMM are launched so
+// that they may start while the previous kernel in the stream (the activation quantization)
+// still runs. They fetch the weights, which no kernel writes, before grid_dependency_wait(), and
+// everything the previous kernel produces after it, and they write nothing before it; the
+// activation quantization lets them start right away (allow_dependent_launch). Elsewhere both
+// are no-ops.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }

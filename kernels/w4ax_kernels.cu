@@ -12,7 +12,9 @@ namespace comet {
 namespace {
 
 using detail::current_device_attribute;
+using detail::allow_dependent_launch;
 using detail::exact_float;
+using detail::grid_dependency_wait;
 using detail::hi_nibbles;
 using detail::lo_nibbles;
 using detail::store_out;
@@ -37,22 +39,6 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// Programmatic dependent launch (sm_90): the decode GEMMs are launched so that they may start
-// while the previous kernel in the stream (the activation quantization) still runs. They fetch
-// the weights, which no kernel writes, before grid_dependency_wait(), and everything the previous
-// kernel produces after it; the activation quantization lets them start right away
-// (allow_dependent_launch). Elsewhere both are no-ops.
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
 
 constexpr int kActThreads = 256;  // 16 half-warps: one group per half-warp at a time
 constexpr int kHalfLanes = 16;    // lanes per group: lane l of a half holds channels 8l .. 8l + 7

@@ -32,6 +32,7 @@ namespace comet {
 namespace {
 
 using detail::current_device_attribute;
+using detail::grid_dependency_wait;
 using detail::store_out;
 using namespace sm90;
 
@@ -252,20 +253,32 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   // Group g of the segment sg into stage j % kWideStages (the j-th this block fills), once every
   // warp released it. Scales of the tokens the tile holds; past M the stage keeps stale values,
   // which only reach accumulator columns that are never stored.
-  auto produce = [&](int j, int g, const WideSegment& sg) {
+  // The weight half and the activation half of produce: the weights, which no kernel writes, of
+  // the first stages are fetched before the wait for the previous kernel in the stream (the
+  // activation quantization, under programmatic dependent launch); everything else after it.
+  auto produce_weights = [&](int j, int g, const WideSegment& sg) {
     const int s = j % kWideStages;
     const uint32_t as_bytes = 4u * static_cast<uint32_t>(min(kWideM, Mpad - sg.m0));
     mbar_wait(&empty[s], ((j / kWideStages) & 1) ^ 1);
+    mbar_expect_tx(&full[s], sizeof(st->act) + sizeof(st->w) + as_bytes);
+    tma_load_2d(st[s].w, &w_map, g * (kGroup / 2), sg.n0, &full[s]);
+  };
+  auto produce_act = [&](int j, int g, const WideSegment& sg) {
+    const int s = j % kWideStages;
+    const uint32_t as_bytes = 4u * static_cast<uint32_t>(min(kWideM, Mpad - sg.m0));
+    tma_load_2d(st[s].act, &act_map, g * kGroup, sg.m0, &full[s]);
+    bulk_load(st[s].as, scales_t + static_cast<size_t>(g) * Mpad + sg.m0, as_bytes, &full[s]);
+  };
+  auto produce = [&](int j, int g, const WideSegment& sg) {
 #ifdef COMET_WIDE_SKIP_LOAD  // experiment switch: after the first ring, compute on stale stages
     if (j >= kWideStages) {
-      mbar_arrive(&full[s]);
+      mbar_wait(&empty[j % kWideStages], ((j / kWideStages) & 1) ^ 1);
+      mbar_arrive(&full[j % kWideStages]);
       return;
     }
 #endif
-    mbar_expect_tx(&full[s], sizeof(st->act) + sizeof(st->w) + as_bytes);
-    tma_load_2d(st[s].act, &act_map, g * kGroup, sg.m0, &full[s]);
-    tma_load_2d(st[s].w, &w_map, g * (kGroup / 2), sg.n0, &full[s]);
-    bulk_load(st[s].as, scales_t + static_cast<size_t>(g) * Mpad + sg.m0, as_bytes, &full[s]);
+    produce_weights(j, g, sg);
+    produce_act(j, g, sg);
   };
   if (!STREAMK) {  // a split past the last group has nothing to do
     int begin, end;
@@ -276,16 +289,26 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // The producer warpgroup: one thread keeps the ring full, as far ahead as the consumers
     // release stages, through every segment of the block; the other threads have nothing to do.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
-    if (threadIdx.x == 0)
+    if (threadIdx.x == 0) {
+      // The weights of the first stages (those in the block's first segment) before the wait.
+      int it, end, early = 0;
+      range(0, it, end);
+      const WideSegment first = wide_segment<TOKENS>(it, end, G, tiles_n);
+      if (it < end)
+        for (; early < kWideStages && first.g0 + early < first.g1; ++early) produce_weights(early, first.g0 + early, first);
+      grid_dependency_wait();
       for (int k = 0, j = 0; k < n_ranges; ++k) {
-        int it, end;
         range(k, it, end);
         while (it < end) {
           const WideSegment sg = wide_segment<TOKENS>(it, end, G, tiles_n);
-          for (int g = sg.g0; g < sg.g1; ++g) produce(j++, g, sg);
+          for (int g = sg.g0; g < sg.g1; ++g, ++j) {
+            if (j < early) produce_act(j, g, sg);
+            else produce(j, g, sg);
+          }
           it += sg.g1 - sg.g0;
         }
       }
+    }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
     // Consumer warpgroup wg, warp wq of it: accumulator rows (output channels) r and r + 8 of the
@@ -410,8 +433,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
             float* slot = slots + static_cast<size_t>(blockIdx.x) * kAccRegs * 256 + ct;
 #pragma unroll
             for (int e = 0; e < kAccRegs; ++e) __stcg(slot + 256 * e, acc[e]);
-            __threadfence();
-            consumer_barrier();
+            consumer_barrier();  // every thread's stores, then one release (cumulative over them)
             if (ct == 0) store_release(flags + blockIdx.x, nonce);
             continue;
           }
@@ -626,12 +648,24 @@ cudaError_t launch_wide(const int8_t* qa, const float* scales_t, int Mpad, const
     return cudaErrorInvalidValue;
   cudaError_t e = allow_dynamic_smem(w4ax_gemm_wide_kernel<TOKENS, STREAMK>, kWideSmem<TOKENS>);
   if (e != cudaSuccess) return e;
-  const dim3 grid = STREAMK ? dim3(plan.blocks)
-                            : dim3((N + kWideN - 1) / kWideN, (M + TOKENS - 1) / TOKENS, plan.split_k);
-  w4ax_gemm_wide_kernel<TOKENS, STREAMK><<<grid, kWideThreads, kWideSmem<TOKENS>, stream>>>(
-      act_map, w_map, scales_t, Mpad, static_cast<const __half*>(wscale), out, out_dtype, workspace, M, N, Kpad,
-      plan.split_k, plan.dp_tiles, STREAMK ? next_nonce() : 0);
-  return cudaGetLastError();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = STREAMK ? dim3(plan.blocks)
+                        : dim3((N + kWideN - 1) / kWideN, (M + TOKENS - 1) / TOKENS, plan.split_k);
+  cfg.blockDim = dim3(kWideThreads);
+  cfg.dynamicSmemBytes = kWideSmem<TOKENS>;
+  cfg.stream = stream;
+  // Programmatic dependent launch: the blocks may start while the previous kernel in the stream
+  // finishes (the kernel waits for it before it reads activations; -DCOMET_NO_PDL: plain launch).
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+#ifndef COMET_NO_PDL
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+#endif
+  return cudaLaunchKernelEx(&cfg, w4ax_gemm_wide_kernel<TOKENS, STREAMK>, act_map, w_map, scales_t, Mpad,
+                            static_cast<const __half*>(wscale), out, out_dtype, workspace, M, N, Kpad, plan.split_k,
+                            plan.dp_tiles, STREAMK ? next_nonce() : 0ull);
 }
 
 }  // namespace
