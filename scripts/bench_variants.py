@@ -99,9 +99,11 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = ()) -> None:
                 print(f"| {tag} | {name} | {m} | " + " | ".join(f"{t:.1f}" for t in us) + " |", flush=True)
         return
     if kernel == "streamk":  # the automatic plan, one block per tile, and stream-K, per shape and M
-        # + a matrix of one 128-channel tile per SM: stream-K then cuts no tile at M <= 128
+        # + LLaMA-3-8B's own k / v projection (8 channel tiles), and a matrix of one 128-channel
+        # tile per SM (stream-K then cuts no tile at M <= 128)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for name, (n, k) in dict(ALL_SHAPES, **{f"{sms} tiles": (128 * sms, 4096)}).items():
+        extra = {"8B k/v": (1024, 4096), f"{sms} tiles": (128 * sms, 4096)}
+        for name, (n, k) in dict(ALL_SHAPES, **extra).items():
             g, nc, qws, ws, perm = weights(n, k)
             for m in ms or (64, 128, 256, 512, 1024, 2048, 4096):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
