@@ -43,18 +43,8 @@ constexpr int kWarps = 4 * kWarpgroups;       // consumer warps: each releases e
 constexpr int kWideThreads = 32 * kWarps + 128;  // + the producer warpgroup
 // Registers per thread after the role split (setmaxnreg): the producer needs a handful, the
 // consumers hold a 64 x TOKENS int32 accumulator set and its float sums.
-// setmaxnreg moves registers within what the block got at launch (384 threads x 168, the
-// __launch_bounds__ share of the register file): a consumer's increase waits until the producer
-// warpgroup's decrease has freed them, so the two must fit that allocation exactly or less (else
-// the consumers wait forever). Under stream-K the producer warpgroup also runs the fix-up
-// helpers (24 registers spilled in its loop), and its consumers (128-token tiles: highest
-// register R182) take 232.
-constexpr int kLaunchRegs = 168;
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;
-constexpr int kProducerRegsStreamK = 40, kConsumerRegsStreamK = 232;
-static_assert(128 * kProducerRegs + 32 * kWarps * kConsumerRegs <= kWideThreads * kLaunchRegs &&
-                  128 * kProducerRegsStreamK + 32 * kWarps * kConsumerRegsStreamK <= kWideThreads * kLaunchRegs,
-              "setmaxnreg within the launch allocation");
+static_assert(128 * kProducerRegs + 32 * kWarps * kConsumerRegs <= 65536, "register file of one SM");
 
 // Tokens per block is a template parameter (96, 128 or 192: wide_tokens below picks one per shape).
 template <int TOKENS>
@@ -63,11 +53,8 @@ struct alignas(1024) WideStage {
   uint8_t w[kWideN * kGroup / 2];            // [channel][64 packed bytes]
   float as[TOKENS];                          // this group's activation scales
 };
-// Stream-K blocks also hold a [TOKENS / 2][256] float32 tile after the ring: the partial sums of
-// a cut tile on their way between the consumers and the producer warpgroup's helpers.
-template <int TOKENS, bool STREAMK = false>
-constexpr size_t kWideSmem =
-    kWideStages * sizeof(WideStage<TOKENS>) + (STREAMK ? sizeof(float) * TOKENS / 2 * 256 : 0) + 1024;  // + alignment slack
+template <int TOKENS>
+constexpr size_t kWideSmem = kWideStages * sizeof(WideStage<TOKENS>) + 1024;  // + alignment slack
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
@@ -177,13 +164,10 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[48], const uint32_t (&a)[4], u
 // tile, its ring running on across them. A whole tile is stored directly. A tile cut between
 // blocks is finished by the block that holds its first group: it reaches that head last in its
 // range, while the blocks holding the rest computed theirs first in theirs, so their partial
-// sums (a slot per block in the workspace, published by a flag) are ready by then. The fix-up
-// runs on the producer warpgroup's idle warps (the helpers), not on the consumers: a piece's
-// consumers leave its sums in shared memory and go on while the helpers copy them out and
-// publish them, and a head's helpers gather the other pieces into shared memory while its
-// consumers still compute, who then add one shared-memory tile. The flags hold a per-call nonce
-// and are reset by the block that consumes them, so the workspace needs no clearing, and a CUDA
-// graph may replay the launch. No atomics: the sum order is fixed. (Sharing every tile this way spreads the running blocks over all tiles: at large M
+// sums (a slot per block in the workspace, published by a flag) are ready by then and it rarely
+// waits. The flags hold a per-call nonce and are reset by the block that consumes them, so the
+// workspace needs no clearing, and a CUDA graph may replay the launch. No atomics: the sum order
+// is fixed. (Sharing every tile this way spreads the running blocks over all tiles: at large M
 // their operands no longer fit in L2, measured 25% slower on 8B down at M = 4096.)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ int sk_begin(int c, int total, int blocks) {
@@ -202,21 +186,8 @@ __device__ __forceinline__ WideSegment wide_segment(int it, int end, int G, int 
   return {(tile % tiles_n) * kWideN, (tile / tiles_n) * TOKENS, g0, min(G, g0 + (end - it))};
 }
 
-// Named barriers of the stream-K fix-up (0 is __syncthreads): the consumers hand a cut tile's
-// partial sums to the helpers (kBarPublish: consumers arrive, helpers wait), the helpers hand the
-// other pieces' sums of a head tile back (kBarGathered: helpers arrive, consumers wait), and the
-// helpers meet among themselves (kBarHelpers). Helpers: the producer warpgroup's warps 1-3.
-constexpr int kBarPublish = 1, kBarGathered = 2, kBarHelpers = 3;
-#ifndef COMET_SK_NO_FIXUP  // experiment switch: cut tiles store their partial sums (wrong results)
-constexpr bool kStreamKFixup = true;
-#else
-constexpr bool kStreamKFixup = false;
-#endif
-constexpr int kHelpers = 96, kHandoff = 32 * kWarps + kHelpers;
-template <int ID, int COUNT>
-__device__ __forceinline__ void bar_sync() { asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(COUNT) : "memory"); }
-template <int ID, int COUNT>
-__device__ __forceinline__ void bar_arrive() { asm volatile("bar.arrive %0, %1;\n" ::"n"(ID), "n"(COUNT) : "memory"); }
+// The two consumer warpgroups only (named barrier 1; the producer is not waited for).
+__device__ __forceinline__ void consumer_barrier() { asm volatile("bar.sync 1, %0;\n" ::"n"(32 * kWarps) : "memory"); }
 __device__ __forceinline__ void store_release(unsigned long long* p, unsigned long long v) {
   asm volatile("st.release.gpu.global.u64 [%0], %1;\n" ::"l"(p), "l"(v) : "memory");
 }
@@ -241,7 +212,6 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   extern __shared__ uint8_t wide_smem[];
   __shared__ __align__(8) uint64_t full[kWideStages], empty[kWideStages];
   WideStage* st = reinterpret_cast<WideStage*>((reinterpret_cast<uintptr_t>(wide_smem) + 1023) & ~uintptr_t{1023});
-  [[maybe_unused]] float* fix = reinterpret_cast<float*>(st + kWideStages);  // stream-K: [kAccRegs][256]
 
   const int G = Kpad / kGroup;
   const int tiles_n = (N + kWideN - 1) / kWideN;
@@ -317,54 +287,8 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   }
   if (warp < 4) {
     // The producer warpgroup: one thread keeps the ring full, as far ahead as the consumers
-    // release stages, through every segment of the block; under stream-K warps 1-3 are the
-    // helpers of the fix-up; the other threads have nothing to do.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(STREAMK ? kProducerRegsStreamK : kProducerRegs));
-    if (STREAMK && kStreamKFixup && warp >= 1) {
-      // The helpers: the stream-K fix-up, off the consumers' path. Thread h owns the float4s
-      // h, h + 96, ... of the fix tile, in both steps, so the second cannot overwrite what the
-      // first still has to copy.
-      int begin, end;
-      range(n_ranges - 1, begin, end);  // the shared range: where the cuts are
-      const int h = threadIdx.x - 32, n4 = kAccRegs * 256 / 4, head = end / G * G;
-      float4* fix4 = reinterpret_cast<float4*>(fix);
-      auto* flags = reinterpret_cast<unsigned long long*>(workspace + static_cast<size_t>(gridDim.x) * kAccRegs * 256);
-      if (begin < end && begin % G) {  // the first segment is a piece of a tile's rest: publish it
-        bar_sync<kBarPublish, kHandoff>();
-        float4* slot4 = reinterpret_cast<float4*>(workspace + static_cast<size_t>(blockIdx.x) * kAccRegs * 256);
-        for (int i = h; i < n4; i += kHelpers) __stcg(slot4 + i, fix4[i]);
-        bar_sync<kBarHelpers, kHelpers>();  // every helper's stores, then one release
-        if (h == 0) store_release(flags + blockIdx.x, nonce);
-        __syncwarp();
-      }
-      if (begin < end && end % G && head >= begin) {  // the last segment is a tile's head
-        // Gather the pieces of the next blocks whose first segment is this tile's rest.
-        const int tile_end = head + G - sk_base;
-        for (int c = blockIdx.x + 1, first = 1;
-             c < static_cast<int>(gridDim.x) && sk_begin(c, sk_total, gridDim.x) < tile_end; ++c, first = 0) {
-          // The first helper warp waits, all its lanes on one load, so that it stays converged:
-          // bar.sync counts a warp as arrived when its first threads reach it, so a lane spinning
-          // alone while the rest of its warp went on to the barrier would break the barrier.
-          if (h < 32) {
-            while (load_acquire(flags + c) != nonce) __nanosleep(32);
-            __syncwarp();
-            if (h == 0) flags[c] = 0;  // consumed: the next launch on this workspace starts clear
-            __syncwarp();
-          }
-          bar_sync<kBarHelpers, kHelpers>();
-          const float4* slot4 = reinterpret_cast<const float4*>(workspace + static_cast<size_t>(c) * kAccRegs * 256);
-          for (int i = h; i < n4; i += kHelpers) {
-            float4 v = __ldcg(slot4 + i);
-            if (!first) {
-              const float4 f = fix4[i];
-              v.x += f.x, v.y += f.y, v.z += f.z, v.w += f.w;
-            }
-            fix4[i] = v;
-          }
-        }
-        bar_arrive<kBarGathered, kHandoff>();
-      }
-    }
+    // release stages, through every segment of the block; the other threads have nothing to do.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     if (threadIdx.x == 0) {
       // The weights of the first stages (those in the block's first segment) before the wait.
       int it, end, early = 0;
@@ -386,7 +310,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       }
     }
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(STREAMK ? kConsumerRegsStreamK : kConsumerRegs));
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
     // Consumer warpgroup wg, warp wq of it: accumulator rows (output channels) r and r + 8 of the
     // block, columns (tokens) 8j + 2 * tig + {0, 1}.
     const int wg = (warp >> 2) - 1, wq = warp & 3, gid = lane >> 2, tig = lane & 3;
@@ -496,19 +420,36 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
         rescale(i, d0, ws0, kTokenTiles / 2, kTokenTiles);
       }
       it += sg.g1 - sg.g0;
-      if constexpr (STREAMK && kStreamKFixup) {
-        if (sg.g0 > 0 || sg.g1 < G) {  // a tile cut between blocks: the helpers do the rest
-          float* f = fix + (threadIdx.x - 128);  // this consumer thread's column of the fix tile
-          if (sg.g0 > 0) {  // not the tile's head: hand the partial sums over, go on
+#ifndef COMET_SK_NO_FIXUP  // experiment switch: cut tiles store their partial sums (wrong results)
+      if constexpr (STREAMK) {
+#else
+      if constexpr (false) {
+#endif
+        if (sg.g0 > 0 || sg.g1 < G) {  // a tile cut between blocks
+          const int ct = threadIdx.x - 128;  // consumer thread 0 .. 255
+          float* slots = workspace;        // [blocks][kAccRegs][256] partial sums
+          auto* flags = reinterpret_cast<unsigned long long*>(workspace + static_cast<size_t>(gridDim.x) * kAccRegs * 256);
+          if (sg.g0 > 0) {  // not the tile's head: publish the partial sums to its owner, go on
+            float* slot = slots + static_cast<size_t>(blockIdx.x) * kAccRegs * 256 + ct;
 #pragma unroll
-            for (int e = 0; e < kAccRegs; ++e) f[256 * e] = acc[e];
-            bar_arrive<kBarPublish, kHandoff>();
+            for (int e = 0; e < kAccRegs; ++e) __stcg(slot + 256 * e, acc[e]);
+            consumer_barrier();  // every thread's stores, then one release (cumulative over them)
+            if (ct == 0) store_release(flags + blockIdx.x, nonce);
             continue;
           }
-          // The tile's head: add the sums of its other pieces, gathered by the helpers meanwhile.
-          bar_sync<kBarGathered, kHandoff>();
+          // The head: add the partial sums of the next blocks whose first segment is this tile's rest.
+          const int tile_end = it - sg.g1 + G - sk_base;  // in the shared iterations
+          for (int c = blockIdx.x + 1;
+               c < static_cast<int>(gridDim.x) && sk_begin(c, sk_total, gridDim.x) < tile_end; ++c) {
+            if (ct == 0) {
+              while (load_acquire(flags + c) != nonce) __nanosleep(20);
+              flags[c] = 0;  // consumed: the next launch on this workspace starts clear
+            }
+            consumer_barrier();
+            const float* slot = slots + static_cast<size_t>(c) * kAccRegs * 256 + ct;
 #pragma unroll
-          for (int e = 0; e < kAccRegs; ++e) acc[e] += f[256 * e];
+            for (int e = 0; e < kAccRegs; ++e) acc[e] += __ldcg(slot + 256 * e);
+          }
         }
       }
 #pragma unroll
@@ -711,13 +652,13 @@ cudaError_t launch_wide(const int8_t* qa, const float* scales_t, int Mpad, const
   if (!make_map(&act_map, qa, M, Kpad, TOKENS, kGroup, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !make_map(&w_map, qweight, N, Kpad / 2, kWideN, kGroup / 2, CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorInvalidValue;
-  cudaError_t e = allow_dynamic_smem(w4ax_gemm_wide_kernel<TOKENS, STREAMK>, kWideSmem<TOKENS, STREAMK>);
+  cudaError_t e = allow_dynamic_smem(w4ax_gemm_wide_kernel<TOKENS, STREAMK>, kWideSmem<TOKENS>);
   if (e != cudaSuccess) return e;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = STREAMK ? dim3(plan.blocks)
                         : dim3((N + kWideN - 1) / kWideN, (M + TOKENS - 1) / TOKENS, plan.split_k);
   cfg.blockDim = dim3(kWideThreads);
-  cfg.dynamicSmemBytes = kWideSmem<TOKENS, STREAMK>;
+  cfg.dynamicSmemBytes = kWideSmem<TOKENS>;
   cfg.stream = stream;
   // Programmatic dependent launch: the blocks may start while the previous kernel in the stream
   // finishes (the kernel waits for it before it reads activations; -DCOMET_NO_PDL: plain launch).
