@@ -435,15 +435,21 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
             for (int e = 0; e < kAccRegs; ++e) __stcg(slot + 256 * e, acc[e]);
             consumer_barrier();  // every thread's stores, then one release (cumulative over them)
             if (ct == 0) store_release(flags + blockIdx.x, nonce);
+            __syncwarp();
             continue;
           }
           // The head: add the partial sums of the next blocks whose first segment is this tile's rest.
           const int tile_end = it - sg.g1 + G - sk_base;  // in the shared iterations
           for (int c = blockIdx.x + 1;
                c < static_cast<int>(gridDim.x) && sk_begin(c, sk_total, gridDim.x) < tile_end; ++c) {
-            if (ct == 0) {
+            // The first consumer warp waits, all its lanes on one load, so that it stays converged:
+            // bar.sync counts a warp as arrived when its first threads reach it, so one lane
+            // spinning alone while the rest of its warp went on would break the barrier.
+            if (ct < 32) {
               while (load_acquire(flags + c) != nonce) __nanosleep(20);
-              flags[c] = 0;  // consumed: the next launch on this workspace starts clear
+              __syncwarp();
+              if (ct == 0) flags[c] = 0;  // consumed: the next launch on this workspace starts clear
+              __syncwarp();
             }
             consumer_barrier();
             const float* slot = slots + static_cast<size_t>(c) * kAccRegs * 256 + ct;
