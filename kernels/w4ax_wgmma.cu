@@ -250,12 +250,12 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       end = tile * G + min(G, static_cast<int>(blockIdx.z + 1) * per);
     }
   };
-  // Group g of the segment sg into stage j % kWideStages (the j-th this block fills), once every
-  // warp released it. Scales of the tokens the tile holds; past M the stage keeps stale values,
-  // which only reach accumulator columns that are never stored.
-  // The weight half and the activation half of produce: the weights, which no kernel writes, of
-  // the first stages are fetched before the wait for the previous kernel in the stream (the
-  // activation quantization, under programmatic dependent launch); everything else after it.
+  // produce: group g of the segment sg into stage j % kWideStages (the j-th this block fills),
+  // once every warp released it. Scales of the tokens the tile holds; past M the stage keeps
+  // stale values, which only reach accumulator columns that are never stored. It comes in a
+  // weight half and an activation half: the weights, which no kernel writes, of the first stages
+  // are fetched before the wait for the previous kernel in the stream (the activation
+  // quantization, under programmatic dependent launch); everything else after it.
   auto produce_weights = [&](int j, int g, const WideSegment& sg) {
     const int s = j % kWideStages;
     const uint32_t as_bytes = 4u * static_cast<uint32_t>(min(kWideM, Mpad - sg.m0));
@@ -577,8 +577,9 @@ double stream_k_cost(int tokens, int M, int N, int Kpad, int num_sms) {
   return cost;
 }
 
-// Tokens per block under stream-K: 96 or 128 (192-token tiles hold 227 of their 240 registers
-// already; stream-K is for grids whose last wave is far from full, where smaller tiles lose little).
+// Tokens per block under stream-K: 96 or 128 (192-token tiles use up to R232 of their 240
+// registers already; stream-K is for grids whose last wave is far from full, where smaller tiles
+// lose little).
 int stream_k_tokens(int M, int N, int Kpad, int num_sms) {
 #ifdef COMET_WIDE_TOKENS
   if (COMET_WIDE_TOKENS != 192) return COMET_WIDE_TOKENS;
