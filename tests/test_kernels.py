@@ -283,6 +283,18 @@ def test_quantize_act_wide_rotated(kernels, m):
         assert d.max() <= 1 and (d > 0).float().mean() < 1e-3
 
 
+def unit_scale_case(m, n, k, seed, groups8=2):
+    """Wide activations with unit scales (every GEMM output an exact integer sum) and the reference."""
+    g = k // GROUP
+    x, perm, _, qw, _ = make_case(m, k, n, groups8, seed=seed, device="cuda")
+    qa, _ = torch.ops.comet.quantize_act_wide(x, perm, groups8)
+    scales_t = torch.ones(g, -(-m // 4) * 4, device="cuda")
+    sw = torch.ones(n, g, device="cuda", dtype=torch.float16)
+    ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, sw, torch.float32)
+    assert ref.abs().max() > 100  # real data, not zeros
+    return qa, scales_t, qw, sw, ref
+
+
 @sm90
 @pytest.mark.parametrize("m", WIDE_M)
 @pytest.mark.parametrize("k8_frac", [0.0, "one", 0.5, 1.0])
@@ -291,14 +303,8 @@ def test_gemm_wide_integer_accumulation_exact(kernels, m, k8_frac):
     N = 200 leaves a partial 128-channel tile; split 3 of 8 groups leaves a short last split;
     -1 is stream-K (here one block per tile: 8 groups are its smallest share)."""
     k, n = 1024, 200
-    g = k // GROUP
-    g8 = 1 if k8_frac == "one" else int(k8_frac * g)
-    x, perm, _, qw, _ = make_case(m, k, n, g8, seed=m + 11, device="cuda")
-    qa, _ = torch.ops.comet.quantize_act_wide(x, perm, g8)
-    scales_t = torch.ones(g, -(-m // 4) * 4, device="cuda")
-    sw = torch.ones(n, g, device="cuda", dtype=torch.float16)
-    ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, sw, torch.float32)
-    assert ref.abs().max() > 100  # real data, not zeros
+    g8 = 1 if k8_frac == "one" else int(k8_frac * (k // GROUP))
+    qa, scales_t, qw, sw, ref = unit_scale_case(m, n, k, seed=m + 11, groups8=g8)
     for split in (0, 1, 3, 8, -1):
         y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, sw, split, torch.float32)
         assert torch.equal(y, ref), (m, g8, split, (y - ref).abs().max())
@@ -310,32 +316,14 @@ def test_gemm_wide_every_token_tile_exact(kernels):
     model), each on shapes that take it, with partial token and channel tiles; unit scales make
     every output an integer sum, so float32 must match exactly."""
     k = 1024
-    g = k // GROUP
     seen = set()
     for m, n in [(200, 200), (700, 2048), (1000, 4096), (777, 3000), (3000, 6000), (4096, 4096)]:
         tokens, split, _, _ = torch.ops.comet.wide_tile(m, n, k)
         seen.add(tokens)
-        x, perm, _, qw, _ = make_case(m, k, n, 2, seed=m, device="cuda")
-        qa, _ = torch.ops.comet.quantize_act_wide(x, perm, 2)
-        scales_t = torch.ones(g, -(-m // 4) * 4, device="cuda")
-        sw = torch.ones(n, g, device="cuda", dtype=torch.float16)
-        ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, sw, torch.float32)
-        assert ref.abs().max() > 100
+        qa, scales_t, qw, sw, ref = unit_scale_case(m, n, k, seed=m)
         y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, sw, 0, torch.float32)
         assert torch.equal(y, ref), (m, n, tokens, split, (y - ref).abs().max())
     assert seen == {96, 128, 192}, seen
-
-
-def unit_scale_case(m, n, k, seed):
-    """Wide activations with unit scales (every GEMM output an exact integer sum) and the reference."""
-    g = k // GROUP
-    x, perm, _, qw, _ = make_case(m, k, n, 2, seed=seed, device="cuda")
-    qa, _ = torch.ops.comet.quantize_act_wide(x, perm, 2)
-    scales_t = torch.ones(g, -(-m // 4) * 4, device="cuda")
-    sw = torch.ones(n, g, device="cuda", dtype=torch.float16)
-    ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, sw, torch.float32)
-    assert ref.abs().max() > 100  # real data, not zeros
-    return qa, scales_t, qw, sw, ref
 
 
 @sm90
