@@ -137,7 +137,7 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = ()) -> None:
     if kernel == "sizes":
         for name, (n, k) in ALL_SHAPES.items():
             g, nc, qws, ws, perm = weights(n, k)
-            for m in (256, 512, 1024, 2048, 4096):
+            for m in ms or (256, 512, 1024, 2048, 4096):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g // 10)
                 t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qws[i], ws, 0, torch.float16)
@@ -161,7 +161,7 @@ def main():
     ap.add_argument("--kernel", choices=["wgmma", "decode", "actq", "tiles", "sizes", "crossover", "streamk"],
                     default="wgmma")
     ap.add_argument("--quick", action="store_true", help="wgmma: 8B gate+up at M = 4096 only")
-    ap.add_argument("--ms", default="", help="streamk: the token counts, comma-separated (default 64 ... 4096)")
+    ap.add_argument("--ms", default="", help="streamk / sizes: the token counts, comma-separated (default 64 / 256 ... 4096)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
