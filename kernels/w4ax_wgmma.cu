@@ -39,9 +39,6 @@ using namespace sm90;
 constexpr int kWarpgroups = 2;  // consumers, 64 output channels each (3 measured slower on most shapes)
 constexpr int kWideN = 64 * kWarpgroups;      // output channels per block
 constexpr int kWideStages = 6;
-#ifndef COMET_WIDE_EARLY
-#define COMET_WIDE_EARLY kWideStages
-#endif
 constexpr int kWarps = 4 * kWarpgroups;       // consumer warps: each releases every stage it used
 constexpr int kWideThreads = 32 * kWarps + 128;  // + the producer warpgroup
 // Registers per thread after the role split (setmaxnreg): the producer needs a handful, the
@@ -255,43 +252,38 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   };
   // produce: group g of the segment sg into stage j % kWideStages (the j-th this block fills),
   // once every warp released it. Scales of the tokens the tile holds; past M the stage keeps
-  // stale values, which only reach accumulator columns that are never stored. It comes in a
-  // weight half and an activation half: the weights, which no kernel writes, of the first stages
-  // are fetched before the wait for the previous kernel in the stream (the activation
-  // quantization, under programmatic dependent launch); everything else after it.
+  // stale values, which only reach accumulator columns that are never stored. Stream-K fetches
+  // the weights, which no kernel writes, of its first stages before the wait for the previous
+  // kernel in the stream (the activation quantization, under programmatic dependent launch):
+  // produce_weights, then produce_act after the wait.
+  auto scale_bytes = [&](const WideSegment& sg) { return 4u * static_cast<uint32_t>(min(kWideM, Mpad - sg.m0)); };
+  auto stage_bytes = [&](const WideSegment& sg) {
+    return static_cast<uint32_t>(sizeof(st->act) + sizeof(st->w)) + scale_bytes(sg);
+  };
   auto produce_weights = [&](int j, int g, const WideSegment& sg) {
     const int s = j % kWideStages;
-    const uint32_t as_bytes = 4u * static_cast<uint32_t>(min(kWideM, Mpad - sg.m0));
     mbar_wait(&empty[s], ((j / kWideStages) & 1) ^ 1);
-    mbar_expect_tx(&full[s], sizeof(st->act) + sizeof(st->w) + as_bytes);
+    mbar_expect_tx(&full[s], stage_bytes(sg));
     tma_load_2d(st[s].w, &w_map, g * (kGroup / 2), sg.n0, &full[s]);
   };
   auto produce_act = [&](int j, int g, const WideSegment& sg) {
     const int s = j % kWideStages;
-    const uint32_t as_bytes = 4u * static_cast<uint32_t>(min(kWideM, Mpad - sg.m0));
     tma_load_2d(st[s].act, &act_map, g * kGroup, sg.m0, &full[s]);
-    bulk_load(st[s].as, scales_t + static_cast<size_t>(g) * Mpad + sg.m0, as_bytes, &full[s]);
+    bulk_load(st[s].as, scales_t + static_cast<size_t>(g) * Mpad + sg.m0, scale_bytes(sg), &full[s]);
   };
   auto produce = [&](int j, int g, const WideSegment& sg) {
+    const int s = j % kWideStages;
+    mbar_wait(&empty[s], ((j / kWideStages) & 1) ^ 1);
 #ifdef COMET_WIDE_SKIP_LOAD  // experiment switch: after the first ring, compute on stale stages
     if (j >= kWideStages) {
-      mbar_wait(&empty[j % kWideStages], ((j / kWideStages) & 1) ^ 1);
-      mbar_arrive(&full[j % kWideStages]);
+      mbar_arrive(&full[s]);
       return;
     }
 #endif
-#ifdef COMET_WIDE_ACT_FIRST
-    const int s = j % kWideStages;
-    const uint32_t as_bytes = 4u * static_cast<uint32_t>(min(kWideM, Mpad - sg.m0));
-    mbar_wait(&empty[s], ((j / kWideStages) & 1) ^ 1);
-    mbar_expect_tx(&full[s], sizeof(st->act) + sizeof(st->w) + as_bytes);
+    mbar_expect_tx(&full[s], stage_bytes(sg));
     tma_load_2d(st[s].act, &act_map, g * kGroup, sg.m0, &full[s]);
     tma_load_2d(st[s].w, &w_map, g * (kGroup / 2), sg.n0, &full[s]);
-    bulk_load(st[s].as, scales_t + static_cast<size_t>(g) * Mpad + sg.m0, as_bytes, &full[s]);
-#else
-    produce_weights(j, g, sg);
-    produce_act(j, g, sg);
-#endif
+    bulk_load(st[s].as, scales_t + static_cast<size_t>(g) * Mpad + sg.m0, scale_bytes(sg), &full[s]);
   };
   if (!STREAMK) {  // a split past the last group has nothing to do
     int begin, end;
@@ -300,27 +292,26 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   }
   if (warp < 4) {
     // The producer warpgroup: one thread keeps the ring full, as far ahead as the consumers
-    // release stages, through every segment of the block; the other threads have nothing to do.
+    // release stages (under stream-K through every segment of the block); the other threads have
+    // nothing to do.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
-#if defined(COMET_WIDE_TILED_SIMPLE) && COMET_WIDE_TILED_SIMPLE >= 2
-    if (!STREAMK) {
-      if (threadIdx.x == 0) {
-        int b, e_;
-        range(0, b, e_);
-        const WideSegment sg = wide_segment<TOKENS>(b, e_, G, tiles_n);
-        grid_dependency_wait();
-        for (int j = 0; j < sg.g1 - sg.g0; ++j) produce(j, sg.g0 + j, sg);
-      }
-      return;
-    }
-#endif
-    if (threadIdx.x == 0) {
+    if (!STREAMK && threadIdx.x == 0) {
+      // One tile (or a split of it): a plain loop, as the consumers'. (Run through stream-K's
+      // segment loops, the tiled grids were 3-8% slower at M >= 1024: H100, same run,
+      // docs/BENCHMARKS.md "Session 10".)
+      int begin, end;
+      range(0, begin, end);
+      const WideSegment sg = wide_segment<TOKENS>(begin, end, G, tiles_n);
+      grid_dependency_wait();
+      for (int j = 0; j < sg.g1 - sg.g0; ++j) produce(j, sg.g0 + j, sg);
+    } else if (STREAMK && threadIdx.x == 0) {
       // The weights of the first stages (those in the block's first segment) before the wait.
       int it, end, early = 0;
       range(0, it, end);
       const WideSegment first = wide_segment<TOKENS>(it, end, G, tiles_n);
       if (it < end)
-        for (; early < COMET_WIDE_EARLY && first.g0 + early < first.g1; ++early) produce_weights(early, first.g0 + early, first);
+        for (; early < kWideStages && first.g0 + early < first.g1; ++early)
+          produce_weights(early, first.g0 + early, first);
       grid_dependency_wait();
       for (int k = 0, j = 0; k < n_ranges; ++k) {
         range(k, it, end);
@@ -427,93 +418,22 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // 61.7 us, 8B down 197.1 -> 191.6, gate+up 418.9 -> 415.0.)
     int d0[kAccRegs];
     __half2 ws0;
-#if defined(COMET_WIDE_TILED_SIMPLE)
-    if constexpr (!STREAMK) {
-      int b, e_;
-      range(0, b, e_);
-      const WideSegment sg = wide_segment<TOKENS>(b, e_, G, tiles_n);
+    // A tile's (or a segment's) start, group i (the block's i-th, in stage i % kWideStages) and
+    // store.
+    auto start = [&](const WideSegment& sg) {
       ws_row[0] = wscale + static_cast<size_t>(min(sg.n0 + r, N - 1)) * G;
       ws_row[1] = wscale + static_cast<size_t>(min(sg.n0 + r + 8, N - 1)) * G;
 #pragma unroll
       for (int e = 0; e < kAccRegs; ++e) acc[e] = 0.f;
-      const int count = sg.g1 - sg.g0;
-      for (int i = 0; i < count; ++i) {
-        issue(i, sg.g0 + i, d0, ws0);
-        wgmma_wait<1>();
-        rescale(i, d0, ws0, 0, kTokenTiles / 2, false);
-        wgmma_wait<0>();
-        rescale(i, d0, ws0, kTokenTiles / 2, kTokenTiles);
-      }
-#pragma unroll
-      for (int j = 0; j < kTokenTiles; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int m = sg.m0 + 8 * j + 2 * tig + (e & 1), n = sg.n0 + r + 8 * (e >> 1);
-          if (m >= M || n >= N) continue;
-          const size_t idx = static_cast<size_t>(m) * N + n;
-          if (split_k > 1) atomicAdd(workspace + idx, acc[4 * j + e]);
-          else store_out(out, out_dtype, idx, acc[4 * j + e]);
-        }
-      }
-      return;
-    }
-#endif
-    for (int k = 0, i = 0, it = 0, end = 0; k < n_ranges || it < end;) {
-      if (it >= end) {  // the block's next range
-        range(k++, it, end);
-        continue;
-      }
-      const WideSegment sg = wide_segment<TOKENS>(it, end, G, tiles_n);
-      ws_row[0] = wscale + static_cast<size_t>(min(sg.n0 + r, N - 1)) * G;
-      ws_row[1] = wscale + static_cast<size_t>(min(sg.n0 + r + 8, N - 1)) * G;
-#pragma unroll
-      for (int e = 0; e < kAccRegs; ++e) acc[e] = 0.f;
-      for (int g = sg.g0; g < sg.g1; ++g, ++i) {
-        issue(i, g, d0, ws0);
-        wgmma_wait<1>();
-        rescale(i, d0, ws0, 0, kTokenTiles / 2, false);
-        wgmma_wait<0>();
-        rescale(i, d0, ws0, kTokenTiles / 2, kTokenTiles);
-      }
-      it += sg.g1 - sg.g0;
-#ifndef COMET_SK_NO_FIXUP  // experiment switch: cut tiles store their partial sums (wrong results)
-      if constexpr (STREAMK) {
-#else
-      if constexpr (false) {
-#endif
-        if (sg.g0 > 0 || sg.g1 < G) {  // a tile cut between blocks
-          const int ct = threadIdx.x - 128;  // consumer thread 0 .. 255
-          float* slots = workspace;        // [blocks][kAccRegs][256] partial sums
-          auto* flags = reinterpret_cast<unsigned long long*>(workspace + static_cast<size_t>(gridDim.x) * kAccRegs * 256);
-          if (sg.g0 > 0) {  // not the tile's head: publish the partial sums to its owner, go on
-            float* slot = slots + static_cast<size_t>(blockIdx.x) * kAccRegs * 256 + ct;
-#pragma unroll
-            for (int e = 0; e < kAccRegs; ++e) __stcg(slot + 256 * e, acc[e]);
-            consumer_barrier();  // every thread's stores, then one release (cumulative over them)
-            if (ct == 0) store_release(flags + blockIdx.x, nonce);
-            __syncwarp();
-            continue;
-          }
-          // The head: add the partial sums of the next blocks whose first segment is this tile's rest.
-          const int tile_end = it - sg.g1 + G - sk_base;  // in the shared iterations
-          for (int c = blockIdx.x + 1;
-               c < static_cast<int>(gridDim.x) && sk_begin(c, sk_total, gridDim.x) < tile_end; ++c) {
-            // The first consumer warp waits, all its lanes on one load, so that it stays converged:
-            // bar.sync counts a warp as arrived when its first threads reach it, so one lane
-            // spinning alone while the rest of its warp went on would break the barrier.
-            if (ct < 32) {
-              while (load_acquire(flags + c) != nonce) __nanosleep(20);
-              __syncwarp();
-              if (ct == 0) flags[c] = 0;  // consumed: the next launch on this workspace starts clear
-              __syncwarp();
-            }
-            consumer_barrier();
-            const float* slot = slots + static_cast<size_t>(c) * kAccRegs * 256 + ct;
-#pragma unroll
-            for (int e = 0; e < kAccRegs; ++e) acc[e] += __ldcg(slot + 256 * e);
-          }
-        }
-      }
+    };
+    auto group = [&](int i, int g) {
+      issue(i, g, d0, ws0);
+      wgmma_wait<1>();
+      rescale(i, d0, ws0, 0, kTokenTiles / 2, false);
+      wgmma_wait<0>();
+      rescale(i, d0, ws0, kTokenTiles / 2, kTokenTiles);
+    };
+    auto store = [&](const WideSegment& sg) {
 #pragma unroll
       for (int j = 0; j < kTokenTiles; ++j) {
 #pragma unroll
@@ -524,6 +444,65 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
           if (!STREAMK && split_k > 1) atomicAdd(workspace + idx, acc[4 * j + e]);
           else store_out(out, out_dtype, idx, acc[4 * j + e]);
         }
+      }
+    };
+    if constexpr (!STREAMK) {  // one tile, or a split of it: a plain loop, as the producer's
+      int begin, end;
+      range(0, begin, end);
+      const WideSegment sg = wide_segment<TOKENS>(begin, end, G, tiles_n);
+      start(sg);
+      for (int i = 0; i < sg.g1 - sg.g0; ++i) group(i, sg.g0 + i);
+      store(sg);
+    } else {  // stream-K: segments of whole tiles and parts of tiles
+      for (int k = 0, i = 0, it = 0, end = 0; k < n_ranges || it < end;) {
+        if (it >= end) {  // the block's next range
+          range(k++, it, end);
+          continue;
+        }
+        const WideSegment sg = wide_segment<TOKENS>(it, end, G, tiles_n);
+        start(sg);
+        for (int g = sg.g0; g < sg.g1; ++g, ++i) group(i, g);
+        it += sg.g1 - sg.g0;
+#ifndef COMET_SK_NO_FIXUP  // experiment switch: cut tiles store their partial sums (wrong results)
+        if constexpr (STREAMK) {
+#else
+        if constexpr (false) {
+#endif
+          if (sg.g0 > 0 || sg.g1 < G) {  // a tile cut between blocks
+            const int ct = threadIdx.x - 128;  // consumer thread 0 .. 255
+            float* slots = workspace;        // [blocks][kAccRegs][256] partial sums
+            auto* flags =
+                reinterpret_cast<unsigned long long*>(workspace + static_cast<size_t>(gridDim.x) * kAccRegs * 256);
+            if (sg.g0 > 0) {  // not the tile's head: publish the partial sums to its owner, go on
+              float* slot = slots + static_cast<size_t>(blockIdx.x) * kAccRegs * 256 + ct;
+#pragma unroll
+              for (int e = 0; e < kAccRegs; ++e) __stcg(slot + 256 * e, acc[e]);
+              consumer_barrier();  // every thread's stores, then one release (cumulative over them)
+              if (ct == 0) store_release(flags + blockIdx.x, nonce);
+              __syncwarp();
+              continue;
+            }
+            // The head: add the partial sums of the next blocks whose first segment is this tile's rest.
+            const int tile_end = it - sg.g1 + G - sk_base;  // in the shared iterations
+            for (int c = blockIdx.x + 1;
+                 c < static_cast<int>(gridDim.x) && sk_begin(c, sk_total, gridDim.x) < tile_end; ++c) {
+              // The first consumer warp waits, all its lanes on one load, so that it stays converged:
+              // bar.sync counts a warp as arrived when its first threads reach it, so one lane
+              // spinning alone while the rest of its warp went on would break the barrier.
+              if (ct < 32) {
+                while (load_acquire(flags + c) != nonce) __nanosleep(20);
+                __syncwarp();
+                if (ct == 0) flags[c] = 0;  // consumed: the next launch on this workspace starts clear
+                __syncwarp();
+              }
+              consumer_barrier();
+              const float* slot = slots + static_cast<size_t>(c) * kAccRegs * 256 + ct;
+#pragma unroll
+              for (int e = 0; e < kAccRegs; ++e) acc[e] += __ldcg(slot + 256 * e);
+            }
+          }
+        }
+        store(sg);
       }
     }
   }  // consumers
