@@ -7,9 +7,9 @@
 // arrive "wide" (w4ax.h): every group as int8, in the k order the weight fragments produce, so
 // B needs no expansion at all and the kernel does the same work for 4-bit and 8-bit groups.
 //
-// A block computes 128 output channels x 96, 128 or 192 tokens: two consumer warpgroups of 64
-// channels each share the token tile, and a third, the producer, keeps a 6-stage ring of TMA
-// copies full (tokens 12-24 KB, weights 8 KB, activation scales per group); the stages are
+// A block computes 128 output channels x 64, 96, 128 or 192 tokens: two consumer warpgroups of
+// 64 channels each share the token tile, and a third, the producer, keeps a 6-stage ring of TMA
+// copies full (tokens 8-24 KB, weights 8 KB, activation scales per group); the stages are
 // handed over through mbarriers only, so while one consumer rescales its int32 group result on
 // the CUDA cores (the per-group scales of the format), the other's wgmma keep the tensor cores
 // busy. Each consumer also overlaps its own rescale: it issues a group as two halves of the
@@ -46,7 +46,8 @@ constexpr int kWideThreads = 32 * kWarps + 128;  // + the producer warpgroup
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 static_assert(128 * kProducerRegs + 32 * kWarps * kConsumerRegs <= 65536, "register file of one SM");
 
-// Tokens per block is a template parameter (96, 128 or 192: wide_tokens below picks one per shape).
+// Tokens per block is a template parameter (64, 96, 128 or 192: wide_tokens below picks one per
+// shape).
 template <int TOKENS>
 struct alignas(1024) WideStage {
   int8_t act[TOKENS * kGroup];               // [token][128], 128-byte swizzled by the TMA
@@ -98,9 +99,24 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
 // One k32 step of a 64 x N warpgroup tile: d (int32, N / 2 registers per thread) += A
 // (int8 weights from registers, the m16n8k32 A-fragment layout per warp) x B (int8 activations
 // in shared memory, N tokens x 32 k, described by `desc`). ACCUMULATE = false starts from
-// zero. One overload per half-tile width (the register count picks it: 48 tokens for 96-token
-// tiles, 64 for 128, 96 for 192); the instruction string must be a literal, hence three
+// zero. One overload per half-tile width (the register count picks it: 32 tokens for 64-token
+// tiles, 48 for 96, 64 for 128, 96 for 192); the instruction string must be a literal, hence four
 // near-identical bodies.
+template <bool ACCUMULATE>
+__device__ __forceinline__ void wgmma_s8(int (&d)[16], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "{%16, %17, %18, %19}, %20, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
+}
+
 template <bool ACCUMULATE>
 __device__ __forceinline__ void wgmma_s8(int (&d)[24], const uint32_t (&a)[4], uint64_t desc) {
   asm volatile(
@@ -553,16 +569,23 @@ int wide_split_for(int tokens, int M, int N, int Kpad, int num_sms) {
   return split;
 }
 
+// Time per token of a tile, relative to 128 tokens: what does not depend on the token count
+// (weight fragments, scales, ring bookkeeping: ~120 of a consumer warp's 311 instructions per
+// group at 128 tokens) weighs more on small tiles and less on large. 192: its per-group rescale
+// is issued against 1.5x the tensor-core work (H100 sweep of all 8 shapes at M = 256-4096 under
+// forced tiles: 0.9 picks a tile within 3% of the faster one in 38 of 40 cases, 4.8% at worst;
+// 70B gate+up M = 4096 5.53 -> 5.07 ms). 96: the margin it has needed to win (session 6). 64:
+// FIXME.
+double tile_time_per_token(int tokens) {
+  return tokens == 192 ? 0.9 : tokens == 96 ? 1.0 / 0.95 : tokens == 64 ? 1.22 : 1.0;
+}
+
 // Relative time of a token tile size: waves of tiles x tokens per tile x groups per split x the
-// tile's time per token (below), plus the split-K reduction at ~11 us per million outputs in the
+// tile's time per token (above), plus the split-K reduction at ~11 us per million outputs in the
 // same units (fitted to H100 sweeps of every split at M = 128 / 256 / 512, all LLaMA-3-8B / 70B
 // shapes: one unit ~ 7.7 ns there).
 double wide_cost(int tokens, int M, int N, int Kpad, int num_sms) {
-  // Time per token of a tile, relative to 128 tokens. 192: its per-group rescale is issued
-  // against 1.5x the tensor-core work (H100 sweep of all 8 shapes at M = 256-4096 under forced
-  // tiles: 0.9 picks a tile within 3% of the faster one in 38 of 40 cases, 4.8% at worst;
-  // 70B gate+up M = 4096 5.53 -> 5.07 ms). 96: the margin it has needed to win (session 6).
-  const double per_token = tokens == 192 ? 0.9 : tokens == 96 ? 1.0 / 0.95 : 1.0;
+  const double per_token = tile_time_per_token(tokens);
   const int split = wide_split_for(tokens, M, N, Kpad, num_sms);
   const long long tiles = static_cast<long long>((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN) * split;
   const long long waves = (tiles + num_sms - 1) / num_sms;
@@ -600,7 +623,7 @@ StreamKSplit stream_k_split(long long tiles, int G, int num_sms) {
 #define COMET_SK_FIXUP_PIECE 100
 #endif
 double stream_k_cost(int tokens, int M, int N, int Kpad, int num_sms) {
-  const double per_token = tokens == 96 ? 1.0 / 0.95 : 1.0;
+  const double per_token = tile_time_per_token(tokens);
   const int G = Kpad / kGroup;
   const long long tiles = static_cast<long long>((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN);
   const StreamKSplit sp = stream_k_split(tiles, G, num_sms);
@@ -612,26 +635,32 @@ double stream_k_cost(int tokens, int M, int N, int Kpad, int num_sms) {
   return cost;
 }
 
-// Tokens per block under stream-K: 96 or 128 (192-token tiles use up to R232 of their 240
+// Tokens per block under stream-K: 64, 96 or 128 (192-token tiles use up to R230 of their 240
 // registers already; stream-K is for grids whose last wave is far from full, where smaller tiles
 // lose little).
 int stream_k_tokens(int M, int N, int Kpad, int num_sms) {
 #ifdef COMET_WIDE_TOKENS
   if (COMET_WIDE_TOKENS != 192) return COMET_WIDE_TOKENS;
 #endif
-  return stream_k_cost(96, M, N, Kpad, num_sms) < stream_k_cost(128, M, N, Kpad, num_sms) ? 96 : 128;
+  int best = 128;
+  double best_cost = stream_k_cost(128, M, N, Kpad, num_sms);
+  for (int tokens : {96, 64}) {
+    const double c = stream_k_cost(tokens, M, N, Kpad, num_sms);
+    if (c < best_cost) best = tokens, best_cost = c;
+  }
+  return best;
 }
 
-// Tokens per block: the cheapest of 96, 128 and 192 by the cost model above. Big tiles win where
+// Tokens per block: the cheapest of 64, 96, 128 and 192 by the cost model above. Big tiles win where
 // the waves are many (large M x N); 96 where it fills the last wave much better and the
 // 128-token grid would not split (70B qkv M = 256 in session 6).
 int wide_tokens(int M, int N, int Kpad, int num_sms) {
-#ifdef COMET_WIDE_TOKENS  // experiment switch: one token tile for every M (96, 128 or 192)
+#ifdef COMET_WIDE_TOKENS  // experiment switch: one token tile for every M (64, 96, 128 or 192)
   return COMET_WIDE_TOKENS;
 #endif
   int best = 128;
   double best_cost = wide_cost(128, M, N, Kpad, num_sms);
-  for (int tokens : {96, 192}) {
+  for (int tokens : {96, 192, 64}) {
     const double c = wide_cost(tokens, M, N, Kpad, num_sms);
     if (c < best_cost) best = tokens, best_cost = c;
   }
@@ -734,13 +763,23 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
     if (e != cudaSuccess) return e;
   }
   if (plan.split_k == kWideStreamK) {
-    e = plan.tokens == 96 ? launch_wide<96, true>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad,
-                                                  plan, workspace, stream)
-                          : launch_wide<128, true>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad,
-                                                   plan, workspace, stream);
-    return e;
+    switch (plan.tokens) {
+      case 64:
+        return launch_wide<64, true>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, plan, workspace,
+                                     stream);
+      case 96:
+        return launch_wide<96, true>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, plan, workspace,
+                                     stream);
+      default:
+        return launch_wide<128, true>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, plan,
+                                      workspace, stream);
+    }
   }
   switch (plan.tokens) {
+    case 64:
+      e = launch_wide<64, false>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, plan, workspace,
+                                 stream);
+      break;
     case 96:
       e = launch_wide<96, false>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, plan, workspace,
                                  stream);

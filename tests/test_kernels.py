@@ -312,7 +312,7 @@ def test_gemm_wide_integer_accumulation_exact(kernels, m, k8_frac):
 
 @sm90
 def test_gemm_wide_every_token_tile_exact(kernels):
-    """Every token tile of the wgmma GEMM (96, 128 or 192, picked per shape by its wave cost
+    """Every token tile of the wgmma GEMM (64, 96, 128 or 192, picked per shape by its wave cost
     model), each on shapes that take it, with partial token and channel tiles; unit scales make
     every output an integer sum, so float32 must match exactly."""
     k = 1024
@@ -323,12 +323,12 @@ def test_gemm_wide_every_token_tile_exact(kernels):
         qa, scales_t, qw, sw, ref = unit_scale_case(m, n, k, seed=m)
         y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, sw, 0, torch.float32)
         assert torch.equal(y, ref), (m, n, tokens, split, (y - ref).abs().max())
-    assert seen == {96, 128, 192}, seen
+    assert seen == {64, 96, 128, 192}, seen
 
 
 @sm90
 def test_gemm_wide_stream_k_exact(kernels):
-    """Stream-K (split_k = -1) on both of its token tiles, on shapes whose iteration shares cut
+    """Stream-K (split_k = -1) on each of its token tiles (64, 96, 128), on shapes whose iteration shares cut
     tiles between 2 to 4 blocks (at most one per 8 groups of a tile) and give blocks a tile's
     tail, whole tiles and another's head,
     and on two with full waves of whole tiles first (1000 x 6000: 376 tiles on 132 SMs, one wave;
@@ -349,7 +349,7 @@ def test_gemm_wide_stream_k_exact(kernels):
         for _ in range(2):  # a second launch on a fresh workspace and nonce
             y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, sw, -1, torch.float32)
             assert torch.equal(y, ref), (m, n, k, tokens, (y - ref).abs().max())
-    assert seen == {96, 128} and waves == {0, 1, 2}, (seen, waves)
+    assert seen == {64, 96, 128} and waves == {0, 1, 2}, (seen, waves)
 
 
 @sm90
