@@ -80,7 +80,7 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
 int choose_split_k(int M, int N, int Kpad, int num_sms);
 
 // The Hopper (sm_90a) GEMM on wide activations: out[M, N] = sum_g scales_t[g, m] * wscale[n, g]
-// * <qa[m, g], w[n, g]>, with 128-channel x 96-, 128- or 192-token tiles on wgmma (by a wave cost
+// * <qa[m, g], w[n, g]>, with 128-channel x 64-, 96-, 128- or 192-token tiles on wgmma (by a wave cost
 // model: wide_plan), operands staged by the tensor memory accelerator. split_k: 0 picks (wide_plan);
 // 1 one block per tile; > 1 splits the K groups over blocks and reduces through `workspace`
 // (float32 [M, N]); kWideStreamK runs stream-K: one block per SM, each an equal share of the
@@ -91,7 +91,7 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
                                 int split_k, float* workspace, cudaStream_t stream);
 
 constexpr int kWideStreamK = -1;
-// What the wide GEMM runs for a shape on `num_sms` multiprocessors: tokens per tile (96, 128 or
+// What the wide GEMM runs for a shape on `num_sms` multiprocessors: tokens per tile (64, 96, 128 or
 // 192), split_k (1, > 1, or kWideStreamK), the number of blocks and, for stream-K, the tiles
 // that go one per block before the rest is shared. split_k as requested (0: the cheapest by the
 // cost model: stream-K where the tiles leave much of the last wave idle).

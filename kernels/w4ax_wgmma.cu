@@ -575,9 +575,11 @@ int wide_split_for(int tokens, int M, int N, int Kpad, int num_sms) {
 // is issued against 1.5x the tensor-core work (H100 sweep of all 8 shapes at M = 256-4096 under
 // forced tiles: 0.9 picks a tile within 3% of the faster one in 38 of 40 cases, 4.8% at worst;
 // 70B gate+up M = 4096 5.53 -> 5.07 ms). 96: the margin it has needed to win (session 6). 64:
-// FIXME.
+// 195 instructions per group against 96's 247 (SASS), and measured per token 1.11-1.21x 96's on
+// the 8 shapes at M = 4096 under forced tiles (H100, session 10), i.e. 1.17-1.28 of 128's, mean
+// 1.23. At M <= 64 it does a third less work than a 96-token tile (14-20% faster there).
 double tile_time_per_token(int tokens) {
-  return tokens == 192 ? 0.9 : tokens == 96 ? 1.0 / 0.95 : tokens == 64 ? 1.22 : 1.0;
+  return tokens == 192 ? 0.9 : tokens == 96 ? 1.0 / 0.95 : tokens == 64 ? 1.23 : 1.0;
 }
 
 // Relative time of a token tile size: waves of tiles x tokens per tile x groups per split x the
