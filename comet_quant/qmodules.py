@@ -11,7 +11,7 @@ from torch import nn
 
 from .checkpoint import QuantizedCheckpoint, open_checkpoint
 from .errors import CometError
-from .models import LINEAR_SITE, decoder_layers
+from .models import LINEAR_SITE, SITES, decoder_layers
 from .primitives import (dequantize_weight, fake_quantize_activation, fake_quantize_kv, pad_channels,
                          rotate_groups, unpack_int4)
 from .scheme import QuantScheme
@@ -41,6 +41,7 @@ class W4AxLinear(nn.Module):
         for key in ("qweight", "wscale", "wzero", "act_perm", "bias"):
             self.register_buffer(key, tensors.get(key))
         self._weight_cache: torch.Tensor | None = None
+        self._group: SharedInputGroup | None = None  # set by fuse_shared_inputs
 
     @property
     def k_padded(self) -> int:
@@ -70,15 +71,21 @@ class W4AxLinear(nn.Module):
             y = y + self.bias.float()
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    @property
+    def kernel_groups8(self) -> int:
+        """The leading 8-bit groups the kernels take (all of them for 8-bit activations)."""
+        return self.k_padded // self.group_size if self.a_bits == 8 else self.groups8
+
     def _forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
         from . import ops
 
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype not in (torch.float16, torch.bfloat16):
-            x2 = x2.to(torch.float16)
-        groups8 = self.k_padded // self.group_size if self.a_bits == 8 else self.groups8
-        y = ops.w4ax_linear(x2.contiguous(), self.act_perm, groups8, self.qweight, self.wscale, x.dtype,
-                            self.rotate)
+        y = self._group.output(self, x) if self._group is not None else None
+        if y is None:
+            x2 = x.reshape(-1, self.in_features)
+            if x2.dtype not in (torch.float16, torch.bfloat16):
+                x2 = x2.to(torch.float16)
+            y = ops.w4ax_linear(x2.contiguous(), self.act_perm, self.kernel_groups8, self.qweight, self.wscale,
+                                x.dtype, self.rotate)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -86,6 +93,83 @@ class W4AxLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, K_pad={self.k_padded}, "
                 f"groups8={self.groups8}, a_bits={self.a_bits}")
+
+
+class SharedInputGroup:
+    """Linears of one layer that read the same input (q / k / v, gate / up) run as one.
+
+    FMPQ gives them one permutation and one set of 8-bit groups, so their activations are
+    quantized once and multiplied in one W4Ax GEMM over their concatenated weights; each member
+    takes its slice of the output. The members' ``qweight`` / ``wscale`` become views of the
+    concatenated tensors (no extra memory). The first member called with an input runs the GEMM
+    and keeps the others' slices until they are asked for with that same tensor (as LLaMA's
+    attention and MLP do, one after the other); a member called with any other input, or after
+    its buffers were replaced (``.to()``, ``.float()``), runs on its own.
+    """
+
+    def __init__(self, members: list[W4AxLinear]):
+        self.members = members
+        self.sizes = [m.out_features for m in members]
+        self.qweight = torch.cat([m.qweight for m in members])
+        self.wscale = torch.cat([m.wscale for m in members])
+        start = 0
+        for m, n in zip(members, self.sizes):
+            m.qweight, m.wscale = self.qweight[start:start + n], self.wscale[start:start + n]
+            m._group = self
+            start += n
+        self._ptrs = [(m.qweight.data_ptr(), m.wscale.data_ptr()) for m in members]
+        self._input: torch.Tensor | None = None
+        self._pending: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def same_input(members: list) -> bool:
+        """Whether ``members`` quantize their input alike (one permutation, the same 8-bit groups,
+        rotation and group size) with symmetric weights, so that one GEMM can serve them all."""
+        first = members[0]
+        return len(members) > 1 and all(
+            isinstance(m, W4AxLinear) and m.wzero is None and m.in_features == first.in_features
+            and m.kernel_groups8 == first.kernel_groups8 and m.rotate == first.rotate
+            and m.group_size == first.group_size and m.act_perm.shape == first.act_perm.shape
+            and torch.equal(m.act_perm, first.act_perm) for m in members)
+
+    @staticmethod
+    def compatible(members: list) -> bool:
+        """:meth:`same_input`, and all on the CUDA kernels (the only backend the grouping serves)."""
+        return SharedInputGroup.same_input(members) and all(m.use_kernels and m.qweight.is_cuda for m in members)
+
+    def _intact(self) -> bool:
+        return all((m.qweight.data_ptr(), m.wscale.data_ptr()) == p for m, p in zip(self.members, self._ptrs))
+
+    def output(self, member: W4AxLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """``member``'s output for ``x`` [..., K] (None: let the member run alone)."""
+        from . import ops
+
+        i = self.members.index(member)
+        if self._input is not x or i not in self._pending:
+            if x.device != self.qweight.device or x.dtype not in (torch.float16, torch.bfloat16) or not self._intact():
+                return None
+            x2 = x.reshape(-1, member.in_features).contiguous()
+            y = ops.w4ax_linear(x2, member.act_perm, member.kernel_groups8, self.qweight, self.wscale, x.dtype,
+                                member.rotate)
+            parts = y.reshape(*x.shape[:-1], -1).split(self.sizes, dim=-1)
+            self._input, self._pending = x, dict(enumerate(parts))
+        y = self._pending.pop(i)
+        if not self._pending:
+            self._input = None  # every slice taken: hold no references
+        return y
+
+
+def fuse_shared_inputs(model) -> int:
+    """Group each decoder layer's kernel linears that share an input (:class:`SharedInputGroup`);
+    returns the number of groups. Call it once the model is on its device."""
+    n = 0
+    for layer in decoder_layers(model):
+        for lins in SITES.values():
+            members = [layer.get_submodule(lin) for lin in lins]
+            if SharedInputGroup.compatible(members):
+                SharedInputGroup(members)
+                n += 1
+    return n
 
 
 def kv_quant_attention(module, query, key, value, attention_mask, **kwargs):
@@ -172,7 +256,10 @@ def build_quantized_model(ckpt: QuantizedCheckpoint, device: str = "cpu",
         from .kvcache import enable_kv4_cache
         enable_kv4_cache(model)
     model.comet_kv_bits = ckpt.scheme.kv_bits
-    return model.eval().requires_grad_(False).to(device)
+    model = model.eval().requires_grad_(False).to(device)
+    if use_kernels:
+        fuse_shared_inputs(model)
+    return model
 
 
 def new_kv_cache(model, max_len: int = 0):

@@ -3,8 +3,8 @@
 Builds a random-weight LLaMA-3-8B-shaped model (hidden 4096, 32 layers, GQA 32/8, never
 zeros; see scripts/memory_profile.py), exports it through the normal path (calibration on the
 bundled text, FMPQ plan, RTN int4 weights, KV4), runs ``comet-quant bench`` against the FP16
-model in the same process, and profiles one decode step of each model (torch.profiler, CUDA
-time per kernel). Everything lands in ``--out``.
+model in the same process, and profiles one decode step and one prefill of each model
+(torch.profiler, CUDA time per kernel). Everything lands in ``--out``.
 
     python scripts/serving_bench.py --work /tmp/l8 --out bench_out [--batch 1,16,64]
 """
@@ -52,6 +52,27 @@ def profile_decode(model, make_cache, batch: int, prompt_len: int, label: str, o
     return text
 
 
+@torch.no_grad()
+def profile_prefill(model, make_cache, batch: int, prompt_len: int, label: str, out: Path) -> str:
+    """CUDA and CPU time per op of one ``batch x prompt_len`` prefill (after a warm-up one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda")
+    model(ids, past_key_values=make_cache(prompt_len + 8), use_cache=True, logits_to_keep=1)
+    cache = make_cache(prompt_len + 8)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    text = f"# {label}: one prefill, batch {batch}, {prompt_len} tokens: wall {wall * 1e3:.2f} ms " \
+           f"(profiled)\n{table}\n"
+    (out / f"prefill_profile_{label}.txt").write_text(text)
+    return text
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/comet-llama8b")
@@ -63,6 +84,7 @@ def main():
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--profile-batch", type=int, default=16)
+    ap.add_argument("--profile-prefill-batch", type=int, default=1)
     ap.add_argument("--modes", default="graphs",
                     help="decode modes to benchmark, comma-separated: graphs (CUDA graph, static "
                          "caches), eager (growing caches)")
@@ -100,11 +122,15 @@ def main():
     model, _ = load_quantized(ck, device="cuda")
     print(profile_decode(model, _cache_factory(model, True, False), args.profile_batch,
                          args.prompt_len, "quantized", out)[:4000])
+    print(profile_prefill(model, _cache_factory(model, True, False), args.profile_prefill_batch,
+                          args.prompt_len, "quantized", out)[:4000])
     del model
     torch.cuda.empty_cache()
     fp, _ = load_model(resolve_model(str(work / "model")), dtype=torch.float16, device="cuda")
     print(profile_decode(fp, _cache_factory(fp, False, False), args.profile_batch,
                          args.prompt_len, "fp16", out)[:4000])
+    print(profile_prefill(fp, _cache_factory(fp, False, False), args.profile_prefill_batch,
+                          args.prompt_len, "fp16", out)[:4000])
 
 
 if __name__ == "__main__":

@@ -83,6 +83,63 @@ def test_cpu_wrappers_fall_back_to_reference():
                                                        torch.float32))
 
 
+def _shared_input_linears(k=300, sizes=(40, 24, 24), groups8=1, device="cpu", m=6):
+    """Linears of one site (one permutation, one set of 8-bit groups) on the kernel backend, and
+    an input [2, m / 2, k]."""
+    from comet_quant.qmodules import W4AxLinear
+    from comet_quant.scheme import get_scheme
+
+    x, perm, g8, _, _ = make_case(m, k, 8, groups8, seed=1, device=device)
+    lins = []
+    for i, n in enumerate(sizes):
+        _, _, _, qw, ws = make_case(1, k, n, groups8, seed=10 + i, device=device)
+        lins.append(W4AxLinear(k, {"qweight": qw, "wscale": ws, "act_perm": perm,
+                                   "act_groups8": torch.tensor([g8])}, get_scheme("w4ax-kv4-rtn"), True))
+    return x.reshape(2, m // 2, k), lins
+
+
+def test_shared_input_group_matches_members_alone():
+    """q / k / v (or gate / up) as one group: one GEMM over the concatenated weights, each member
+    its slice, in any call order; the members' weights become views (no copy); a member asked
+    with another input, or whose buffers were replaced, runs alone. CPU: the reference ops."""
+    from comet_quant.qmodules import SharedInputGroup
+
+    x, lins = _shared_input_linears()
+    alone = [m._forward_kernels(x) for m in lins]
+    assert SharedInputGroup.same_input(lins)
+    assert not SharedInputGroup.compatible(lins)  # CPU tensors: load_quantized groups kernel linears only
+    group = SharedInputGroup(lins)
+    storage = group.qweight.untyped_storage().data_ptr()
+    assert all(m._group is group and m.qweight.untyped_storage().data_ptr() == storage for m in lins)
+    for order in ([0, 1, 2], [2, 0, 1]):
+        out = {i: lins[i]._forward_kernels(x) for i in order}
+        assert not group._pending and group._input is None  # every slice handed out, nothing held
+        for i in order:
+            assert out[i].shape == alone[i].shape and out[i].abs().max() > 0
+            torch.testing.assert_close(out[i], alone[i], rtol=2e-3, atol=2e-3)
+    first = lins[0]._forward_kernels(x)
+    assert set(group._pending) == {1, 2}
+    y = lins[1]._forward_kernels(x.clone())  # another input: computed afresh, its own slice
+    torch.testing.assert_close(y, alone[1], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(first, alone[0], rtol=2e-3, atol=2e-3)
+    lins[2].wscale = lins[2].wscale.clone()  # what .to() / .float() do to a buffer
+    assert group.output(lins[0], x) is None
+    torch.testing.assert_close(lins[2]._forward_kernels(x), alone[2], rtol=2e-3, atol=2e-3)
+
+
+def test_shared_input_group_needs_one_quantized_input():
+    from comet_quant.qmodules import SharedInputGroup
+
+    _, lins = _shared_input_linears()
+    assert SharedInputGroup.same_input(lins) and not SharedInputGroup.same_input(lins[:1])
+    perm = lins[1].act_perm
+    lins[1].act_perm = perm.flip(0)
+    assert not SharedInputGroup.same_input(lins)
+    lins[1].act_perm = perm
+    lins[2].groups8 += 1
+    assert not SharedInputGroup.same_input(lins)
+
+
 # --------------------------------------------------------------------------- GPU: kernels
 
 @pytest.fixture(scope="module")
@@ -503,12 +560,34 @@ def test_kernel_backend_matches_simulated(kernels, tiny_model, text_file, tmp_pa
     fast, tok = load_quantized(ck, device="cuda")
     sim, _ = load_quantized(ck, device="cuda", dtype=torch.float16, backend="simulated")
     assert fast.model.layers[0].self_attn.q_proj.use_kernels
+    layer = fast.model.layers[0]  # q / k / v and gate / up each run as one GEMM
+    assert layer.self_attn.q_proj._group is layer.self_attn.v_proj._group is not None
+    assert layer.mlp.gate_proj._group is layer.mlp.up_proj._group is not None
     assert not sim.model.layers[0].self_attn.q_proj.use_kernels
     ids = data.eval_windows(data.tokenize(tok, text_file.read_text()), 128, 4)
     a, b = perplexity(fast, ids, "cuda")["ppl"], perplexity(sim, ids, "cuda")["ppl"]
     assert abs(a / b - 1) < 0.01, (a, b)
     out = fast.generate(ids[:1, :8].cuda(), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, 12)
+
+
+@gpu
+@pytest.mark.parametrize("m", [2, 32, 128, 600])
+def test_shared_input_group_on_kernels(kernels, m):
+    """The grouped GEMM (one activation quantization, concatenated weights) gives each member
+    what it computes alone on the kernels, on the decode, packed and wgmma paths."""
+    from comet_quant.qmodules import SharedInputGroup
+
+    x, lins = _shared_input_linears(k=1024, sizes=(512, 128, 128), groups8=2, device="cuda", m=m)
+    for lin in lins:
+        lin.to("cuda")
+    alone = [lin(x) for lin in lins]
+    assert SharedInputGroup.compatible(lins)
+    group = SharedInputGroup(lins)
+    grouped = [lin(x) for lin in lins]
+    assert not group._pending
+    for a, b in zip(grouped, alone):
+        assert b.abs().max() > 1 and (a.float() - b.float()).abs().max() <= 2e-3 * b.float().abs().max()
 
 
 # --------------------------------------------------------------------------- GPU: 4-bit KV cache
