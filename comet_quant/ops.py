@@ -255,6 +255,22 @@ def uses_wide_gemm(x: torch.Tensor, qweight: torch.Tensor | None = None) -> bool
             and torch.cuda.get_device_capability(x.device) == (9, 0))
 
 
+def quantize_linear_input(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool, wide: bool) -> tuple:
+    """The activation quantization of :func:`w4ax_linear`: (qa, scales_t) for the wgmma path
+    (``wide``), (q8, q4, scales) for the packed one."""
+    if wide:
+        return torch.ops.comet.quantize_act_wide(_kernel_input(x), perm, groups8, rotate)
+    return quantize_act(x, perm, groups8, rotate)
+
+
+def w4ax_linear_quantized(qx: tuple, groups8: int, qweight: torch.Tensor, wscale: torch.Tensor,
+                          out_dtype: torch.dtype) -> torch.Tensor:
+    """The GEMM of :func:`w4ax_linear` on :func:`quantize_linear_input`'s output."""
+    if len(qx) == 2:
+        return torch.ops.comet.w4ax_gemm_wide(*qx, qweight, wscale, 0, out_dtype)
+    return w4ax_gemm(*qx, qweight, wscale, groups8, out_dtype)
+
+
 def w4ax_linear(x: torch.Tensor, perm: torch.Tensor, groups8: int, qweight: torch.Tensor,
                 wscale: torch.Tensor, out_dtype=None, rotate: bool = False) -> torch.Tensor:
     """y = W4Ax(x): x float16/bfloat16 [M, K] (original channel order) -> [M, N].
@@ -263,8 +279,5 @@ def w4ax_linear(x: torch.Tensor, perm: torch.Tensor, groups8: int, qweight: torc
     sm_90 from WIDE_MIN_M tokens on (WIDE_MIN_M_LARGE on large weight matrices), the activations
     are quantized into the wide layout and multiplied by the wgmma kernel; elsewhere the packed
     layout and the mma.sync kernels."""
-    if uses_wide_gemm(x, qweight):
-        qa, scales_t = torch.ops.comet.quantize_act_wide(_kernel_input(x), perm, groups8, rotate)
-        return torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qweight, wscale, 0, out_dtype or x.dtype)
-    q8, q4, s = quantize_act(x, perm, groups8, rotate)
-    return w4ax_gemm(q8, q4, s, qweight, wscale, groups8, out_dtype or x.dtype)
+    qx = quantize_linear_input(x, perm, groups8, rotate, uses_wide_gemm(x, qweight))
+    return w4ax_linear_quantized(qx, groups8, qweight, wscale, out_dtype or x.dtype)

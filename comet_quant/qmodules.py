@@ -95,16 +95,24 @@ class W4AxLinear(nn.Module):
                 f"groups8={self.groups8}, a_bits={self.a_bits}")
 
 
+#: Up to this many tokens a :class:`SharedInputGroup` runs one GEMM over its members'
+#: concatenated weights (decode batches: fewer, fuller launches); above, each member runs its own
+#: GEMM on the shared quantized activations, so that no [M, N_all] output waits for the last
+#: member to take its slice (+1.9 GiB at a 64K-token LLaMA-3-8B prefill).
+FUSED_GEMM_MAX_TOKENS = 256
+
+
 class SharedInputGroup:
     """Linears of one layer that read the same input (q / k / v, gate / up) run as one.
 
     FMPQ gives them one permutation and one set of 8-bit groups, so their activations are
-    quantized once and multiplied in one W4Ax GEMM over their concatenated weights; each member
-    takes its slice of the output. The members' ``qweight`` / ``wscale`` become views of the
-    concatenated tensors (no extra memory). The first member called with an input runs the GEMM
-    and keeps the others' slices until they are asked for with that same tensor (as LLaMA's
-    attention and MLP do, one after the other); a member called with any other input, or after
-    its buffers were replaced (``.to()``, ``.float()``), runs on its own.
+    quantized once, and up to :data:`FUSED_GEMM_MAX_TOKENS` tokens multiplied in one W4Ax GEMM
+    over their concatenated weights, each member taking its slice of the output. The members'
+    ``qweight`` / ``wscale`` become views of the concatenated tensors (no extra memory). The first
+    member called with an input does the shared work and keeps the rest until the others ask for
+    it with that same tensor (as LLaMA's attention and MLP do, one after the other); a member
+    called with any other input, or after its buffers were replaced (``.to()``, ``.float()``),
+    runs on its own.
     """
 
     def __init__(self, members: list[W4AxLinear]):
@@ -119,7 +127,9 @@ class SharedInputGroup:
             start += n
         self._ptrs = [(m.qweight.data_ptr(), m.wscale.data_ptr()) for m in members]
         self._input: torch.Tensor | None = None
-        self._pending: dict[int, torch.Tensor] = {}
+        self._x2: torch.Tensor | None = None
+        self._pending: dict[int, torch.Tensor | None] = {}
+        self._quantized: dict[bool, tuple] = {}
 
     @staticmethod
     def same_input(members: list) -> bool:
@@ -149,13 +159,24 @@ class SharedInputGroup:
             if x.device != self.qweight.device or x.dtype not in (torch.float16, torch.bfloat16) or not self._intact():
                 return None
             x2 = x.reshape(-1, member.in_features).contiguous()
-            y = ops.w4ax_linear(x2, member.act_perm, member.kernel_groups8, self.qweight, self.wscale, x.dtype,
-                                member.rotate)
-            parts = y.reshape(*x.shape[:-1], -1).split(self.sizes, dim=-1)
-            self._input, self._pending = x, dict(enumerate(parts))
+            self._input, self._x2, self._quantized = x, x2, {}
+            if x2.shape[0] <= FUSED_GEMM_MAX_TOKENS:
+                y = ops.w4ax_linear(x2, member.act_perm, member.kernel_groups8, self.qweight, self.wscale, x.dtype,
+                                    member.rotate)
+                self._pending = dict(enumerate(y.reshape(*x.shape[:-1], -1).split(self.sizes, dim=-1)))
+            else:
+                self._pending = dict.fromkeys(range(len(self.members)))
         y = self._pending.pop(i)
-        if not self._pending:
-            self._input = None  # every slice taken: hold no references
+        if y is None:  # its own GEMM on the shared quantized activations
+            wide = ops.uses_wide_gemm(self._x2, member.qweight)
+            if wide not in self._quantized:
+                self._quantized[wide] = ops.quantize_linear_input(self._x2, member.act_perm, member.kernel_groups8,
+                                                                  member.rotate, wide)
+            y = ops.w4ax_linear_quantized(self._quantized[wide], member.kernel_groups8, member.qweight,
+                                          member.wscale, x.dtype).reshape(*x.shape[:-1], -1)
+        if not self._pending:  # every member served: hold no references
+            self._input = self._x2 = None
+            self._quantized = {}
         return y
 
 

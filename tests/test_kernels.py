@@ -98,27 +98,38 @@ def _shared_input_linears(k=300, sizes=(40, 24, 24), groups8=1, device="cpu", m=
     return x.reshape(2, m // 2, k), lins
 
 
-def test_shared_input_group_matches_members_alone():
-    """q / k / v (or gate / up) as one group: one GEMM over the concatenated weights, each member
-    its slice, in any call order; the members' weights become views (no copy); a member asked
-    with another input, or whose buffers were replaced, runs alone. CPU: the reference ops."""
+@pytest.mark.parametrize("m", [6, 600])
+def test_shared_input_group_matches_members_alone(m, monkeypatch):
+    """q / k / v (or gate / up) as one group: one activation quantization, then (up to 256
+    tokens) one GEMM over the concatenated weights, each member its slice, or (above) a GEMM per
+    member on the shared quantized input; in any call order; the members' weights become views
+    (no copy); a member asked with another input, or whose buffers were replaced, runs alone.
+    CPU: the reference ops."""
+    from comet_quant import qmodules
     from comet_quant.qmodules import SharedInputGroup
 
-    x, lins = _shared_input_linears()
+    x, lins = _shared_input_linears(m=m)
+    fused = m <= qmodules.FUSED_GEMM_MAX_TOKENS
     alone = [m._forward_kernels(x) for m in lins]
     assert SharedInputGroup.same_input(lins)
     assert not SharedInputGroup.compatible(lins)  # CPU tensors: load_quantized groups kernel linears only
     group = SharedInputGroup(lins)
     storage = group.qweight.untyped_storage().data_ptr()
     assert all(m._group is group and m.qweight.untyped_storage().data_ptr() == storage for m in lins)
+    quantized = []
+    real = ops.quantize_linear_input
+    monkeypatch.setattr(ops, "quantize_linear_input", lambda *a: quantized.append(1) or real(*a))
     for order in ([0, 1, 2], [2, 0, 1]):
         out = {i: lins[i]._forward_kernels(x) for i in order}
+        assert len(quantized) == (1 if order[0] == 0 else 2)  # once per input for the whole group
         assert not group._pending and group._input is None  # every slice handed out, nothing held
         for i in order:
             assert out[i].shape == alone[i].shape and out[i].abs().max() > 0
             torch.testing.assert_close(out[i], alone[i], rtol=2e-3, atol=2e-3)
     first = lins[0]._forward_kernels(x)
     assert set(group._pending) == {1, 2}
+    assert all(v is not None for v in group._pending.values()) == fused  # slices, or GEMMs still to run
+    assert len(group._quantized) == (0 if fused else 1)  # the shared quantized input, kept for the others
     y = lins[1]._forward_kernels(x.clone())  # another input: computed afresh, its own slice
     torch.testing.assert_close(y, alone[1], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(first, alone[0], rtol=2e-3, atol=2e-3)
