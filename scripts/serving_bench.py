@@ -28,49 +28,45 @@ from comet_quant.export import export  # noqa: E402
 from comet_quant.scheme import get_scheme  # noqa: E402
 
 
+def _profiled(forward, title: str, path: Path, rows: int = 25) -> str:
+    """Runs ``forward()`` once under torch.profiler; writes and returns the per-op table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        forward()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+    text = f"# {title}: wall {wall * 1e3:.2f} ms (profiled)\n{table}\n"
+    path.write_text(text)
+    return text
+
+
 @torch.no_grad()
 def profile_decode(model, make_cache, batch: int, prompt_len: int, label: str, out: Path) -> str:
     """CUDA time per kernel of one decode step after a ``prompt_len`` prefill."""
-    from torch.profiler import ProfilerActivity, profile
-
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda")
     cache = make_cache(prompt_len + 8)
     logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     nxt = logits[:, -1:].argmax(-1)
     for _ in range(2):  # warm-up steps
         nxt = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    text = f"# {label}: one decode step, batch {batch}, context {prompt_len}: wall {wall * 1e3:.2f} ms " \
-           f"(profiled)\n{table}\n"
-    (out / f"decode_profile_{label}.txt").write_text(text)
-    return text
+    return _profiled(lambda: model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1),
+                     f"{label}: one decode step, batch {batch}, context {prompt_len}",
+                     out / f"decode_profile_{label}.txt")
 
 
 @torch.no_grad()
 def profile_prefill(model, make_cache, batch: int, prompt_len: int, label: str, out: Path) -> str:
     """CUDA and CPU time per op of one ``batch x prompt_len`` prefill (after a warm-up one)."""
-    from torch.profiler import ProfilerActivity, profile
-
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda")
     model(ids, past_key_values=make_cache(prompt_len + 8), use_cache=True, logits_to_keep=1)
     cache = make_cache(prompt_len + 8)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-    text = f"# {label}: one prefill, batch {batch}, {prompt_len} tokens: wall {wall * 1e3:.2f} ms " \
-           f"(profiled)\n{table}\n"
-    (out / f"prefill_profile_{label}.txt").write_text(text)
-    return text
+    return _profiled(lambda: model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1),
+                     f"{label}: one prefill, batch {batch}, {prompt_len} tokens",
+                     out / f"prefill_profile_{label}.txt", rows=30)
 
 
 def main():
