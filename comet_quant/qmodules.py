@@ -111,21 +111,19 @@ class SharedInputGroup:
     ``qweight`` / ``wscale`` become views of the concatenated tensors (no extra memory). The first
     member called with an input does the shared work and keeps the rest until the others ask for
     it with that same tensor (as LLaMA's attention and MLP do, one after the other); a member
-    called with any other input, or after its buffers were replaced (``.to()``, ``.float()``),
-    runs on its own.
+    called with any other input, or once a member's buffers were replaced (``.to()`` to another
+    device, ``.float()``), runs on its own.
     """
 
     def __init__(self, members: list[W4AxLinear]):
         self.members = members
         self.sizes = [m.out_features for m in members]
-        self.qweight = torch.cat([m.qweight for m in members])
-        self.wscale = torch.cat([m.wscale for m in members])
+        qweight, wscale = torch.cat([m.qweight for m in members]), torch.cat([m.wscale for m in members])
         start = 0
         for m, n in zip(members, self.sizes):
-            m.qweight, m.wscale = self.qweight[start:start + n], self.wscale[start:start + n]
+            m.qweight, m.wscale = qweight[start:start + n], wscale[start:start + n]
             m._group = self
             start += n
-        self._ptrs = [(m.qweight.data_ptr(), m.wscale.data_ptr()) for m in members]
         self._input: torch.Tensor | None = None
         self._x2: torch.Tensor | None = None
         self._pending: dict[int, torch.Tensor | None] = {}
@@ -147,8 +145,14 @@ class SharedInputGroup:
         """:meth:`same_input`, and all on the CUDA kernels (the only backend the grouping serves)."""
         return SharedInputGroup.same_input(members) and all(m.use_kernels and m.qweight.is_cuda for m in members)
 
-    def _intact(self) -> bool:
-        return all((m.qweight.data_ptr(), m.wscale.data_ptr()) == p for m, p in zip(self.members, self._ptrs))
+    def concatenated(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(qweight, wscale) of all members, or None once a member's buffers were replaced. The
+        group holds them only through the members' views, so replaced buffers free them."""
+        qweight, wscale = self.members[0].qweight._base, self.members[0].wscale._base
+        if qweight is None or wscale is None or any(
+                m.qweight._base is not qweight or m.wscale._base is not wscale for m in self.members):
+            return None
+        return qweight, wscale
 
     def output(self, member: W4AxLinear, x: torch.Tensor) -> torch.Tensor | None:
         """``member``'s output for ``x`` [..., K] (None: let the member run alone)."""
@@ -156,13 +160,13 @@ class SharedInputGroup:
 
         i = self.members.index(member)
         if self._input is not x or i not in self._pending:
-            if x.device != self.qweight.device or x.dtype not in (torch.float16, torch.bfloat16) or not self._intact():
+            weights = self.concatenated()
+            if weights is None or x.device != weights[0].device or x.dtype not in (torch.float16, torch.bfloat16):
                 return None
             x2 = x.reshape(-1, member.in_features).contiguous()
             self._input, self._x2, self._quantized = x, x2, {}
             if x2.shape[0] <= FUSED_GEMM_MAX_TOKENS:
-                y = ops.w4ax_linear(x2, member.act_perm, member.kernel_groups8, self.qweight, self.wscale, x.dtype,
-                                    member.rotate)
+                y = ops.w4ax_linear(x2, member.act_perm, member.kernel_groups8, *weights, x.dtype, member.rotate)
                 self._pending = dict(enumerate(y.reshape(*x.shape[:-1], -1).split(self.sizes, dim=-1)))
             else:
                 self._pending = dict.fromkeys(range(len(self.members)))

@@ -114,8 +114,9 @@ def test_shared_input_group_matches_members_alone(m, monkeypatch):
     assert SharedInputGroup.same_input(lins)
     assert not SharedInputGroup.compatible(lins)  # CPU tensors: load_quantized groups kernel linears only
     group = SharedInputGroup(lins)
-    storage = group.qweight.untyped_storage().data_ptr()
-    assert all(m._group is group and m.qweight.untyped_storage().data_ptr() == storage for m in lins)
+    qweight, wscale = group.concatenated()
+    assert qweight.shape[0] == wscale.shape[0] == sum(m.out_features for m in lins)
+    assert all(m._group is group and m.qweight._base is qweight and m.wscale._base is wscale for m in lins)
     quantized = []
     real = ops.quantize_linear_input
     monkeypatch.setattr(ops, "quantize_linear_input", lambda *a: quantized.append(1) or real(*a))
@@ -134,7 +135,7 @@ def test_shared_input_group_matches_members_alone(m, monkeypatch):
     torch.testing.assert_close(y, alone[1], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(first, alone[0], rtol=2e-3, atol=2e-3)
     lins[2].wscale = lins[2].wscale.clone()  # what .to() / .float() do to a buffer
-    assert group.output(lins[0], x) is None
+    assert group.concatenated() is None and group.output(lins[0], x) is None
     torch.testing.assert_close(lins[2]._forward_kernels(x), alone[2], rtol=2e-3, atol=2e-3)
 
 
