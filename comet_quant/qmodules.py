@@ -137,8 +137,7 @@ class SharedInputGroup:
         return len(members) > 1 and all(
             isinstance(m, W4AxLinear) and m.wzero is None and m.in_features == first.in_features
             and m.kernel_groups8 == first.kernel_groups8 and m.rotate == first.rotate
-            and m.group_size == first.group_size and m.act_perm.shape == first.act_perm.shape
-            and torch.equal(m.act_perm, first.act_perm) for m in members)
+            and m.group_size == first.group_size and torch.equal(m.act_perm, first.act_perm) for m in members)
 
     @staticmethod
     def compatible(members: list) -> bool:
