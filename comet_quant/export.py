@@ -86,7 +86,8 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, plan: Input
             hp = rotate_groups(rotate_groups(hp, scheme.group_size).t().contiguous(), scheme.group_size)
         q, scale, zero = gptq_quantize(w, hp, scheme.group_size, scheme.w_symmetric,
                                        scheme.gptq_damp, scheme.gptq_block,
-                                       act_order=scheme.gptq_act_order, clip=scheme.w_clip)
+                                       act_order=scheme.gptq_act_order, clip=scheme.w_clip,
+                                       int_scales=scheme.int_group_scales)
     else:
         col_weight = None
         if scheme.w_clip and sqmean is not None:
@@ -95,7 +96,7 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, plan: Input
                 g = scheme.group_size
                 col_weight = col_weight.reshape(-1, g).mean(-1, keepdim=True).expand(-1, g).reshape(-1)
         q, scale, zero = quantize_weight_rtn(w, scheme.group_size, scheme.w_symmetric,
-                                             scheme.w_clip, col_weight)
+                                             scheme.w_clip, col_weight, scheme.int_group_scales)
     return linear_tensors(q, scale, zero, plan.perm, plan.groups8, bias)
 
 

@@ -108,7 +108,8 @@ def measured_gains(sample: torch.Tensor, weights: list[torch.Tensor], plan: Inpu
     ref = (x @ w.t()).square().sum().clamp_min(1e-30)
     errs = []
     for bits in (scheme.a_bits, scheme.a_high_bits):
-        d = dequantize_symmetric(*quantize_symmetric(x, bits, g), g) - x
+        int_scales = scheme.int_group_scales and bits == scheme.a_bits
+        d = dequantize_symmetric(*quantize_symmetric(x, bits, g, int_scales), g) - x
         errs.append(torch.stack([(d[:, j:j + g] @ w[:, j:j + g].t()).square().sum()
                                  for j in range(0, plan.k_padded, g)]))
     return ((errs[0] - errs[1]).clamp_min(0) / ref).float()

@@ -16,6 +16,10 @@ UINT4_MAX = 15
 INT8_MAX = 127
 #: Smallest scale used for an all-zero group, so that dequantization stays finite and exact.
 MIN_SCALE = 1e-8
+#: Largest integer multiplier of a group scale under ``int_group_scales``: a 4-bit code times it
+#: stays an int8 ([-8, 7] x 16 = [-128, 112]), so the Hopper kernel can sum whole rows of
+#: groups in integer.
+SCALE_MULT_MAX = 16
 
 
 def qmax_for_bits(bits: int) -> int:
@@ -43,11 +47,37 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
 # Symmetric per-group quantization (activations, symmetric weights)
 # ---------------------------------------------------------------------------------------------
 
-def quantize_symmetric(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def round_up_significant(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Positive float32 ``x`` rounded up to ``bits`` significant bits (exact integer ops)."""
+    drop = 24 - bits
+    v = x.float().contiguous().view(torch.int32)
+    return ((v + ((1 << drop) - 1)) & ~((1 << drop) - 1)).view(torch.float32)
+
+
+def int_token_scales(amax: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group scales of one row as a row scale times integer multipliers (``int_group_scales``).
+
+    Args:
+        amax: float32 [R, G] group absmax.
+    Returns:
+        row: float32 [R, 1], ``max(amax) / (qmax * 16)`` rounded up to 20 significant bits (so
+            ``row * m`` is exact in float32); mult: float32 [R, G] integers in [1, 16],
+            ``ceil(amax / (qmax * row))``: the smallest multiplier whose range holds the group.
+    """
+    den = torch.full_like(amax[:, :1], qmax * SCALE_MULT_MAX)
+    row = round_up_significant((amax.amax(-1, keepdim=True) / den).clamp_min(MIN_SCALE), 20)
+    mult = torch.ceil(amax / (row * qmax)).clamp_(1, SCALE_MULT_MAX)
+    return row, mult
+
+
+def quantize_symmetric(x: torch.Tensor, bits: int, group_size: int,
+                       int_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric round-to-nearest quantization with one scale per row and group.
 
     Args:
         x: float [R, K], K a multiple of ``group_size``.
+        int_scales: every group scale of a row is the row's scale times an integer in [1, 16]
+            (:func:`int_token_scales`) instead of the group's own absmax / qmax.
     Returns:
         q: int8 [R, K], values in [-qmax, qmax] (qmax = 7 for 4 bits, 127 for 8 bits).
         scale: float32 [R, K // group_size], ``x ~= q * scale`` group-wise.
@@ -58,9 +88,13 @@ def quantize_symmetric(x: torch.Tensor, bits: int, group_size: int) -> tuple[tor
     qmax = qmax_for_bits(bits)
     xg = x.float().reshape(r, g, group_size)
     amax = xg.abs().amax(dim=-1)
-    # A tensor divisor keeps true IEEE division on every device (CUDA turns a scalar divisor
-    # into a reciprocal multiply), so the reference and the kernels agree bitwise.
-    scale = (amax / torch.full_like(amax, qmax)).clamp_min(MIN_SCALE)
+    if int_scales and g:
+        row, mult = int_token_scales(amax, qmax)
+        scale = row * mult
+    else:
+        # A tensor divisor keeps true IEEE division on every device (CUDA turns a scalar
+        # divisor into a reciprocal multiply), so the reference and the kernels agree bitwise.
+        scale = (amax / torch.full_like(amax, qmax)).clamp_min(MIN_SCALE)
     # Codes are round(x * (1 / s)): one IEEE division per group, which is what the kernel does.
     inv = torch.ones_like(scale) / scale
     q = torch.round(xg * inv[..., None]).clamp_(-qmax, qmax).to(torch.int8)
@@ -79,7 +113,8 @@ def dequantize_symmetric(q: torch.Tensor, scale: torch.Tensor, group_size: int) 
 # ---------------------------------------------------------------------------------------------
 
 def weight_qparams(w: torch.Tensor, group_size: int, symmetric: bool, clip: bool = False,
-                   col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   col_weight: torch.Tensor | None = None,
+                   row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales (and zero points) of int4 weight quantization.
 
     Args:
@@ -90,20 +125,34 @@ def weight_qparams(w: torch.Tensor, group_size: int, symmetric: bool, clip: bool
         col_weight: float [K] importance of each input column for the clipping search (the
             layer input's mean square, so the error measured is the output error's diagonal
             term); uniform when None.
+        row_scale: float32 [N] (``int_group_scales``, symmetric only; see
+            :func:`int_row_scales`): every group scale is ``row_scale * m`` with an integer
+            ``m`` in [1, 16], the smallest that holds the group's range, or with ``clip`` the
+            one of the 16 with the least weighted rounding error.
     Returns:
         scale: float32 [N, K/g]; zero: uint8 [N, K/g] in [0, 15] for asymmetric, else None.
     """
     n, k = w.shape
     g = _check_groups(k, group_size)
     wg = w.float().reshape(n, g, group_size)
+    if row_scale is not None and not symmetric:
+        raise CometError("integer group scales (int_group_scales) need symmetric weights; "
+                         "set w_symmetric=true")
     if not clip:
+        if row_scale is not None:
+            rs = row_scale.float().to(w.device)[:, None]
+            return rs * torch.ceil(wg.abs().amax(-1) / (rs * INT4_MAX)).clamp_(1, SCALE_MULT_MAX), None
         return _range_qparams(wg.amin(-1), wg.amax(-1), symmetric)
     cw = (torch.ones(k, device=w.device) if col_weight is None else col_weight.float().to(w.device))
     cw = cw.reshape(1, g, group_size)
     wmin, wmax = wg.amin(-1), wg.amax(-1)
     best_err = best_scale = best_zero = None
-    for alpha in CLIP_GRID:
-        scale, zero = _range_qparams(wmin * alpha, wmax * alpha, symmetric)
+    if row_scale is not None:
+        rs = row_scale.float().to(w.device)[:, None].expand(n, g)
+        candidates = [(rs * m, None) for m in range(1, SCALE_MULT_MAX + 1)]
+    else:
+        candidates = (_range_qparams(wmin * alpha, wmax * alpha, symmetric) for alpha in CLIP_GRID)
+    for scale, zero in candidates:
         q = quantize_weight_with(wg.reshape(n, k), scale, zero, group_size).reshape(n, g, group_size)
         deq = (q.float() - (0.0 if zero is None else zero.float()[..., None])) * scale[..., None]
         err = ((deq - wg).square() * cw).sum(-1)
@@ -120,6 +169,20 @@ def weight_qparams(w: torch.Tensor, group_size: int, symmetric: bool, clip: bool
 
 #: Range shrink factors tried by the weight clipping search (1.0 = no clipping).
 CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))
+
+
+def int_row_scales(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Row scales of ``int_group_scales`` weights: float32 [N] holding fp16 values.
+
+    ``max(group absmax) / (7 * 16)``, rounded up to an fp16 value of at most 7 significant bits,
+    so that every group scale ``row * m`` (m in [1, 16]) is exact in the checkpoint's fp16.
+    """
+    n, k = w.shape
+    g = _check_groups(k, group_size)
+    amax = w.float().reshape(n, g, group_size).abs().amax(-1).amax(-1)
+    s = _half_round_up((amax / (INT4_MAX * SCALE_MULT_MAX)).clamp_min(MIN_SCALE))
+    h = s.half().view(torch.int16)
+    return ((h + 15) & ~15).view(torch.float16).float()
 
 
 def _range_qparams(wmin: torch.Tensor, wmax: torch.Tensor, symmetric: bool):
@@ -149,13 +212,15 @@ def quantize_weight_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 
 def quantize_weight_rtn(w: torch.Tensor, group_size: int, symmetric: bool, clip: bool = False,
-                        col_weight: torch.Tensor | None = None):
+                        col_weight: torch.Tensor | None = None, int_scales: bool = False):
     """Round-to-nearest int4 weights. Returns (q int8 [N, K], scale f32 [N, K/g], zero|None).
 
-    ``clip``/``col_weight``: the clipping search of :func:`weight_qparams`.
+    ``clip``/``col_weight``: the clipping search of :func:`weight_qparams`; ``int_scales``: group
+    scales on the integer grid of :func:`int_row_scales`.
     """
     _check_finite(w, "weights")
-    scale, zero = weight_qparams(w, group_size, symmetric, clip, col_weight)
+    rows = int_row_scales(w, group_size) if int_scales else None
+    scale, zero = weight_qparams(w, group_size, symmetric, clip, col_weight, rows)
     return quantize_weight_with(w, scale, zero, group_size), scale, zero
 
 
@@ -212,13 +277,16 @@ def pad_channels(x: torch.Tensor, k_padded: int) -> torch.Tensor:
 
 
 def quantize_activation(x: torch.Tensor, perm: torch.Tensor, groups8: int, group_size: int,
-                        low_bits: int = 4, high_bits: int = 8):
+                        low_bits: int = 4, high_bits: int = 8, int_scales: bool = False):
     """Reference of the fused activation-quantization kernel.
 
     Args:
         x: float [M, K] activations in the layer's original channel order.
         perm: int [K_pad]; channel ``j`` of the permuted input is ``pad(x)[:, perm[j]]``.
         groups8: number of leading permuted groups quantized with ``high_bits``.
+        int_scales: the low-precision groups of a token share one scale times integer
+            multipliers (``int_group_scales``, :func:`int_token_scales`); the 8-bit groups keep
+            their own scales.
     Returns:
         q8: int8 [M, groups8 * g] codes of the high-precision groups.
         q4: int8 [M, K_pad - groups8 * g] codes in [-7, 7] of the low-precision groups
@@ -228,7 +296,7 @@ def quantize_activation(x: torch.Tensor, perm: torch.Tensor, groups8: int, group
     xp = pad_channels(x, perm.numel()).index_select(-1, perm.long())
     k8 = groups8 * group_size
     q8, s8 = quantize_symmetric(xp[:, :k8], high_bits, group_size)
-    q4, s4 = quantize_symmetric(xp[:, k8:], low_bits, group_size)
+    q4, s4 = quantize_symmetric(xp[:, k8:], low_bits, group_size, int_scales)
     return q8, q4, torch.cat((s8, s4), dim=1)
 
 
@@ -248,7 +316,8 @@ def rotate_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def fake_quantize_activation(x: torch.Tensor, perm: torch.Tensor, groups8: int, group_size: int,
-                             low_bits: int = 4, high_bits: int = 8, rotate: bool = False) -> torch.Tensor:
+                             low_bits: int = 4, high_bits: int = 8, rotate: bool = False,
+                             int_scales: bool = False) -> torch.Tensor:
     """Permuted, padded (optionally group-rotated) activations after quantize -> dequantize:
     float [..., K_pad]."""
     shape = x.shape
@@ -256,7 +325,7 @@ def fake_quantize_activation(x: torch.Tensor, perm: torch.Tensor, groups8: int, 
     if rotate:
         x2 = rotate_groups(pad_channels(x2, perm.numel()).index_select(-1, perm.long()), group_size)
         perm = torch.arange(perm.numel(), device=perm.device)
-    q8, q4, scale = quantize_activation(x2, perm, groups8, group_size, low_bits, high_bits)
+    q8, q4, scale = quantize_activation(x2, perm, groups8, group_size, low_bits, high_bits, int_scales)
     g8 = groups8
     parts = []
     if q8.shape[1]:

@@ -37,6 +37,7 @@ class W4AxLinear(nn.Module):
         self.group_size = scheme.group_size
         self.a_bits, self.a_high_bits = scheme.a_bits, scheme.a_high_bits
         self.rotate = scheme.rotate
+        self.int_scales = scheme.int_group_scales
         self.groups8 = int(tensors["act_groups8"][0])
         for key in ("qweight", "wscale", "wzero", "act_perm", "bias"):
             self.register_buffer(key, tensors.get(key))
@@ -61,7 +62,7 @@ class W4AxLinear(nn.Module):
             xp = pad_channels(x, self.k_padded).index_select(-1, self.act_perm.long())
             return rotate_groups(xp, self.group_size) if self.rotate else xp
         return fake_quantize_activation(x, self.act_perm, self.groups8, self.group_size,
-                                        self.a_bits, self.a_high_bits, self.rotate)
+                                        self.a_bits, self.a_high_bits, self.rotate, self.int_scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernels and x.is_cuda:
@@ -232,8 +233,8 @@ def resolve_backend(ckpt: QuantizedCheckpoint, backend: str, device: str) -> boo
         raise CometError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if backend == "simulated":
         return False
-    s = ckpt.scheme
-    supported = s.group_size == 128 and s.w_symmetric and s.a_bits in (4, 8)
+    gap = ckpt.scheme.kernel_gap()
+    supported = gap is None
     if backend == "auto":
         from . import ops
         return supported and device.startswith("cuda") and ops.kernels_available()
@@ -241,8 +242,7 @@ def resolve_backend(ckpt: QuantizedCheckpoint, backend: str, device: str) -> boo
         raise CometError("--backend kernels needs a CUDA GPU (use --device cuda on a GPU machine, "
                          "or --backend simulated)")
     if not supported:
-        raise CometError(f"the W4Ax kernels take group size 128, symmetric weights and 4/8-bit "
-                         f"activations; scheme '{s.name}' runs with --backend simulated only")
+        raise CometError(f"{gap}: use --backend simulated")
     from . import ops
     ops.build()
     return True

@@ -60,6 +60,11 @@ class QuantScheme:
         rotate: rotate every group of activations and weight columns by a 128-point Hadamard
             matrix before quantizing (QuaRot-like; spreads outliers within the group; the
             activation-quantization kernel applies it in registers).
+        int_group_scales: the group scales of a weight row, and of a token's 4-bit activation
+            groups, are one scale of the row (token) times an integer in [1, 16] instead of
+            free values (docs/SCHEME.md, "Integer group scales"): on Hopper the GEMM can then
+            sum the 4-bit groups of a row in integer, without a float rescale per group.
+            Needs symmetric weights.
         kv_bits: KV-cache bits: 4, 8, or 16 (unquantized); asymmetric per token per head.
         k_policy: what to do when a linear's K is not a multiple of ``group_size``: ``pad``
             with zero channels up to the next multiple (stated in the export log and recorded
@@ -85,6 +90,7 @@ class QuantScheme:
     a8_layer_cap: float = 1.0
     permute: bool = True
     rotate: bool = False
+    int_group_scales: bool = False
     kv_bits: int = 4
     k_policy: str = "pad"
 
@@ -121,6 +127,11 @@ class QuantScheme:
             raise bad(f"a8_layer_cap is a fraction in (0, 1] (got {self.a8_layer_cap!r})")
         if self.rotate and gs & (gs - 1):
             raise bad(f"rotate needs a power-of-two group_size (got {gs})")
+        if self.int_group_scales and not self.w_symmetric:
+            raise bad("int_group_scales needs symmetric weights (w_symmetric=true)")
+        if self.int_group_scales and self.a_bits == 8:
+            raise bad("int_group_scales applies to 4-bit activation groups; with a_bits=8 "
+                      "leave it off")
         if self.kv_bits not in (4, 8, 16):
             raise bad(f"kv_bits must be 4, 8 or 16 (got {self.kv_bits!r})")
         if self.k_policy not in K_POLICIES:
@@ -129,6 +140,16 @@ class QuantScheme:
     @property
     def quantizes_activations(self) -> bool:
         return self.a_bits < 16
+
+    def kernel_gap(self) -> str | None:
+        """Why the W4Ax CUDA kernels cannot run this scheme, or None if they can."""
+        if self.group_size != DEFAULT_GROUP_SIZE or not self.w_symmetric or self.a_bits not in (4, 8):
+            return (f"the W4Ax kernels take group size {DEFAULT_GROUP_SIZE}, symmetric weights and "
+                    f"4/8-bit activations; scheme '{self.name}' runs on the reference path only")
+        if self.int_group_scales:
+            return (f"the W4Ax kernels do not quantize activations with integer group scales yet; "
+                    f"scheme '{self.name}' (int_group_scales) runs on the reference path only")
+        return None
 
     @property
     def needs_hessians(self) -> bool:

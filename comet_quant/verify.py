@@ -37,9 +37,8 @@ def verify_checkpoint(path, tolerance: float = DEFAULT_TOLERANCE, tokens: int = 
     from . import ops
 
     s = ckpt.scheme
-    if s.group_size != ops.GROUP or not s.w_symmetric or s.a_bits == 16:
-        raise CometError(f"the W4Ax kernels take group size {ops.GROUP}, symmetric weights and "
-                         f"4/8-bit activations; scheme '{s.name}' uses the reference path only")
+    if s.kernel_gap():
+        raise CometError(s.kernel_gap())
     ops.build()
     tensors = ckpt.tensors()
     gen = torch.Generator().manual_seed(seed)

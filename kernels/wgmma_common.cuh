@@ -60,5 +60,26 @@ __device__ __forceinline__ void weight_fragments(const uint4& w0, const uint4& w
   }
 }
 
+// The same fragments for a group whose scales are integer multiples of the row's
+// (int_group_scales): int8 values code * m, m in [1, 16] the row's multiplier in this group, so
+// that whole rows of groups add up in the int32 accumulator. Per byte (code + 8) * m + 128 - 8m
+// lies in [0, 240], so one 32-bit multiply-add makes four bytes without carries, and the top-bit
+// flip takes it back to code * m. m0 / m1: the multipliers of rows r / r + 8.
+__device__ __forceinline__ uint32_t times_mult(uint32_t biased, uint32_t m, uint32_t c) {
+  return (biased * m + c) ^ 0x80808080u;
+}
+__device__ __forceinline__ void weight_fragments_int(const uint4& w0, const uint4& w1, uint32_t m0, uint32_t m1,
+                                                     uint32_t (&a)[4][4]) {
+  const uint32_t c0 = (128u - 8u * m0) * 0x01010101u, c1 = (128u - 8u * m1) * 0x01010101u;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint32_t x = detail::word(w0, k) ^ 0x88888888u, y = detail::word(w1, k) ^ 0x88888888u;
+    a[k][0] = times_mult(x & 0x0F0F0F0Fu, m0, c0);
+    a[k][1] = times_mult(y & 0x0F0F0F0Fu, m1, c1);
+    a[k][2] = times_mult((x >> 4) & 0x0F0F0F0Fu, m0, c0);
+    a[k][3] = times_mult((y >> 4) & 0x0F0F0F0Fu, m1, c1);
+  }
+}
+
 }  // namespace sm90
 }  // namespace comet

@@ -19,7 +19,10 @@ loop structure itself: what a kernel built on it can reach at best. Configuratio
                 (named barriers), so one's rescale runs while the other's wgmma do
     rescale     0: none (the tensor-core stream alone: the accumulators are never reset, or ptxas
                 drops the wgmma whose results are overwritten), 1: the kernel's
-                three-instruction rescale
+                three-instruction rescale, 2: integer group scales (int_group_scales): the
+                weight fragments expanded as code x multiplier (weight_fragments_int) and the
+                groups summed in the int32 accumulators, no rescale; each group one commit,
+                waited for one group later (when the kernel would release its stage)
 
 Writes the CUDA source, builds it with nvcc for sm_90a, runs it, prints one row per
 configuration (median of 5 timed launches) and the ptxas resource report:
@@ -55,6 +58,9 @@ CONFIGS = [
     ("rs", 64, 4, "halves", 1),
     ("ss", 64, 4, "halves", 1),
     ("rs", 64, 4, "one", 1),
+    ("rs", 128, 2, "one", 2),
+    ("rs", 192, 2, "one", 2),
+    ("rs", 256, 2, "one", 2),
 ]
 LOOPS = {"one": 0, "halves": 1, "two": 2}
 
@@ -105,7 +111,7 @@ template <int N, bool SS> struct Mma;
 __device__ __forceinline__ void bar_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
 __device__ __forceinline__ void bar_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
 
-template <int N, bool SS, int WGS, int LOOP, bool RESCALE, bool PP = false>
+template <int N, bool SS, int WGS, int LOOP, int RESCALE, bool PP = false>
 __global__ void __launch_bounds__(WGS * 128, 1) probe(int groups, float* out) {
   constexpr int R = N / 2;           // int32 accumulators per thread
   constexpr int B_BYTES = N * 128;   // token tile [N][128], 128-byte swizzle (content is arbitrary)
@@ -130,21 +136,25 @@ __global__ void __launch_bounds__(WGS * 128, 1) probe(int groups, float* out) {
 #pragma unroll
   for (int e = 0; e < R; ++e) acc[e] = 0.f;
 
-  auto frags = [&](uint32_t (&a)[4][4]) { weight_fragments(lds128(w_off), lds128(w_off + 8 * 64), a); };
+  const uint32_t m0 = 1 + (lane & 15), m1 = 16 - (lane & 15);  // integer multipliers (RESCALE == 2)
+  auto frags = [&](uint32_t (&a)[4][4]) {
+    if constexpr (RESCALE == 2) weight_fragments_int(lds128(w_off), lds128(w_off + 8 * 64), m0, m1, a);
+    else weight_fragments(lds128(w_off), lds128(w_off + 8 * 64), a);
+  };
   // One group's four k32 steps on tokens [t0, t0 + NN) into d.
   auto steps = [&](auto& d, uint32_t (&a)[4][4], int t0) {
     using M = Mma<sizeof(d) / sizeof(int) * 2, SS>;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const uint64_t b = db + ((t0 * 128) >> 4) + 2 * k;
-      if (k == 0 && RESCALE) M::template run<false>(d, a[k], da + 2 * k, b);  // else nothing is dead code
+      if (k == 0 && RESCALE == 1) M::template run<false>(d, a[k], da + 2 * k, b);  // else nothing is dead code
       else M::template run<true>(d, a[k], da + 2 * k, b);
     }
   };
   auto rescale = [&](int (&d)[R], int j0, int j1) {
 #pragma unroll
     for (int e = 4 * j0; e < 4 * j1; ++e) fence_operand(d[e]);
-    if constexpr (RESCALE) {
+    if constexpr (RESCALE == 1) {
 #pragma unroll
       for (int j = j0; j < j1; ++j) {
         const float2 as = lds64f(s0 + 8 * tig + 32 * j);
@@ -178,7 +188,16 @@ __global__ void __launch_bounds__(WGS * 128, 1) probe(int groups, float* out) {
   auto turn = [&]() { if constexpr (PP) bar_sync(1 + wg); };
   auto pass = [&](int i) { if constexpr (PP) if (wg == 0 || i + 1 < groups) bar_arrive(2 - wg); };
   if constexpr (PP) if (wg == 1) bar_arrive(1);
-  if constexpr (LOOP == 0) {
+  if constexpr (RESCALE == 2) {  // one int32 sum over the groups; group i - 1 waited for after i is issued
+#pragma unroll
+    for (int e = 0; e < R; ++e) d0[e] = 0;
+    for (int i = 0; i < groups; ++i) {
+      issue(d0);
+      wgmma_wait<1>();
+      __syncwarp();
+    }
+    wgmma_wait<0>();
+  } else if constexpr (LOOP == 0) {
     for (int i = 0; i < groups; ++i) {
       turn();
       issue(d0);
@@ -220,11 +239,11 @@ __global__ void __launch_bounds__(WGS * 128, 1) probe(int groups, float* out) {
   }
   float s = 0.f;
 #pragma unroll
-  for (int e = 0; e < R; ++e) s += RESCALE ? acc[e] : static_cast<float>(d0[e]);  // keeps the results live
+  for (int e = 0; e < R; ++e) s += RESCALE == 1 ? acc[e] : static_cast<float>(d0[e]);  // keeps the results live
   out[blockIdx.x * T + threadIdx.x] = s;
 }
 
-template <int N, bool SS, int WGS, int LOOP, bool RESCALE, bool PP = false>
+template <int N, bool SS, int WGS, int LOOP, int RESCALE, bool PP = false>
 void run(const char* name, int groups, int sms, float* out) {
   auto k = probe<N, SS, WGS, LOOP, RESCALE, PP>;
   const int smem = N * 128 + WGS * 64 * 128 + N * 4 + 1024;
@@ -273,7 +292,7 @@ def source() -> str:
             shapes.add((nn, a == "ss"))
         pp = bool(pp and pp[0])
         name = f"{a}, {n}, {wgs}, {loop}{' ping-pong' if pp else ''}, {resc}"
-        runs.append(f'  run<{n}, {str(a == "ss").lower()}, {wgs}, {LOOPS[loop]}, {str(bool(resc)).lower()}, '
+        runs.append(f'  run<{n}, {str(a == "ss").lower()}, {wgs}, {LOOPS[loop]}, {resc}, '
                     f'{str(pp).lower()}>("{name}", groups, sms, out);')
     for n, ss in sorted(shapes):
         fns.append(wgmma_fn(n, ss))
