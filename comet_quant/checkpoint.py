@@ -25,16 +25,19 @@ from .scheme import FORMAT_VERSION, QuantScheme
 QUANT_METHOD = "comet"
 INDEX_FILE = "model.safetensors.index.json"
 MANIFEST_FILE = "comet_manifest.json"
-LINEAR_KEYS = ("qweight", "wscale", "wzero", "act_perm", "act_groups8", "bias")
+LINEAR_KEYS = ("qweight", "wscale", "wscale_row", "wzero", "act_perm", "act_groups8", "bias")
 
 
 def linear_tensors(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                   perm: torch.Tensor, groups8: int, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                   perm: torch.Tensor, groups8: int, bias: torch.Tensor | None,
+                   row_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The stored tensors of one quantized linear (names without the module prefix).
 
     Args:
         q: int8 [N, K_pad] int4 codes in permuted column order.
         scale: float [N, K_pad/g]; zero: uint8 [N, K_pad/g] or None; perm: int [K_pad].
+        row_scale: float [N] (``int_group_scales``): every ``scale[n, g]`` is ``row_scale[n]``
+            times an integer in [1, 16]; stored as ``wscale_row``.
     """
     out = {
         "qweight": pack_int4(q).contiguous(),
@@ -44,6 +47,8 @@ def linear_tensors(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     }
     if zero is not None:
         out["wzero"] = zero.to(torch.uint8).contiguous()
+    if row_scale is not None:
+        out["wscale_row"] = row_scale.to(torch.float16).contiguous()
     if bias is not None:
         out["bias"] = bias.detach().to(torch.float16).contiguous()
     return out
@@ -260,6 +265,9 @@ def _check_shapes(ckpt: QuantizedCheckpoint) -> None:
                         if f"{p}.{key}" not in shapes:
                             raise CometError(f"checkpoint {ckpt.path} lacks tensor {p}.{key}; re-export it")
                     qshape, sshape = shapes[f"{p}.qweight"], shapes[f"{p}.wscale"]
+                    if ckpt.scheme.int_group_scales and shapes.get(f"{p}.wscale_row") != [qshape[0]]:
+                        raise CometError(f"checkpoint {ckpt.path} uses integer group scales but its "
+                                         f"tensor {p}.wscale_row is missing or not [N]; re-export it")
                     if qshape[1] * 2 != kp or sshape != [qshape[0], kp // g] or shapes[f"{p}.act_perm"] != [kp]:
                         raise CometError(f"tensor shapes of {p} do not match the checkpoint config "
                                          f"(K_pad={kp}, group {g}); the checkpoint is mismatched, re-export it")

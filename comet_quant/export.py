@@ -16,7 +16,7 @@ from .gptq import gptq_quantize
 from .lazy import LayerwiseModel, return_freed_memory
 from .models import SITES, ModelRef, fingerprint, resolve_model
 from .outputs import check_output_dir, output_dir, partial_dir
-from .primitives import pad_channels, quantize_weight_rtn, rotate_groups
+from .primitives import int_row_scales, pad_channels, quantize_weight_rtn, rotate_groups
 from .scheme import DEFAULT_PRESET, QuantScheme, get_scheme
 
 
@@ -76,6 +76,7 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, plan: Input
     w = pad_channels(weight.float(), plan.k_padded)[:, perm]
     if scheme.rotate:  # y = x W^T = (x R)(W R)^T for the orthonormal block rotation R
         w = rotate_groups(w, scheme.group_size)
+    rows = int_row_scales(w, scheme.group_size) if scheme.int_group_scales else None
     if scheme.w_method == "gptq":
         if hessian is None:
             raise CometError("GPTQ needs calibration Hessians")
@@ -87,7 +88,7 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, plan: Input
         q, scale, zero = gptq_quantize(w, hp, scheme.group_size, scheme.w_symmetric,
                                        scheme.gptq_damp, scheme.gptq_block,
                                        act_order=scheme.gptq_act_order, clip=scheme.w_clip,
-                                       int_scales=scheme.int_group_scales)
+                                       row_scale=rows)
     else:
         col_weight = None
         if scheme.w_clip and sqmean is not None:
@@ -96,8 +97,8 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, plan: Input
                 g = scheme.group_size
                 col_weight = col_weight.reshape(-1, g).mean(-1, keepdim=True).expand(-1, g).reshape(-1)
         q, scale, zero = quantize_weight_rtn(w, scheme.group_size, scheme.w_symmetric,
-                                             scheme.w_clip, col_weight, scheme.int_group_scales)
-    return linear_tensors(q, scale, zero, plan.perm, plan.groups8, bias)
+                                             scheme.w_clip, col_weight, rows)
+    return linear_tensors(q, scale, zero, plan.perm, plan.groups8, bias, rows)
 
 
 def _open_or_make_calibration(ref: ModelRef, calib: str | Path | None, scheme: QuantScheme,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .errors import CometError
-from .primitives import int_row_scales, quantize_weight_with, weight_qparams
+from .primitives import quantize_weight_with, weight_qparams
 
 MAX_DAMP_RETRIES = 8
 
@@ -34,7 +34,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, group_size: int, symmetric: bool,
                   damp: float = 0.01, block: int = 128, act_order: bool = False, clip: bool = False,
-                  int_scales: bool = False):
+                  row_scale: torch.Tensor | None = None):
     """Quantize ``w`` with GPTQ error compensation.
 
     Args:
@@ -48,8 +48,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, group_size: int, symme
         clip: choose each group's scale with the clipping search of
             :func:`~comet_quant.primitives.weight_qparams`, weighting columns by the Hessian
             diagonal.
-        int_scales: group scales on the integer grid of one scale per row
-            (:func:`~comet_quant.primitives.int_row_scales`, from the unmodified weight).
+        row_scale: float [N]: group scales on its integer grid (``int_group_scales``,
+            :func:`~comet_quant.primitives.int_row_scales` of the unmodified weight).
     Returns:
         q: int8 [N, K] int4 codes (signed, or unsigned with ``zero``);
         scale: float32 [N, K / group_size]; zero: uint8 [N, K / group_size] or None.
@@ -67,11 +67,10 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, group_size: int, symme
     scale = torch.zeros(n, ng, device=W.device)
     zero = None if symmetric else torch.zeros(n, ng, dtype=torch.uint8, device=W.device)
     order = None
-    rows = int_row_scales(W, group_size) if int_scales else None
     if act_order:
         # Static groups: scales from the whole weight up front; then sweep the columns by
         # decreasing input energy, each quantized with its own group's scale.
-        scale, zero = weight_qparams(W, group_size, symmetric, clip, diag, rows)
+        scale, zero = weight_qparams(W, group_size, symmetric, clip, diag, row_scale)
         order = torch.argsort(diag, descending=True, stable=True)
         W, H = W[:, order], H[order][:, order]
         group_of = (order // group_size).to(W.device)
@@ -89,7 +88,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, group_size: int, symme
                 gi = col // group_size
                 if col % group_size == 0:
                     s, z = weight_qparams(W1[:, i:i + group_size], group_size, symmetric, clip,
-                                          diag[col:col + group_size], rows)
+                                          diag[col:col + group_size], row_scale)
                     scale[:, gi] = s[:, 0]
                     if zero is not None:
                         zero[:, gi] = z[:, 0]

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from .errors import CometError
-from .primitives import pack_int4, pad_channels, quantize_activation, rotate_groups, unpack_int4
+from .primitives import (MIN_SCALE, SCALE_SPAN, int_token_scales, pack_int4, pad_channels, quantize_activation,
+                         rotate_groups, round_up_significant, unpack_int4)
 
 GROUP = 128  # kernels/w4ax.h kGroup
 SOURCES = ("binding.cpp", "w4ax_kernels.cu", "w4ax_wgmma.cu", "kv4_kernels.cu")
@@ -47,21 +48,23 @@ WIDE_ORDER[torch.tensor([_wide_position(c) for c in range(GROUP)])] = torch.aran
 # References (the CPU path and the test oracle)
 # ---------------------------------------------------------------------------------------------
 
-def quantize_act_reference(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool = False):
+def quantize_act_reference(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool = False,
+                           int_scales: bool = False):
     """Reference of ``comet::quantize_act``.
 
     Args:
         x: float16/bfloat16 [M, K]; perm: int32 [K_pad]; groups8: leading 8-bit groups;
-        rotate: multiply each permuted group by the orthonormal Hadamard matrix first.
+        rotate: multiply each permuted group by the orthonormal Hadamard matrix first;
+        int_scales: integer group scales for the 4-bit groups (``int_group_scales``).
     Returns:
         q8 int8 [M, groups8*128], q4 uint8 [M, (K_pad - groups8*128)/2] packed, scales f32 [M, G].
     """
     if rotate:
         xr = rotate_groups(pad_channels(x.float(), perm.numel()).index_select(-1, perm.long()), GROUP)
         identity = torch.arange(perm.numel(), device=perm.device)
-        q8, q4, scales = quantize_activation(xr, identity, groups8, GROUP)
+        q8, q4, scales = quantize_activation(xr, identity, groups8, GROUP, int_scales=int_scales)
         return q8, pack_int4(q4), scales
-    q8, q4, scales = quantize_activation(x.float(), perm, groups8, GROUP)
+    q8, q4, scales = quantize_activation(x.float(), perm, groups8, GROUP, int_scales=int_scales)
     return q8, pack_int4(q4), scales
 
 
@@ -83,32 +86,70 @@ def w4ax_gemm_reference(q8, q4, ascale, qweight, wscale, groups8: int,
     return y.to(out_dtype)
 
 
-def quantize_act_wide_reference(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool = False):
+def spans(groups: int) -> int:
+    """Spans of integer group scales in a row of ``groups`` groups."""
+    return -(-groups // SCALE_SPAN)
+
+
+def quantize_act_wide_reference(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool = False,
+                                int_scales: bool = False):
     """Reference of ``comet::quantize_act_wide``: the codes of :func:`quantize_act_reference`
     laid out for the Hopper GEMM.
 
     Returns:
-        qa int8 [M, K_pad]: every group as int8 (4-bit groups keep codes in [-7, 7]), the channels
-        of each group in WIDE_ORDER; scales_t f32 [G, M_pad]: the scales transposed, M_pad = M
-        rounded up to 4, padding zero.
+        qa int8 [M, K_pad]: every group as int8 (4-bit groups keep codes in [-7, 7]; with
+        ``int_scales`` code * m, m the group's integer multiplier), the channels of each group in
+        WIDE_ORDER; scales_t f32 [G, M_pad]: the scales transposed, M_pad = M rounded up to 4,
+        padding zero; with ``int_scales`` [G + spans, M_pad], row G + s the scale of span s.
     """
-    q8, q4, scales = quantize_act_reference(x, perm, groups8, rotate)
-    qa = torch.cat((q8, unpack_int4(q4, signed=True)), dim=1)
-    m, kp = qa.shape
+    q8, q4, scales = quantize_act_reference(x, perm, groups8, rotate, int_scales)
+    q4 = unpack_int4(q4, signed=True)
+    m, g = scales.shape
+    # A span without 4-bit groups still gets the kernel's value: the scale of an all-zero span.
+    empty_span = round_up_significant(torch.tensor([MIN_SCALE]), 20).item()
+    span_rows = scales.new_full((m, spans(g) if int_scales else 0), empty_span)
+    if int_scales and q4.shape[1]:
+        xp = pad_channels(x.float(), perm.numel()).index_select(-1, perm.long())
+        if rotate:
+            xp = rotate_groups(xp, GROUP)
+        amax = xp[:, groups8 * GROUP:].reshape(m, -1, GROUP).abs().amax(-1)
+        span, mult = int_token_scales(amax, 7, groups8)
+        q4 = (q4.reshape(m, -1, GROUP) * mult.to(torch.int8)[..., None]).reshape(m, -1)
+        first = torch.arange(groups8, g, device=x.device) // SCALE_SPAN
+        span_rows[:, first] = span
+    qa = torch.cat((q8, q4), dim=1)
+    kp = qa.shape[1]
     qa = qa.reshape(m, kp // GROUP, GROUP)[:, :, WIDE_ORDER.to(qa.device)].reshape(m, kp)
-    scales_t = scales.new_zeros(scales.shape[1], -(-m // 4) * 4)
-    scales_t[:, :m] = scales.t()
+    scales_t = scales.new_zeros(g + span_rows.shape[1], -(-m // 4) * 4)
+    scales_t[:, :m] = torch.cat((scales, span_rows), 1).t()
     return qa.contiguous(), scales_t
 
 
-def w4ax_gemm_wide_reference(qa, scales_t, qweight, wscale, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+def w4ax_gemm_wide_reference(qa, scales_t, qweight, wscale, out_dtype: torch.dtype = torch.float16,
+                             wscale_row: torch.Tensor | None = None, groups8: int = 0) -> torch.Tensor:
     """Reference of ``comet::w4ax_gemm_wide``: :func:`w4ax_gemm_reference` with every group
-    treated as int8, after undoing the wide channel order."""
+    treated as int8, after undoing the wide channel order.
+
+    With ``wscale_row`` (integer group scales) the 4-bit groups (from ``groups8`` on) hold
+    code * m: their weights enter as code * (wscale / wscale_row) and each span's integer sum is
+    scaled by the span's activation scale (row G + span of ``scales_t``) times ``wscale_row``.
+    """
     m, kp = qa.shape
+    g = kp // GROUP
     inverse = torch.argsort(WIDE_ORDER).to(qa.device)
-    logical = qa.reshape(m, kp // GROUP, GROUP)[:, :, inverse].reshape(m, kp)
-    empty4 = torch.empty(m, 0, dtype=torch.uint8, device=qa.device)
-    return w4ax_gemm_reference(logical, empty4, scales_t[:, :m].t(), qweight, wscale, kp // GROUP, out_dtype)
+    logical = qa.reshape(m, g, GROUP)[:, :, inverse].reshape(m, kp)
+    if wscale_row is None:
+        empty4 = torch.empty(m, 0, dtype=torch.uint8, device=qa.device)
+        return w4ax_gemm_reference(logical, empty4, scales_t[:g, :m].t(), qweight, wscale, g, out_dtype)
+    qw = unpack_int4(qweight, signed=True).double().reshape(-1, g, GROUP)
+    mult = torch.round(wscale.double() / wscale_row.double()[:, None])
+    dots = torch.einsum("mgk,ngk->mng", logical.double().reshape(m, g, GROUP), qw)
+    scale = scales_t[:g, :m].t().double()[:, None, :] * wscale.double()[None]  # the 8-bit groups
+    span_of = torch.arange(g, device=qa.device) // SCALE_SPAN
+    int_scale = scales_t[g + span_of, :m].t().double()[:, None, :] * wscale_row.double()[None, :, None]
+    is_int = torch.arange(g, device=qa.device) >= groups8
+    scale = torch.where(is_int, int_scale * mult[None], scale)
+    return (dots * scale).sum(-1).to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,20 +224,21 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("comet::quantize_act")
-    def _(x, perm, groups8, rotate=False):
+    def _(x, perm, groups8, rotate=False, int_scales=False):
         m, kp = x.shape[0], perm.shape[0]
         k8 = groups8 * GROUP
         return (x.new_empty(m, k8, dtype=torch.int8), x.new_empty(m, (kp - k8) // 2, dtype=torch.uint8),
                 x.new_empty(m, kp // GROUP, dtype=torch.float32))
 
     @torch.library.register_fake("comet::quantize_act_wide")
-    def _(x, perm, groups8, rotate=False):
+    def _(x, perm, groups8, rotate=False, int_scales=False):
         m, kp = x.shape[0], perm.shape[0]
+        g = kp // GROUP
         return (x.new_empty(m, kp, dtype=torch.int8),
-                x.new_empty(kp // GROUP, -(-m // 4) * 4, dtype=torch.float32))
+                x.new_empty(g + (spans(g) if int_scales else 0), -(-m // 4) * 4, dtype=torch.float32))
 
     @torch.library.register_fake("comet::w4ax_gemm_wide")
-    def _(qa, scales_t, qweight, wscale, split_k, out_dtype):
+    def _(qa, scales_t, qweight, wscale, split_k, out_dtype, wscale_row=None, groups8=0):
         return qweight.new_empty(qa.shape[0], qweight.shape[0], dtype=out_dtype)
 
     @torch.library.register_fake("comet::kv4_append")
@@ -230,11 +272,12 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
     return x if x.data_ptr() % 16 == 0 else x.clone()
 
 
-def quantize_act(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool = False):
+def quantize_act(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool = False,
+                 int_scales: bool = False):
     """Fused permute (+ rotation) + per-token per-group quantization (see the reference)."""
     if x.is_cuda and kernels_available():
-        return torch.ops.comet.quantize_act(_kernel_input(x), perm, groups8, rotate)
-    return quantize_act_reference(x, perm, groups8, rotate)
+        return torch.ops.comet.quantize_act(_kernel_input(x), perm, groups8, rotate, int_scales)
+    return quantize_act_reference(x, perm, groups8, rotate, int_scales)
 
 
 def w4ax_gemm(q8, q4, ascale, qweight, wscale, groups8: int, out_dtype=torch.float16,
@@ -255,29 +298,35 @@ def uses_wide_gemm(x: torch.Tensor, qweight: torch.Tensor | None = None) -> bool
             and torch.cuda.get_device_capability(x.device) == (9, 0))
 
 
-def quantize_linear_input(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool, wide: bool) -> tuple:
+def quantize_linear_input(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool, wide: bool,
+                          int_scales: bool = False) -> tuple:
     """The activation quantization of :func:`w4ax_linear`: (qa, scales_t) for the wgmma path
     (``wide``), (q8, q4, scales) for the packed one."""
     if wide:
-        return torch.ops.comet.quantize_act_wide(_kernel_input(x), perm, groups8, rotate)
-    return quantize_act(x, perm, groups8, rotate)
+        return torch.ops.comet.quantize_act_wide(_kernel_input(x), perm, groups8, rotate, int_scales)
+    return quantize_act(x, perm, groups8, rotate, int_scales)
 
 
 def w4ax_linear_quantized(qx: tuple, groups8: int, qweight: torch.Tensor, wscale: torch.Tensor,
-                          out_dtype: torch.dtype) -> torch.Tensor:
-    """The GEMM of :func:`w4ax_linear` on :func:`quantize_linear_input`'s output."""
+                          out_dtype: torch.dtype, wscale_row: torch.Tensor | None = None) -> torch.Tensor:
+    """The GEMM of :func:`w4ax_linear` on :func:`quantize_linear_input`'s output (with
+    ``wscale_row``: quantized with ``int_scales``)."""
     if len(qx) == 2:
-        return torch.ops.comet.w4ax_gemm_wide(*qx, qweight, wscale, 0, out_dtype)
+        return torch.ops.comet.w4ax_gemm_wide(*qx, qweight, wscale, 0, out_dtype, wscale_row, groups8)
+    # The packed kernels take every group scale as it is (for integer group scales, the products).
     return w4ax_gemm(*qx, qweight, wscale, groups8, out_dtype)
 
 
 def w4ax_linear(x: torch.Tensor, perm: torch.Tensor, groups8: int, qweight: torch.Tensor,
-                wscale: torch.Tensor, out_dtype=None, rotate: bool = False) -> torch.Tensor:
+                wscale: torch.Tensor, out_dtype=None, rotate: bool = False,
+                wscale_row: torch.Tensor | None = None) -> torch.Tensor:
     """y = W4Ax(x): x float16/bfloat16 [M, K] (original channel order) -> [M, N].
 
     With ``rotate`` the activation groups are Hadamard-rotated (the weights already are). On
     sm_90 from WIDE_MIN_M tokens on (WIDE_MIN_M_LARGE on large weight matrices), the activations
     are quantized into the wide layout and multiplied by the wgmma kernel; elsewhere the packed
-    layout and the mma.sync kernels."""
-    qx = quantize_linear_input(x, perm, groups8, rotate, uses_wide_gemm(x, qweight))
-    return w4ax_linear_quantized(qx, groups8, qweight, wscale, out_dtype or x.dtype)
+    layout and the mma.sync kernels. ``wscale_row`` (fp16 [N]): the weights have integer group
+    scales (``int_group_scales``), and so do the activations' 4-bit groups."""
+    ints = wscale_row is not None
+    qx = quantize_linear_input(x, perm, groups8, rotate, uses_wide_gemm(x, qweight), ints)
+    return w4ax_linear_quantized(qx, groups8, qweight, wscale, out_dtype or x.dtype, wscale_row)

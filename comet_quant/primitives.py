@@ -20,6 +20,9 @@ MIN_SCALE = 1e-8
 #: stays an int8 ([-8, 7] x 16 = [-128, 112]), so the Hopper kernel can sum whole rows of
 #: groups in integer.
 SCALE_MULT_MAX = 16
+#: Activation groups that share one token scale under ``int_group_scales``: the 4-bit groups of
+#: each span of 16 groups (2,048 channels, counted from the row start) of a token.
+SCALE_SPAN = 16
 
 
 def qmax_for_bits(bits: int) -> int:
@@ -54,30 +57,37 @@ def round_up_significant(x: torch.Tensor, bits: int) -> torch.Tensor:
     return ((v + ((1 << drop) - 1)) & ~((1 << drop) - 1)).view(torch.float32)
 
 
-def int_token_scales(amax: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group scales of one row as a row scale times integer multipliers (``int_group_scales``).
+def int_token_scales(amax: torch.Tensor, qmax: int, first_group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group scales of activations as span scales times integer multipliers (``int_group_scales``).
 
     Args:
-        amax: float32 [R, G] group absmax.
+        amax: float32 [R, G] group absmax; the groups are groups ``first_group ..`` of the row
+            (spans of :data:`SCALE_SPAN` groups are counted from group 0 of the row).
     Returns:
-        row: float32 [R, 1], ``max(amax) / (qmax * 16)`` rounded up to 20 significant bits (so
-            ``row * m`` is exact in float32); mult: float32 [R, G] integers in [1, 16],
-            ``ceil(amax / (qmax * row))``: the smallest multiplier whose range holds the group.
+        span: float32 [R, G], the scale of each group's span: ``max(amax over the span's groups
+            here) / (qmax * 16)`` rounded up to 20 significant bits (so ``span * m`` is exact in
+            float32); mult: float32 [R, G] integers in [1, 16], ``ceil(amax / (qmax * span))``:
+            the smallest multiplier whose range holds the group.
     """
-    den = torch.full_like(amax[:, :1], qmax * SCALE_MULT_MAX)
-    row = round_up_significant((amax.amax(-1, keepdim=True) / den).clamp_min(MIN_SCALE), 20)
-    mult = torch.ceil(amax / (row * qmax)).clamp_(1, SCALE_MULT_MAX)
-    return row, mult
+    r, g = amax.shape
+    total = -(-(first_group + g) // SCALE_SPAN) * SCALE_SPAN
+    padded = torch.nn.functional.pad(amax, (first_group, total - first_group - g))
+    smax = padded.reshape(r, -1, SCALE_SPAN).amax(-1, keepdim=True).expand(-1, -1, SCALE_SPAN)
+    smax = smax.reshape(r, total)[:, first_group:first_group + g]
+    span = round_up_significant((smax / torch.full_like(smax, qmax * SCALE_MULT_MAX)).clamp_min(MIN_SCALE), 20)
+    mult = torch.ceil(amax / (span * qmax)).clamp_(1, SCALE_MULT_MAX)
+    return span, mult
 
 
-def quantize_symmetric(x: torch.Tensor, bits: int, group_size: int,
-                       int_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_symmetric(x: torch.Tensor, bits: int, group_size: int, int_scales: bool = False,
+                       first_group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric round-to-nearest quantization with one scale per row and group.
 
     Args:
         x: float [R, K], K a multiple of ``group_size``.
-        int_scales: every group scale of a row is the row's scale times an integer in [1, 16]
-            (:func:`int_token_scales`) instead of the group's own absmax / qmax.
+        int_scales: every group scale is its span's scale times an integer in [1, 16]
+            (:func:`int_token_scales`; ``x`` holds groups ``first_group ..`` of the row)
+            instead of the group's own absmax / qmax.
     Returns:
         q: int8 [R, K], values in [-qmax, qmax] (qmax = 7 for 4 bits, 127 for 8 bits).
         scale: float32 [R, K // group_size], ``x ~= q * scale`` group-wise.
@@ -89,8 +99,8 @@ def quantize_symmetric(x: torch.Tensor, bits: int, group_size: int,
     xg = x.float().reshape(r, g, group_size)
     amax = xg.abs().amax(dim=-1)
     if int_scales and g:
-        row, mult = int_token_scales(amax, qmax)
-        scale = row * mult
+        span, mult = int_token_scales(amax, qmax, first_group)
+        scale = span * mult
     else:
         # A tensor divisor keeps true IEEE division on every device (CUDA turns a scalar
         # divisor into a reciprocal multiply), so the reference and the kernels agree bitwise.
@@ -212,15 +222,14 @@ def quantize_weight_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 
 def quantize_weight_rtn(w: torch.Tensor, group_size: int, symmetric: bool, clip: bool = False,
-                        col_weight: torch.Tensor | None = None, int_scales: bool = False):
+                        col_weight: torch.Tensor | None = None, row_scale: torch.Tensor | None = None):
     """Round-to-nearest int4 weights. Returns (q int8 [N, K], scale f32 [N, K/g], zero|None).
 
-    ``clip``/``col_weight``: the clipping search of :func:`weight_qparams`; ``int_scales``: group
-    scales on the integer grid of :func:`int_row_scales`.
+    ``clip``/``col_weight``: the clipping search of :func:`weight_qparams`; ``row_scale``: group
+    scales on its integer grid (``int_group_scales``, :func:`int_row_scales`).
     """
     _check_finite(w, "weights")
-    rows = int_row_scales(w, group_size) if int_scales else None
-    scale, zero = weight_qparams(w, group_size, symmetric, clip, col_weight, rows)
+    scale, zero = weight_qparams(w, group_size, symmetric, clip, col_weight, row_scale)
     return quantize_weight_with(w, scale, zero, group_size), scale, zero
 
 
@@ -284,9 +293,9 @@ def quantize_activation(x: torch.Tensor, perm: torch.Tensor, groups8: int, group
         x: float [M, K] activations in the layer's original channel order.
         perm: int [K_pad]; channel ``j`` of the permuted input is ``pad(x)[:, perm[j]]``.
         groups8: number of leading permuted groups quantized with ``high_bits``.
-        int_scales: the low-precision groups of a token share one scale times integer
-            multipliers (``int_group_scales``, :func:`int_token_scales`); the 8-bit groups keep
-            their own scales.
+        int_scales: the low-precision groups of each span of 16 groups of a token share one
+            scale times integer multipliers (``int_group_scales``, :func:`int_token_scales`);
+            the 8-bit groups keep their own scales.
     Returns:
         q8: int8 [M, groups8 * g] codes of the high-precision groups.
         q4: int8 [M, K_pad - groups8 * g] codes in [-7, 7] of the low-precision groups
@@ -296,7 +305,7 @@ def quantize_activation(x: torch.Tensor, perm: torch.Tensor, groups8: int, group
     xp = pad_channels(x, perm.numel()).index_select(-1, perm.long())
     k8 = groups8 * group_size
     q8, s8 = quantize_symmetric(xp[:, :k8], high_bits, group_size)
-    q4, s4 = quantize_symmetric(xp[:, k8:], low_bits, group_size, int_scales)
+    q4, s4 = quantize_symmetric(xp[:, k8:], low_bits, group_size, int_scales, groups8)
     return q8, q4, torch.cat((s8, s4), dim=1)
 
 

@@ -12,12 +12,24 @@ from torch import nn
 from .checkpoint import QuantizedCheckpoint, open_checkpoint
 from .errors import CometError
 from .models import LINEAR_SITE, SITES, decoder_layers
-from .primitives import (dequantize_weight, fake_quantize_activation, fake_quantize_kv, pad_channels,
+from .primitives import (SCALE_MULT_MAX, dequantize_weight, fake_quantize_activation, fake_quantize_kv, pad_channels,
                          rotate_groups, unpack_int4)
 from .scheme import QuantScheme
 
 KV_ATTENTION = "comet_kv_quant"
 BACKENDS = ("auto", "simulated", "kernels")
+
+
+def check_int_scales(wscale: torch.Tensor, wscale_row: torch.Tensor | None) -> None:
+    """A checkpoint of integer group scales: every wscale[n, g] is wscale_row[n] x an integer in
+    [1, 16] (the kernels take the multipliers from that quotient)."""
+    if wscale_row is None or wscale_row.shape != wscale.shape[:1]:
+        raise CometError("integer group scales need a wscale_row tensor of shape [N]; the checkpoint "
+                         "is corrupt or mismatched, re-export it")
+    m = wscale.float() / wscale_row.float()[:, None]
+    if not (torch.equal(m, m.round()) and bool((m >= 1).all()) and bool((m <= SCALE_MULT_MAX).all())):
+        raise CometError("wscale is not wscale_row times integers in [1, 16]: the checkpoint of integer "
+                         "group scales is corrupt or mismatched, re-export it")
 
 
 class W4AxLinear(nn.Module):
@@ -39,8 +51,10 @@ class W4AxLinear(nn.Module):
         self.rotate = scheme.rotate
         self.int_scales = scheme.int_group_scales
         self.groups8 = int(tensors["act_groups8"][0])
-        for key in ("qweight", "wscale", "wzero", "act_perm", "bias"):
+        for key in ("qweight", "wscale", "wscale_row", "wzero", "act_perm", "bias"):
             self.register_buffer(key, tensors.get(key))
+        if self.int_scales:
+            check_int_scales(self.wscale, self.wscale_row)
         self._weight_cache: torch.Tensor | None = None
         self._group: SharedInputGroup | None = None  # set by fuse_shared_inputs
 
@@ -86,7 +100,7 @@ class W4AxLinear(nn.Module):
             if x2.dtype not in (torch.float16, torch.bfloat16):
                 x2 = x2.to(torch.float16)
             y = ops.w4ax_linear(x2.contiguous(), self.act_perm, self.kernel_groups8, self.qweight, self.wscale,
-                                x.dtype, self.rotate)
+                                x.dtype, self.rotate, self.wscale_row if self.int_scales else None)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -136,7 +150,8 @@ class SharedInputGroup:
         rotation and group size) with symmetric weights, so that one GEMM can serve them all."""
         first = members[0]
         return len(members) > 1 and all(
-            isinstance(m, W4AxLinear) and m.wzero is None and m.in_features == first.in_features
+            isinstance(m, W4AxLinear) and m.wzero is None and not m.int_scales
+            and m.in_features == first.in_features
             and m.kernel_groups8 == first.kernel_groups8 and m.rotate == first.rotate
             and m.group_size == first.group_size and torch.equal(m.act_perm, first.act_perm) for m in members)
 

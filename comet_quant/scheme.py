@@ -146,9 +146,6 @@ class QuantScheme:
         if self.group_size != DEFAULT_GROUP_SIZE or not self.w_symmetric or self.a_bits not in (4, 8):
             return (f"the W4Ax kernels take group size {DEFAULT_GROUP_SIZE}, symmetric weights and "
                     f"4/8-bit activations; scheme '{self.name}' runs on the reference path only")
-        if self.int_group_scales:
-            return (f"the W4Ax kernels do not quantize activations with integer group scales yet; "
-                    f"scheme '{self.name}' (int_group_scales) runs on the reference path only")
         return None
 
     @property

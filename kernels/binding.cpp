@@ -64,7 +64,7 @@ std::array<int64_t, 3> check_act_input(const at::Tensor& x, const at::Tensor& pe
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, const at::Tensor& perm,
-                                                            int64_t groups8, bool rotate) {
+                                                            int64_t groups8, bool rotate, bool int_scales) {
   const auto [M, K, Kpad] = check_act_input(x, perm, groups8);
   const int64_t G = Kpad / comet::kGroup;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -73,7 +73,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x,
   at::Tensor q4 = at::empty({M, (Kpad - groups8 * comet::kGroup) / 2}, opts.dtype(at::kByte));
   at::Tensor scales = at::empty({M, G}, opts.dtype(at::kFloat));
   check_cuda(comet::quantize_act_host(x.data_ptr(), to_dtype(x.scalar_type()), perm.data_ptr<int32_t>(),
-                                      M, K, Kpad, groups8, rotate, q8.data_ptr<int8_t>(), q4.data_ptr<uint8_t>(),
+                                      M, K, Kpad, groups8, rotate, int_scales, q8.data_ptr<int8_t>(),
+                                      q4.data_ptr<uint8_t>(),
                                       scales.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
              "quantize_act");
   return {q8, q4, scales};
@@ -117,26 +118,31 @@ at::Tensor w4ax_gemm(const at::Tensor& q8, const at::Tensor& q4, const at::Tenso
 }
 
 // Activation quantization into the Hopper GEMM's wide layout (w4ax.h): qa int8 [M, Kpad],
-// scales_t float32 [G, Mpad] with Mpad = M rounded up to 4 (the TMA's 16-byte row alignment),
-// padding zero.
+// scales_t float32 [G (+ spans with int_scales), Mpad] with Mpad = M rounded up to 4 (the TMA's
+// 16-byte row alignment), padding zero.
+int64_t wide_scale_rows(int64_t G, bool int_scales) {
+  return G + (int_scales ? (G + comet::kSpanGroups - 1) / comet::kSpanGroups : 0);
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_act_wide(const at::Tensor& x, const at::Tensor& perm, int64_t groups8,
-                                                     bool rotate) {
+                                                     bool rotate, bool int_scales) {
   const auto [M, K, Kpad] = check_act_input(x, perm, groups8);
-  const int64_t G = Kpad / comet::kGroup, Mpad = (M + 3) / 4 * 4;
+  const int64_t G = Kpad / comet::kGroup, Mpad = (M + 3) / 4 * 4, rows = wide_scale_rows(G, int_scales);
   const c10::cuda::CUDAGuard guard(x.device());
   auto opts = x.options();
   at::Tensor qa = at::empty({M, Kpad}, opts.dtype(at::kChar));
-  at::Tensor scales_t = Mpad == M ? at::empty({G, Mpad}, opts.dtype(at::kFloat))
-                                  : at::zeros({G, Mpad}, opts.dtype(at::kFloat));
+  at::Tensor scales_t = Mpad == M ? at::empty({rows, Mpad}, opts.dtype(at::kFloat))
+                                  : at::zeros({rows, Mpad}, opts.dtype(at::kFloat));
   check_cuda(comet::quantize_act_wide_host(x.data_ptr(), to_dtype(x.scalar_type()), perm.data_ptr<int32_t>(), M, K,
-                                           Kpad, groups8, rotate, qa.data_ptr<int8_t>(), scales_t.data_ptr<float>(),
-                                           Mpad, at::cuda::getCurrentCUDAStream()),
+                                           Kpad, groups8, rotate, int_scales, qa.data_ptr<int8_t>(),
+                                           scales_t.data_ptr<float>(), Mpad, at::cuda::getCurrentCUDAStream()),
              "quantize_act_wide");
   return {qa, scales_t};
 }
 
 at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, const at::Tensor& qweight,
-                          const at::Tensor& wscale, int64_t split_k, at::ScalarType out_dtype) {
+                          const at::Tensor& wscale, int64_t split_k, at::ScalarType out_dtype,
+                          const c10::optional<at::Tensor>& wscale_row, int64_t groups8) {
   check(qa, "qa", at::kChar, 2);
   check(scales_t, "scales_t", at::kFloat, 2);
   check(qweight, "qweight", at::kByte, 2);
@@ -148,9 +154,16 @@ at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, cons
   const int64_t G = Kpad / comet::kGroup, Mpad = scales_t.size(1);
   TORCH_CHECK(Kpad % comet::kGroup == 0, "comet: K must be a multiple of ", comet::kGroup);
   TORCH_CHECK(qa.size(1) == Kpad, "comet: qa must be [M, K] with the weights' K");
-  TORCH_CHECK(scales_t.size(0) == G && Mpad >= M && Mpad % 4 == 0 && Mpad < M + 4,
-              "comet: scales_t must be [K / ", comet::kGroup, ", M rounded up to 4]");
+  const bool ints = wscale_row.has_value();
+  TORCH_CHECK(scales_t.size(0) == wide_scale_rows(G, ints) && Mpad >= M && Mpad % 4 == 0 && Mpad < M + 4,
+              "comet: scales_t must be [K / ", comet::kGroup, ints ? " + spans" : "", ", M rounded up to 4]",
+              ints ? " (integer group scales need quantize_act_wide(..., int_scales=True))" : "");
   TORCH_CHECK(wscale.size(0) == N && wscale.size(1) == G, "comet: wscale must be [N, K / ", comet::kGroup, "]");
+  if (ints) {
+    check(*wscale_row, "wscale_row", at::kHalf, 1);
+    TORCH_CHECK(wscale_row->size(0) == N, "comet: wscale_row must be [N]");
+    TORCH_CHECK(groups8 >= 0 && groups8 <= G, "comet: groups8 out of range");
+  }
   TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major == 9, "comet: w4ax_gemm_wide needs an sm_90 GPU");
   const c10::cuda::CUDAGuard guard(qweight.device());
   at::Tensor out = at::empty({M, N}, qweight.options().dtype(out_dtype));
@@ -162,8 +175,9 @@ at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, cons
   at::Tensor work = work_floats ? at::empty({static_cast<int64_t>(work_floats)}, qweight.options().dtype(at::kFloat))
                                 : at::Tensor();
   check_cuda(comet::w4ax_gemm_wide_host(qa.data_ptr<int8_t>(), scales_t.data_ptr<float>(), Mpad,
-                                        qweight.data_ptr<uint8_t>(), wscale.data_ptr(), out.data_ptr(),
-                                        to_dtype(out_dtype), M, N, Kpad, split_k,
+                                        qweight.data_ptr<uint8_t>(), wscale.data_ptr(),
+                                        ints ? wscale_row->data_ptr() : nullptr, static_cast<int>(groups8),
+                                        out.data_ptr(), to_dtype(out_dtype), M, N, Kpad, split_k,
                                         work_floats ? work.data_ptr<float>() : nullptr,
                                         at::cuda::getCurrentCUDAStream()),
              "w4ax_gemm_wide");
@@ -248,12 +262,14 @@ at::Tensor kv4_decode_attention(const at::Tensor& q, const at::Tensor& k_codes, 
 }  // namespace
 
 TORCH_LIBRARY(comet, m) {
-  m.def("quantize_act(Tensor x, Tensor perm, int groups8, bool rotate=False) -> (Tensor, Tensor, Tensor)");
+  m.def("quantize_act(Tensor x, Tensor perm, int groups8, bool rotate=False, bool int_scales=False) -> "
+        "(Tensor, Tensor, Tensor)");
   m.def("w4ax_gemm(Tensor q8, Tensor q4, Tensor ascale, Tensor qweight, Tensor wscale, int groups8, "
         "int split_k, bool int4_mma, ScalarType out_dtype) -> Tensor");
-  m.def("quantize_act_wide(Tensor x, Tensor perm, int groups8, bool rotate=False) -> (Tensor, Tensor)");
+  m.def("quantize_act_wide(Tensor x, Tensor perm, int groups8, bool rotate=False, bool int_scales=False) -> "
+        "(Tensor, Tensor)");
   m.def("w4ax_gemm_wide(Tensor qa, Tensor scales_t, Tensor qweight, Tensor wscale, int split_k, "
-        "ScalarType out_dtype) -> Tensor");
+        "ScalarType out_dtype, Tensor? wscale_row=None, int groups8=0) -> Tensor");
   m.def("wide_tile(int M, int N, int K, int split_k=0) -> int[]", &wide_tile);
   m.def("kv4_append(Tensor x, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!) zero, int start, "
         "Tensor? start_tensor=None) -> ()");

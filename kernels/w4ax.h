@@ -50,15 +50,22 @@ inline cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
 //   q4      [M, (Kpad - groups8 * kGroup) / 2] uint8, two's complement nibbles, even k low
 //   scales  [M, Kpad / kGroup] float32
 //   rotate  multiply every permuted group by the orthonormal 128-point Hadamard matrix first
+//   int_scales  integer group scales (the scheme's int_group_scales): a 4-bit group's scale is
+//           the scale of its span of kSpanGroups groups (the span's largest 4-bit absmax / 112,
+//           rounded up to 20 significant bits) times the smallest integer m in [1, 16] that
+//           holds the group (primitives.int_token_scales)
 cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm, int M, int K,
-                              int Kpad, int groups8, bool rotate, int8_t* q8, uint8_t* q4,
+                              int Kpad, int groups8, bool rotate, bool int_scales, int8_t* q8, uint8_t* q4,
                               float* scales, cudaStream_t stream);
 
 // Activation quantization into the wide layout (see wide_position): qa [M, Kpad] int8,
 // scales_t [G, Mpad] float32 (Mpad >= M, a multiple of 4; columns past M are not written).
+// With int_scales the 4-bit groups hold code * m and scales_t is [G + spans, Mpad]: row G + s
+// the scale of span s (spans = ceil(G / kSpanGroups)).
 cudaError_t quantize_act_wide_host(const void* x, DType x_dtype, const int32_t* perm, int M, int K,
-                                   int Kpad, int groups8, bool rotate, int8_t* qa, float* scales_t, int Mpad,
-                                   cudaStream_t stream);
+                                   int Kpad, int groups8, bool rotate, bool int_scales, int8_t* qa,
+                                   float* scales_t, int Mpad, cudaStream_t stream);
+constexpr int kSpanGroups = 16;  // groups per span of integer group scales (primitives.SCALE_SPAN)
 
 // Mixed-precision GEMM: out[M, N] = sum_g ascale[m, g] * wscale[n, g] * <a[m, g], w[n, g]>,
 // where a is int8 (g < groups8) or int4 (g >= groups8) and w is int4 (checkpoint layout:
@@ -86,9 +93,13 @@ int choose_split_k(int M, int N, int Kpad, int num_sms);
 // (float32 [M, N]); kWideStreamK runs stream-K: one block per SM, each an equal share of the
 // tiles x K groups, tiles cut between blocks finished through `workspace`. The workspace holds
 // wide_workspace_floats(plan) floats (none needs clearing). Returns cudaErrorNotSupported off sm_90.
+// Integer group scales (wscale_row non-null: fp16 [N], every wscale[n, g] = wscale_row[n] * an
+// integer in [1, 16]; activations from quantize_act_wide with int_scales): the 4-bit groups (from
+// groups8 on) of each span are summed in int32 and scaled once per span.
 cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
-                                const void* wscale, void* out, DType out_dtype, int M, int N, int Kpad,
-                                int split_k, float* workspace, cudaStream_t stream);
+                                const void* wscale, const void* wscale_row, int groups8, void* out,
+                                DType out_dtype, int M, int N, int Kpad, int split_k, float* workspace,
+                                cudaStream_t stream);
 
 constexpr int kWideStreamK = -1;
 // What the wide GEMM runs for a shape on `num_sms` multiprocessors: tokens per tile (64, 96, 128 or

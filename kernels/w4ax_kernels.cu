@@ -113,13 +113,24 @@ __device__ __forceinline__ uint32_t nibbles(uint32_t lo, uint32_t hi) {
 // [M, K8] int8, q4 [M, K4 / 2] packed int4, scales [M, G]. Wide (the Hopper wgmma GEMM's
 // input): every group as int8 in q8 [M, Kpad], its 128 channels in the wgmma k order
 // (w4ax.h, wide_position), and scales transposed, [G, Mpad].
+// With int_scales (the scheme's int_group_scales) a 4-bit group's scale is its span's scale
+// times an integer m in [1, 16] (primitives.int_token_scales; a span is 16 groups of the row),
+// the wide layout stores code * m, and the span scales follow the group scales: rows G ..
+// G + spans - 1 of the transposed scales.
 struct ActOut {
   int8_t* q8;
   uint8_t* q4;
   float* scales;
   int G, K8, K4;
   int Kpad, Mpad;
+  bool int_scales = false;
 };
+constexpr int kMaxHalves = 32;   // half-warps of the largest block (512 threads)
+
+// A positive float rounded up to 20 significant bits (primitives.round_up_significant).
+__device__ __forceinline__ float round_up_20(float v) {
+  return __uint_as_float((__float_as_uint(v) + 15u) & ~15u);
+}
 
 // Quantizes one permuted group held by a half-warp, 8 channels per lane (channel 8 * l + i of
 // group g in v[i]) into the row's codes and scale. Codes are round(x * (1 / s)) with an IEEE
@@ -128,6 +139,9 @@ struct ActOut {
 // amax, and s = amax / qmax and 1 / s are each correctly rounded, so |x * (1 / s)| <= qmax *
 // (1 + 2^-24)^3 < qmax + 1/2 (s = kMinScale only lowers it). `store` = false (a half-warp past
 // the last group) still takes part in the shuffles.
+// int_scales: every thread of the block calls this at once (one group per half-warp, groups g
+// of a round aligned to spans: the round starts at a multiple of 16 groups), since the span's
+// groups exchange their absmax through shared memory.
 template <bool WIDE>
 __device__ __forceinline__ void quantize_group(float (&v)[8], size_t row, int g, int l, int groups8, bool rotate,
                                                bool store, const ActOut& o) {
@@ -136,15 +150,38 @@ __device__ __forceinline__ void quantize_group(float (&v)[8], size_t row, int g,
 #pragma unroll
   for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
   amax = half_warp_max(amax);
-  if (!store) return;
   const bool high = g < groups8;
-  const float s = fmaxf(__fdiv_rn(amax, high ? 127.f : 7.f), kMinScale);
+  float s, mult = 16.f;  // mult: the int8 stored per code in the wide layout is code * mult
+  if (o.int_scales) {
+    __shared__ float span_amax[kMaxHalves];
+    const int half = threadIdx.x / kHalfLanes;
+    if (l == 0) span_amax[half] = store && !high ? amax : 0.f;
+    __syncthreads();
+    float smax = 0.f;
+#pragma unroll
+    for (int i = 0; i < kSpanGroups; ++i) smax = fmaxf(smax, span_amax[(half & ~(kSpanGroups - 1)) + i]);
+    __syncthreads();  // read before the next round writes
+    const float span = round_up_20(fmaxf(__fdiv_rn(smax, 7.f * 16.f), kMinScale));
+    if (!store) return;
+    if (WIDE && l == 0 && g % kSpanGroups == 0)
+      o.scales[static_cast<size_t>(o.G + g / kSpanGroups) * o.Mpad + row] = span;
+    mult = fminf(fmaxf(ceilf(__fdiv_rn(amax, span * 7.f)), 1.f), 16.f);
+    s = high ? fmaxf(__fdiv_rn(amax, 127.f), kMinScale) : span * mult;
+  } else {
+    if (!store) return;
+    s = fmaxf(__fdiv_rn(amax, high ? 127.f : 7.f), kMinScale);
+  }
   const float inv = __fdiv_rn(1.f, s);
   uint32_t c[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) c[i] = round_bits(__fmul_rn(v[i], inv));
   if (WIDE) {
     if (l == 0) o.scales[static_cast<size_t>(g) * o.Mpad + row] = s;
+    if (o.int_scales && !high) {  // code * mult: |code| <= 7, mult <= 16
+      const int m = static_cast<int>(mult);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) c[i] = static_cast<uint32_t>(static_cast<int>(c[i] - 0x4B400000u) * m);
+    }
     // Channels 8l + i land at wide_position(8l) + i / 2, odd i sixteen bytes further.
     uint32_t* dst = reinterpret_cast<uint32_t*>(o.q8 + row * o.Kpad + g * kGroup + wide_position(8 * l));
     dst[0] = low_bytes(c[0], c[2], c[4], c[6]);
@@ -1002,17 +1039,17 @@ int tile_m(int M) { return M <= kSmallM ? 16 : 64; }
 }  // namespace
 
 cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm, int M, int K,
-                              int Kpad, int groups8, bool rotate, int8_t* q8, uint8_t* q4,
+                              int Kpad, int groups8, bool rotate, bool int_scales, int8_t* q8, uint8_t* q4,
                               float* scales, cudaStream_t stream) {
   const int K8 = groups8 * kGroup;
-  const ActOut o{q8, q4, scales, Kpad / kGroup, K8, Kpad - K8, Kpad, 0};
+  const ActOut o{q8, q4, scales, Kpad / kGroup, K8, Kpad - K8, Kpad, 0, int_scales};
   return dispatch_quantize_act<false>(x, x_dtype, perm, M, K, groups8, rotate, o, stream);
 }
 
 cudaError_t quantize_act_wide_host(const void* x, DType x_dtype, const int32_t* perm, int M, int K,
-                                   int Kpad, int groups8, bool rotate, int8_t* qa, float* scales_t, int Mpad,
-                                   cudaStream_t stream) {
-  const ActOut o{qa, nullptr, scales_t, Kpad / kGroup, 0, 0, Kpad, Mpad};
+                                   int Kpad, int groups8, bool rotate, bool int_scales, int8_t* qa,
+                                   float* scales_t, int Mpad, cudaStream_t stream) {
+  const ActOut o{qa, nullptr, scales_t, Kpad / kGroup, 0, 0, Kpad, Mpad, int_scales};
   return dispatch_quantize_act<true>(x, x_dtype, perm, M, K, groups8, rotate, o, stream);
 }
 

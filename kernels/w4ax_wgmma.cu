@@ -214,10 +214,16 @@ __device__ __forceinline__ unsigned long long load_acquire(const unsigned long l
 }
 #endif
 
-template <int TOKENS, bool STREAMK>
+// INTS (int_group_scales, w4ax.h): the 4-bit groups (from groups8 on) of each span of 16 groups
+// add up in the int32 accumulators, weights expanded as code * m (m = wscale / wscale_row, an
+// integer), activations arriving as code * m; the sum is folded into the float accumulators
+// once per span with the span's activation scale (row G + span of scales_t) and the row's
+// weight scale. The 8-bit groups keep the per-group rescale.
+template <int TOKENS, bool STREAMK, bool INTS>
 __global__ void __launch_bounds__(kWideThreads, 1)
 w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_constant__ CUtensorMap w_map,
                       const float* __restrict__ scales_t, int Mpad, const __half* __restrict__ wscale,
+                      const __half* __restrict__ wscale_row, int groups8,
                       void* __restrict__ out, DType out_dtype, float* __restrict__ workspace, int M, int N,
                       int Kpad, int split_k, int dp_tiles, unsigned long long nonce) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -434,11 +440,21 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // 61.7 us, 8B down 197.1 -> 191.6, gate+up 418.9 -> 415.0.)
     int d0[kAccRegs];
     __half2 ws0;
+    // INTS: this thread's two rows' weight scales, and their reciprocals, which turn a group
+    // scale back into its multiplier.
+    [[maybe_unused]] float sw[2] = {0.f, 0.f}, inv_sw[2] = {0.f, 0.f};
     // A tile's (or a segment's) start, group i (the block's i-th, in stage i % kWideStages) and
     // store.
     auto start = [&](const WideSegment& sg) {
       ws_row[0] = wscale + static_cast<size_t>(min(sg.n0 + r, N - 1)) * G;
       ws_row[1] = wscale + static_cast<size_t>(min(sg.n0 + r + 8, N - 1)) * G;
+      if constexpr (INTS) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          sw[k] = __half2float(wscale_row[min(sg.n0 + r + 8 * k, N - 1)]);
+          inv_sw[k] = __fdiv_rn(1.f, sw[k]);
+        }
+      }
 #pragma unroll
       for (int e = 0; e < kAccRegs; ++e) acc[e] = 0.f;
     };
@@ -448,6 +464,73 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       rescale(i, d0, ws0, 0, kTokenTiles / 2, false);
       wgmma_wait<0>();
       rescale(i, d0, ws0, kTokenTiles / 2, kTokenTiles);
+    };
+    // INTS: an integer group's eight wgmma (both token halves) added to d0, one commit.
+    auto issue_int = [&](int i, int g) {
+      const int s = i % kWideStages;
+      const float m0 = __half2float(ws_row[0][g]) * inv_sw[0], m1 = __half2float(ws_row[1][g]) * inv_sw[1];
+      mbar_wait(&full[s], (i / kWideStages) & 1);
+      const uint32_t base = stage0 + s * static_cast<uint32_t>(sizeof(WideStage));
+      const uint4 w0 = lds128(base + w_off), w1 = lds128(base + w_off + 8 * (kGroup / 2));
+      uint32_t a[4][4];
+      weight_fragments_int(w0, w1, __float2uint_rn(m0), __float2uint_rn(m1), a);
+      uint64_t desc[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
+      constexpr int kHalf = kAccRegs / 2;
+      int(&lo)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d0);
+      int(&hi)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d0 + kHalf);
+      constexpr uint64_t kHiRows = (TOKENS / 2) * kGroup / 16;
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < 4; ++k) wgmma_s8<true>(lo, a[k], desc[k]);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) wgmma_s8<true>(hi, a[k], desc[k] + kHiRows);
+      wgmma_commit();
+    };
+    auto release = [&](int i) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[i % kWideStages]);
+    };
+    // INTS: span `span`'s int32 sum d0 (its wgmma all waited for) into acc.
+    auto fold = [&](const WideSegment& sg, int span) {
+#pragma unroll
+      for (int e = 0; e < kAccRegs; ++e) fence_operand(d0[e]);
+      const float* sa = scales_t + static_cast<size_t>(G + span) * Mpad;
+#pragma unroll
+      for (int j = 0; j < kTokenTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float a_s = __ldg(sa + min(sg.m0 + 8 * j + 2 * tig + (e & 1), Mpad - 1));
+          acc[4 * j + e] = fmaf(static_cast<float>(d0[4 * j + e]), a_s * sw[e >> 1], acc[4 * j + e]);
+        }
+      }
+    };
+    // A segment's groups from the block's i-th on: the 8-bit ones (all, without INTS) rescaled one
+    // by one; then (INTS) each span's 4-bit ones summed in d0, each group's stage released once
+    // the next group is issued, and the span folded. Returns the next i. Structured loops only:
+    // the compiler serializes wgmma it cannot prove warpgroup-uniform.
+    auto run = [&](int i, const WideSegment& sg) {
+      int g = sg.g0;
+      const int rescaled_end = INTS ? min(sg.g1, max(sg.g0, groups8)) : sg.g1;
+      for (; g < rescaled_end; ++g, ++i) group(i, g);
+      if constexpr (INTS) {
+        while (g < sg.g1) {
+          const int span = g / kSpanGroups, span_end = min(sg.g1, (span + 1) * kSpanGroups);
+#pragma unroll
+          for (int e = 0; e < kAccRegs; ++e) d0[e] = 0;
+          issue_int(i++, g++);
+          for (; g < span_end; ++g, ++i) {
+            issue_int(i, g);
+            wgmma_wait<1>();
+            release(i - 1);
+          }
+          wgmma_wait<0>();
+          release(i - 1);
+          fold(sg, span);
+        }
+      }
+      return i;
     };
     auto store = [&](const WideSegment& sg) {
 #pragma unroll
@@ -467,7 +550,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       range(0, begin, end);
       const WideSegment sg = wide_segment<TOKENS>(begin, end, G, tiles_n);
       start(sg);
-      for (int i = 0; i < sg.g1 - sg.g0; ++i) group(i, sg.g0 + i);
+      run(0, sg);
       store(sg);
     } else {  // stream-K: segments of whole tiles and parts of tiles
       for (int k = 0, i = 0, it = 0, end = 0; k < n_ranges || it < end;) {
@@ -477,7 +560,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
         }
         const WideSegment sg = wide_segment<TOKENS>(it, end, G, tiles_n);
         start(sg);
-        for (int g = sg.g0; g < sg.g1; ++g, ++i) group(i, g);
+        i = run(i, sg);
         it += sg.g1 - sg.g0;
 #ifndef COMET_SK_NO_FIXUP  // experiment switch: cut tiles store their partial sums (wrong results)
         if constexpr (STREAMK) {
@@ -717,15 +800,16 @@ size_t wide_workspace_floats(const WidePlan& plan, int M, int N) {
 
 namespace {
 
-template <int TOKENS, bool STREAMK>
-cudaError_t launch_wide(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
-                        const void* wscale, void* out, DType out_dtype, int M, int N, int Kpad, const WidePlan& plan,
-                        float* workspace, cudaStream_t stream) {
+template <int TOKENS, bool STREAMK, bool INTS>
+cudaError_t launch_wide_as(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
+                           const void* wscale, const void* wscale_row, int groups8, void* out, DType out_dtype,
+                           int M, int N, int Kpad, const WidePlan& plan, float* workspace, cudaStream_t stream) {
   CUtensorMap act_map, w_map;
   if (!make_map(&act_map, qa, M, Kpad, TOKENS, kGroup, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !make_map(&w_map, qweight, N, Kpad / 2, kWideN, kGroup / 2, CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorInvalidValue;
-  cudaError_t e = allow_dynamic_smem(w4ax_gemm_wide_kernel<TOKENS, STREAMK>, kWideSmem<TOKENS>);
+  const auto kernel = w4ax_gemm_wide_kernel<TOKENS, STREAMK, INTS>;
+  cudaError_t e = allow_dynamic_smem(kernel, kWideSmem<TOKENS>);
   if (e != cudaSuccess) return e;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = STREAMK ? dim3(plan.blocks)
@@ -742,16 +826,29 @@ cudaError_t launch_wide(const int8_t* qa, const float* scales_t, int Mpad, const
   cfg.attrs = attr;
   cfg.numAttrs = 1;
 #endif
-  return cudaLaunchKernelEx(&cfg, w4ax_gemm_wide_kernel<TOKENS, STREAMK>, act_map, w_map, scales_t, Mpad,
-                            static_cast<const __half*>(wscale), out, out_dtype, workspace, M, N, Kpad, plan.split_k,
-                            plan.dp_tiles, STREAMK ? next_nonce() : 0ull);
+  return cudaLaunchKernelEx(&cfg, kernel, act_map, w_map, scales_t, Mpad, static_cast<const __half*>(wscale),
+                            static_cast<const __half*>(wscale_row), groups8, out, out_dtype, workspace, M, N, Kpad,
+                            plan.split_k, plan.dp_tiles, STREAMK ? next_nonce() : 0ull);
+}
+
+// The kernel with integer group scales where wscale_row is given (INTS), the plain one elsewhere.
+template <int TOKENS, bool STREAMK>
+cudaError_t launch_wide(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
+                        const void* wscale, const void* wscale_row, int groups8, void* out, DType out_dtype, int M,
+                        int N, int Kpad, const WidePlan& plan, float* workspace, cudaStream_t stream) {
+  if (wscale_row)
+    return launch_wide_as<TOKENS, STREAMK, true>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out,
+                                                 out_dtype, M, N, Kpad, plan, workspace, stream);
+  return launch_wide_as<TOKENS, STREAMK, false>(qa, scales_t, Mpad, qweight, wscale, nullptr, 0, out, out_dtype, M,
+                                                N, Kpad, plan, workspace, stream);
 }
 
 }  // namespace
 
 cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
-                                const void* wscale, void* out, DType out_dtype, int M, int N, int Kpad,
-                                int split_k, float* workspace, cudaStream_t stream) {
+                                const void* wscale, const void* wscale_row, int groups8, void* out,
+                                DType out_dtype, int M, int N, int Kpad, int split_k, float* workspace,
+                                cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   int major = 0, sms = 0;
   cudaError_t e = current_device_attribute(cudaDevAttrComputeCapabilityMajor, &major);
@@ -767,31 +864,31 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
   if (plan.split_k == kWideStreamK) {
     switch (plan.tokens) {
       case 64:
-        return launch_wide<64, true>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, plan, workspace,
+        return launch_wide<64, true>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace,
                                      stream);
       case 96:
-        return launch_wide<96, true>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, plan, workspace,
+        return launch_wide<96, true>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace,
                                      stream);
       default:
-        return launch_wide<128, true>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, plan,
+        return launch_wide<128, true>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan,
                                       workspace, stream);
     }
   }
   switch (plan.tokens) {
     case 64:
-      e = launch_wide<64, false>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, plan, workspace,
+      e = launch_wide<64, false>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace,
                                  stream);
       break;
     case 96:
-      e = launch_wide<96, false>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, plan, workspace,
+      e = launch_wide<96, false>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace,
                                  stream);
       break;
     case 192:
-      e = launch_wide<192, false>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, plan, workspace,
+      e = launch_wide<192, false>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace,
                                   stream);
       break;
     default:
-      e = launch_wide<128, false>(qa, scales_t, Mpad, qweight, wscale, out, out_dtype, M, N, Kpad, plan, workspace,
+      e = launch_wide<128, false>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace,
                                   stream);
   }
   if (e != cudaSuccess || plan.split_k == 1) return e;

@@ -123,6 +123,13 @@ def bench_shape(name, n, k, m, results, split_k_off: bool):
                     qa, scales_t, qws[i], wss[i], 1, torch.float16) for i in range(nc)])
                 row["actq"] = timeit([lambda: torch.ops.comet.quantize_act_wide(x, perm, g8)])
                 act_bytes = m * k * 2 + qa.numel() + scales_t.numel() * 4 + perm.numel() * 4
+                # Integer group scales (int_group_scales): group scales = row scale x 1..16.
+                rows = [torch.rand(n, device=dev, dtype=torch.float16) * 1e-3 + 1e-4 for _ in range(nc)]
+                wsi = [(r[:, None].float() * torch.randint(1, 17, (n, g), device=dev)).half() for r in rows]
+                qai, sti = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
+                row["int10"] = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(
+                    qai, sti, qws[i], wsi[i], 0, torch.float16, rows[i], g8) for i in range(nc)])
+                row["actq_int"] = timeit([lambda: torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)])
         else:
             row[f"ours{pct}"] = timeit(tiled)
             if pct == 10 and not split_k_off:
@@ -147,7 +154,8 @@ def fmt(v, digits=3):
 
 def table(results) -> str:
     head = ("| shape | M | fp16 ms | fp8 ms | int8 ms | path | ours 0% | ours 10% | ours 25% | 10% no split/stream-K |"
-            " 10% mma.sync tiled | x fp16 | x fp8 | weight TB/s | TOPS | act-quant TB/s |")
+            " 10% mma.sync tiled | x fp16 | x fp8 | weight TB/s | TOPS | act-quant TB/s |"
+            " int scales 10% | int x fp16 | int x fp8 | int act-quant ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         fp8 = r.get("fp8")
@@ -156,7 +164,9 @@ def table(results) -> str:
             f"{fmt(r['ours0'])} | {fmt(r['ours10'])} | {fmt(r['ours25'])} | {fmt(r.get('ours10_nosplit'))} | "
             f"{fmt(r.get('tiled10'))} | "
             f"{r['fp16'] / r['ours10']:.2f} | {fmt(fp8 / r['ours10'] if fp8 else None, 2)} | "
-            f"{r['ours10_wbw_tbps']:.2f} | {r['ours10_tops']:.0f} | {r['actq_tbps']:.2f} |")
+            f"{r['ours10_wbw_tbps']:.2f} | {r['ours10_tops']:.0f} | {r['actq_tbps']:.2f} | "
+            f"{fmt(r.get('int10'))} | {fmt(r['fp16'] / r['int10'] if r.get('int10') else None, 2)} | "
+            f"{fmt(fp8 / r['int10'] if fp8 and r.get('int10') else None, 2)} | {fmt(r.get('actq_int'), 4)} |")
     return "\n".join(lines)
 
 

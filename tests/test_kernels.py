@@ -60,6 +60,47 @@ def test_wide_reference_matches_packed_reference(groups8):
                                ops.w4ax_gemm_reference(q8, q4, s, qw, ws, g8, torch.float32), rtol=0, atol=0)
 
 
+def int_case(m, k, n, groups8, seed=0, device="cpu", dtype=torch.float16):
+    """make_case with integer group scales (int_group_scales): weights on a row scale's grid."""
+    from comet_quant.primitives import int_row_scales
+
+    x, perm, _, _, _ = make_case(m, k, n, groups8, seed=seed, device=device, dtype=dtype)
+    w = torch.randn(n, perm.numel(), generator=torch.Generator().manual_seed(seed + 1)) * 0.05
+    w[:, :GROUP] *= 4  # groups of different ranges: multipliers other than 16
+    rows = int_row_scales(w, GROUP)
+    q, s, _ = quantize_weight_rtn(w, GROUP, True, True, None, rows)
+    return x, perm, pack_int4(q).to(device), s.to(torch.float16).to(device), rows.to(torch.float16).to(device)
+
+
+@pytest.mark.parametrize("groups8", [0, 3, 17, 20])
+def test_int_scales_wide_reference_matches_packed(groups8):
+    """Integer group scales: the wide layout (4-bit groups as code x multiplier, span scales in
+    the extra rows of scales_t, spans summed in integer) computes what the packed layout does."""
+    x, perm, qw, ws, wr = int_case(5, 20 * GROUP, 48, groups8, seed=groups8)
+    q8, q4, s = ops.quantize_act_reference(x, perm, groups8, int_scales=True)
+    ref = ops.w4ax_gemm_reference(q8, q4, s, qw, ws, groups8, torch.float32)
+    qa, scales_t = ops.quantize_act_wide_reference(x, perm, groups8, int_scales=True)
+    assert scales_t.shape == (20 + 2, 8)
+    if groups8 < 20:
+        assert qa[:, groups8 * GROUP:].abs().max() > 7  # codes times multipliers
+    wide = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, wr, groups8)
+    torch.testing.assert_close(wide, ref, rtol=1e-6, atol=1e-6)
+    m = ws.float() / wr.float()[:, None]
+    assert torch.equal(m, m.round()) and m.min() >= 1 and m.max() <= 16 and m.min() < 16
+
+
+def test_int_scales_checkpoint_check():
+    from comet_quant.errors import CometError
+    from comet_quant.qmodules import check_int_scales
+
+    _, _, _, ws, wr = int_case(1, 4 * GROUP, 16, 0)
+    check_int_scales(ws, wr)
+    with pytest.raises(CometError, match="corrupt"):
+        check_int_scales(ws, wr * 1.5)
+    with pytest.raises(CometError, match="wscale_row"):
+        check_int_scales(ws, None)
+
+
 def test_wide_order_is_a_permutation_per_group():
     assert sorted(ops.WIDE_ORDER.tolist()) == list(range(GROUP))
     # position 32 s + 16 h + 4 t + b holds channel 32 t + 8 s + 2 b + h (kernels/w4ax.h)
@@ -795,3 +836,97 @@ def test_bench_cuda_graphs_without_kv4(kernels, tiny_model, calib_dir, tmp_path,
     q, f = res["runs"]["quantized"], res["runs"]["fp16"]
     assert q["kv_cache"] == "static" and q["rows"][0]["decode_tok_s"] > 0 and f["rows"][0]["decode_tok_s"] > 0
     assert q["rows"][0]["kv_cache_bytes"] == f["rows"][0]["kv_cache_bytes"]  # both fp16 static caches
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 7, 64, 300])  # gather (M < 64), streaming rows, rows
+@pytest.mark.parametrize("k", [576, 4096, 14336, 28672])
+def test_quantize_act_int_scales_bitwise(kernels, m, k):
+    """Integer group scales: the span exchange of both layouts' kernels, bit for bit."""
+    x, perm, _, _, _ = make_case(m, k, 8, 0, seed=m + k, device="cuda")
+    g = perm.numel() // GROUP
+    for g8 in sorted({0, 1, min(17, g), g // 2, g}):
+        got = torch.ops.comet.quantize_act(x, perm, g8, False, True)
+        want = ops.quantize_act_reference(x.cpu(), perm.cpu(), g8, False, True)
+        for a, b in zip(got, want):
+            assert torch.equal(a.cpu(), b), (m, k, g8)
+        qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
+        want_qa, want_s = ops.quantize_act_wide_reference(x.cpu(), perm.cpu(), g8, False, True)
+        assert torch.equal(qa.cpu(), want_qa), (m, k, g8)
+        assert torch.equal(scales_t.cpu(), want_s), (m, k, g8)
+
+
+@sm90
+@pytest.mark.parametrize("m", [40, 200, 1000])
+@pytest.mark.parametrize("g8", [0, 1, 17, 40])
+def test_gemm_wide_int_scales(kernels, m, g8):
+    """The wgmma GEMM with integer group scales (8-bit groups rescaled, each span's 4-bit groups
+    summed in int32): K = 5120 is 40 groups, spans of 16 / 16 / 8; N = 520 leaves a partial
+    channel tile; automatic, tiled, split-K and stream-K grids."""
+    x, perm, qw, ws, wr = int_case(m, 40 * GROUP, 520, g8, seed=m + g8, device="cuda")
+    qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
+    ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, wr, g8)
+    assert ref.abs().max() > 1
+    for split in (0, 1, 3, -1):
+        y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, split, torch.float32, wr, g8)
+        assert rel_err(y, ref) < 1e-5, (m, g8, split, rel_err(y, ref))
+
+
+@sm90
+def test_gemm_wide_int_scales_every_token_tile(kernels):
+    k = 1024
+    seen = set()
+    for m, n in [(200, 200), (700, 2048), (1000, 4096), (777, 3000), (3000, 6000), (4096, 4096)]:
+        tokens, split, _, _ = torch.ops.comet.wide_tile(m, n, k)
+        seen.add(tokens)
+        x, perm, qw, ws, wr = int_case(m, k, n, 1, seed=m, device="cuda")
+        qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, 1, False, True)
+        ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, wr, 1)
+        y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, 0, torch.float32, wr, 1)
+        assert rel_err(y, ref) < 1e-5, (m, n, tokens, split)
+    assert seen == {64, 96, 128, 192}, seen
+
+
+@gpu
+@pytest.mark.parametrize("shape", ["8b-qkv", "8b-down", "smol-down"])
+@pytest.mark.parametrize("m", [1, 16, 24, 64, 300])
+def test_linear_int_scales_matches_reference(kernels, shape, m):
+    """Whatever path w4ax_linear takes, integer group scales give the reference's result."""
+    n, k = SHAPES[shape]
+    g8 = max(1, -(-k // GROUP) // 10)
+    x, perm, qw, ws, wr = int_case(m, k, n, g8, seed=5, device="cuda")
+    y = ops.w4ax_linear(x, perm, g8, qw, ws, torch.float16, False, wr)
+    codes = [t.cuda() for t in ops.quantize_act_reference(x.cpu(), perm.cpu(), g8, False, True)]
+    ref = ops.w4ax_gemm_reference(*codes, qw, ws, g8, torch.float32)
+    assert rel_err(y, ref) < 2e-3, rel_err(y, ref)
+
+
+@sm90
+def test_opcheck_wide_int_scales(kernels):
+    x, perm, qw, ws, wr = int_case(130, 512, 256, 1, device="cuda")
+    torch.library.opcheck(torch.ops.comet.quantize_act_wide.default, (x, perm, 1, False, True))
+    qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, 1, False, True)
+    torch.library.opcheck(torch.ops.comet.w4ax_gemm_wide.default, (qa, scales_t, qw, ws, 0, torch.float16, wr, 1))
+
+
+@gpu
+def test_kernel_backend_int_scales(kernels, tiny_model, text_file, tmp_path):
+    """A checkpoint of integer group scales on the kernels equals its simulation, and verifies."""
+    from comet_quant import data
+    from comet_quant.calibrate import CalibrationConfig
+    from comet_quant.evaluate import perplexity
+    from comet_quant.export import export
+    from comet_quant.qmodules import load_quantized
+    from comet_quant.scheme import get_scheme
+    from comet_quant.verify import verify_checkpoint
+
+    ck = export(str(tiny_model), None, get_scheme("w4ax-kv4-rtn", a8_budget=0.25, int_group_scales=True),
+                tmp_path / "ck",
+                calib_config=CalibrationConfig(dataset=str(text_file), nsamples=4, seqlen=64, device="cpu"))
+    fast, tok = load_quantized(ck, device="cuda")
+    sim, _ = load_quantized(ck, device="cuda", dtype=torch.float16, backend="simulated")
+    assert fast.model.layers[0].self_attn.q_proj.use_kernels
+    ids = data.eval_windows(data.tokenize(tok, text_file.read_text()), 128, 4)
+    a, b = perplexity(fast, ids, "cuda")["ppl"], perplexity(sim, ids, "cuda")["ppl"]
+    assert abs(a / b - 1) < 0.01, (a, b)
+    assert verify_checkpoint(ck)["ok"]
