@@ -507,8 +507,8 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       }
     };
     // A segment's groups from the block's i-th on: the 8-bit ones (all, without INTS) rescaled one
-    // by one; then (INTS) each span's 4-bit ones summed in d0, each group's stage released once
-    // the next group is issued, and the span folded. Returns the next i. Structured loops only:
+    // by one; then (INTS) each span's 4-bit ones summed in d0, one group in flight per
+    // warpgroup (the other warpgroup keeps the tensor cores busy meanwhile), and the span folded. Returns the next i. Structured loops only:
     // the compiler serializes wgmma it cannot prove warpgroup-uniform.
     auto run = [&](int i, const WideSegment& sg) {
       int g = sg.g0;
@@ -521,9 +521,12 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
           for (int e = 0; e < kAccRegs; ++e) d0[e] = 0;
           issue_int(i++, g++);
           for (; g < span_end; ++g, ++i) {
-            issue_int(i, g);
-            wgmma_wait<1>();
+            // The previous group's wgmma read their A fragments from registers until they
+            // complete: the next fragments may only be built after that (issued one group
+            // ahead, they overwrote them: wrong results on the tiled grids, H100).
+            wgmma_wait<0>();
             release(i - 1);
+            issue_int(i, g);
           }
           wgmma_wait<0>();
           release(i - 1);
