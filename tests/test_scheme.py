@@ -33,3 +33,36 @@ def test_unknown_preset():
 def test_overrides_ignore_none():
     s = get_scheme("w4ax-kv4", a8_budget=0.25, group_size=None)
     assert s.a8_budget == 0.25 and s.group_size == 128
+
+
+def test_int_group_scales_needs_symmetric_4bit():
+    from comet_quant.errors import CometError
+    from comet_quant.scheme import QuantScheme
+
+    assert QuantScheme(int_group_scales=True).kernel_gap() is None
+    with pytest.raises(CometError, match="symmetric"):
+        QuantScheme(int_group_scales=True, w_symmetric=False)
+    with pytest.raises(CometError, match="4-bit"):
+        QuantScheme(int_group_scales=True, a_bits=8)
+
+
+def test_int_group_scales_checkpoint_roundtrip(tiny_model, text_file, tmp_path):
+    """Export with integer group scales: wscale_row stored, the load check passes, and the
+    simulated model runs; a tampered wscale_row is refused."""
+    import torch
+
+    from comet_quant.calibrate import CalibrationConfig
+    from comet_quant.errors import CometError
+    from comet_quant.export import export
+    from comet_quant.qmodules import check_int_scales, load_quantized
+    from comet_quant.scheme import get_scheme
+
+    ck = export(str(tiny_model), None, get_scheme("w4ax-kv4-rtn", int_group_scales=True), tmp_path / "ck",
+                calib_config=CalibrationConfig(dataset=str(text_file), nsamples=2, seqlen=32, device="cpu"))
+    model, _ = load_quantized(ck)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.int_scales and q.wscale_row.shape == (q.out_features,)
+    out = model(torch.randint(0, 100, (1, 8))).logits
+    assert torch.isfinite(out).all()
+    with pytest.raises(CometError, match="corrupt"):
+        check_int_scales(q.wscale, q.wscale_row * 3)
