@@ -59,13 +59,15 @@ def quantize_act_reference(x: torch.Tensor, perm: torch.Tensor, groups8: int, ro
     Returns:
         q8 int8 [M, groups8*128], q4 uint8 [M, (K_pad - groups8*128)/2] packed, scales f32 [M, G].
     """
-    if rotate:
-        xr = rotate_groups(pad_channels(x.float(), perm.numel()).index_select(-1, perm.long()), GROUP)
-        identity = torch.arange(perm.numel(), device=perm.device)
-        q8, q4, scales = quantize_activation(xr, identity, groups8, GROUP, int_scales=int_scales)
-        return q8, pack_int4(q4), scales
-    q8, q4, scales = quantize_activation(x.float(), perm, groups8, GROUP, int_scales=int_scales)
+    identity = torch.arange(perm.numel(), device=perm.device)
+    q8, q4, scales = quantize_activation(_permuted(x, perm, rotate), identity, groups8, GROUP, int_scales=int_scales)
     return q8, pack_int4(q4), scales
+
+
+def _permuted(x: torch.Tensor, perm: torch.Tensor, rotate: bool) -> torch.Tensor:
+    """float32 [M, K_pad]: x padded, permuted and, with ``rotate``, group-rotated."""
+    xp = pad_channels(x.float(), perm.numel()).index_select(-1, perm.long())
+    return rotate_groups(xp, GROUP) if rotate else xp
 
 
 def w4ax_gemm_reference(q8, q4, ascale, qweight, wscale, groups8: int,
@@ -109,10 +111,7 @@ def quantize_act_wide_reference(x: torch.Tensor, perm: torch.Tensor, groups8: in
     empty_span = round_up_significant(torch.tensor([MIN_SCALE]), 20).item()
     span_rows = scales.new_full((m, spans(g) if int_scales else 0), empty_span)
     if int_scales and q4.shape[1]:
-        xp = pad_channels(x.float(), perm.numel()).index_select(-1, perm.long())
-        if rotate:
-            xp = rotate_groups(xp, GROUP)
-        amax = xp[:, groups8 * GROUP:].reshape(m, -1, GROUP).abs().amax(-1)
+        amax = _permuted(x, perm, rotate)[:, groups8 * GROUP:].reshape(m, -1, GROUP).abs().amax(-1)
         span, mult = int_token_scales(amax, 7, groups8)
         q4 = (q4.reshape(m, -1, GROUP) * mult.to(torch.int8)[..., None]).reshape(m, -1)
         first = torch.arange(groups8, g, device=x.device) // SCALE_SPAN

@@ -148,17 +148,16 @@ def weight_qparams(w: torch.Tensor, group_size: int, symmetric: bool, clip: bool
     if row_scale is not None and not symmetric:
         raise CometError("integer group scales (int_group_scales) need symmetric weights; "
                          "set w_symmetric=true")
+    rs = None if row_scale is None else row_scale.float().to(w.device)[:, None].expand(n, g)
     if not clip:
-        if row_scale is not None:
-            rs = row_scale.float().to(w.device)[:, None]
+        if rs is not None:
             return rs * torch.ceil(wg.abs().amax(-1) / (rs * INT4_MAX)).clamp_(1, SCALE_MULT_MAX), None
         return _range_qparams(wg.amin(-1), wg.amax(-1), symmetric)
     cw = (torch.ones(k, device=w.device) if col_weight is None else col_weight.float().to(w.device))
     cw = cw.reshape(1, g, group_size)
     wmin, wmax = wg.amin(-1), wg.amax(-1)
     best_err = best_scale = best_zero = None
-    if row_scale is not None:
-        rs = row_scale.float().to(w.device)[:, None].expand(n, g)
+    if rs is not None:
         candidates = [(rs * m, None) for m in range(1, SCALE_MULT_MAX + 1)]
     else:
         candidates = (_range_qparams(wmin * alpha, wmax * alpha, symmetric) for alpha in CLIP_GRID)

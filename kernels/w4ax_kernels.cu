@@ -151,7 +151,7 @@ __device__ __forceinline__ void quantize_group(float (&v)[8], size_t row, int g,
   for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
   amax = half_warp_max(amax);
   const bool high = g < groups8;
-  float s, mult = 16.f;  // mult: the int8 stored per code in the wide layout is code * mult
+  float s, mult = 1.f;  // int_scales: the 4-bit group's multiplier (the wide layout stores code * mult)
   if (o.int_scales) {
     __shared__ float span_amax[kMaxHalves];
     const int half = threadIdx.x / kHalfLanes;

@@ -362,18 +362,30 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // Issues the four wgmma of group g, in stage i % kWideStages, into d (int32, from zero) and
     // returns the group's two weight scales, still fp16; the wgmma run on while the caller
     // rescales the previous group.
+    // Stage s's two packed weight rows of this thread and the descriptors of its token tile's
+    // four k32 steps (one k32 step is 32 bytes further along the swizzled rows).
+    auto stage_operands = [&](int s, uint4& w0, uint4& w1, uint64_t (&desc)[4]) {
+      const uint32_t base = stage0 + s * static_cast<uint32_t>(sizeof(WideStage));
+      w0 = lds128(base + w_off);
+      w1 = lds128(base + w_off + 8 * (kGroup / 2));
+#pragma unroll
+      for (int k = 0; k < 4; ++k) desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
+    };
+    // This warp is done with the stage of the block's i-th group.
+    auto release = [&](int i) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[i % kWideStages]);
+    };
+
     auto issue = [&](int i, int g, int (&d)[kAccRegs], __half2& ws) {
       const int s = i % kWideStages;
       ws = __halves2half2(ws_row[0][g], ws_row[1][g]);
       mbar_wait(&full[s], (i / kWideStages) & 1);
-      const uint32_t base = stage0 + s * static_cast<uint32_t>(sizeof(WideStage));
-      const uint4 w0 = lds128(base + w_off), w1 = lds128(base + w_off + 8 * (kGroup / 2));
+      uint4 w0, w1;
+      uint64_t desc[4];
+      stage_operands(s, w0, w1, desc);
       uint32_t a[4][4];
       weight_fragments(w0, w1, a);
-      // Descriptors too: one k32 step is 32 bytes further along the swizzled rows.
-      uint64_t desc[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
       // Tokens [0, TOKENS / 2), then the other half (TOKENS / 2 rows of 128 bytes further), one
       // commit each, so that the caller can rescale the first half while the second runs.
 #ifndef COMET_WIDE_SKIP_MMA  // experiment switch: time the pipeline without the tensor cores
@@ -406,7 +418,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // is exact: ws has 11 significant bits), then acc += t * as. Three instructions.
     float acc[kAccRegs];
     auto rescale = [&](int i, int (&d)[kAccRegs], __half2 ws_h, int j0 = 0, int j1 = TOKENS / 8,
-                       bool release = true) {
+                       bool release_stage = true) {
 #pragma unroll
       for (int e = 4 * j0; e < 4 * j1; ++e) fence_operand(d[e]);
       constexpr float kUnscale = 1.f / 16.f;  // the weights enter as code * 16
@@ -427,9 +439,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
 #endif
         }
       }
-      if (!release) return;
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[i % kWideStages]);  // this warp is done with the stage
+      if (release_stage) release(i);
     };
 
     // One accumulator set: the two warpgroups overlap each other's rescale, and each its own in
@@ -470,13 +480,11 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       const int s = i % kWideStages;
       const float m0 = __half2float(ws_row[0][g]) * inv_sw[0], m1 = __half2float(ws_row[1][g]) * inv_sw[1];
       mbar_wait(&full[s], (i / kWideStages) & 1);
-      const uint32_t base = stage0 + s * static_cast<uint32_t>(sizeof(WideStage));
-      const uint4 w0 = lds128(base + w_off), w1 = lds128(base + w_off + 8 * (kGroup / 2));
+      uint4 w0, w1;
+      uint64_t desc[4];
+      stage_operands(s, w0, w1, desc);
       uint32_t a[4][4];
       weight_fragments_int(w0, w1, __float2uint_rn(m0), __float2uint_rn(m1), a);
-      uint64_t desc[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
       constexpr int kHalf = kAccRegs / 2;
       int(&lo)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d0);
       int(&hi)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d0 + kHalf);
@@ -487,10 +495,6 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
 #pragma unroll
       for (int k = 0; k < 4; ++k) wgmma_s8<true>(hi, a[k], desc[k] + kHiRows);
       wgmma_commit();
-    };
-    auto release = [&](int i) {
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[i % kWideStages]);
     };
     // INTS: span `span`'s int32 sum d0 (its wgmma all waited for) into acc.
     auto fold = [&](const WideSegment& sg, int span) {
