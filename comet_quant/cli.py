@@ -107,13 +107,17 @@ def calibrate(model, dataset, nsamples, seqlen, seed, batch_size, device, worker
 @click.option("--w-method", type=click.Choice(["rtn", "gptq"]), default=None)
 @click.option("--asymmetric", is_flag=True, default=None, help="Asymmetric int4 weights.")
 @click.option("--kv-bits", type=click.Choice(["4", "8", "16"]), default=None)
+@click.option("--int-group-scales/--free-group-scales", default=None,
+              help="Group scales as a row's (a token span's) scale times an integer 1-16, which "
+                   "the Hopper GEMM sums in int32 (faster, slightly less accurate; docs/SCHEME.md) "
+                   "[default: the preset's].")
 @_calib_options
 @click.option("--out", default=None, help="Output directory [default: comet_quant_out/MODEL-SCHEME]")
 @overwrite_opt
 @resume_opt
 def export(model, calib, scheme, a8_budget, a8_select, a8_threshold, a8_criterion, a8_layer_cap,
-           act_order, clip, group_size, w_method, asymmetric, kv_bits, dataset, nsamples, seqlen,
-           seed, batch_size, device, workers, out, overwrite, resume):
+           act_order, clip, group_size, w_method, asymmetric, kv_bits, int_group_scales, dataset,
+           nsamples, seqlen, seed, batch_size, device, workers, out, overwrite, resume):
     """Run FMPQ and write a quantized checkpoint."""
     from .export import export as run
     from .scheme import get_scheme
@@ -123,7 +127,8 @@ def export(model, calib, scheme, a8_budget, a8_select, a8_threshold, a8_criterio
                         a8_layer_cap=a8_layer_cap, gptq_act_order=act_order, w_clip=clip,
                         group_size=group_size, w_method=w_method,
                         w_symmetric=(False if asymmetric else None),
-                        kv_bits=int(kv_bits) if kv_bits else None)
+                        kv_bits=int(kv_bits) if kv_bits else None,
+                        int_group_scales=int_group_scales)
     run(model, calib, chosen, out, overwrite,
         _calib_config(dataset, nsamples, seqlen, seed, batch_size, device, workers), resume=resume)
 

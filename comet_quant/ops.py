@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -162,11 +161,14 @@ def _arch_flags() -> tuple[str, list[str]]:
 
 
 def _source_dir() -> Path:
-    """The installed kernel sources; a plain source checkout on PYTHONPATH uses ./kernels."""
-    try:
-        return Path(str(resources.files("comet_quant.kernels")))
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "kernels"
+    """The kernel sources: inside the installed package (comet_quant/kernels), or ./kernels of a
+    source checkout (an editable install)."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "kernels", here.parent / "kernels"):
+        if (d / "binding.cpp").is_file():
+            return d
+    raise CometError(f"the W4Ax kernel sources are missing (looked in {here / 'kernels'}); "
+                     "reinstall comet-quant")
 
 
 def build(verbose: bool = False) -> Path:

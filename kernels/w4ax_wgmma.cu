@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstddef>
+#include <type_traits>
 
 namespace comet {
 namespace {
@@ -475,25 +476,30 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       wgmma_wait<0>();
       rescale(i, d0, ws0, kTokenTiles / 2, kTokenTiles);
     };
-    // INTS: an integer group's eight wgmma (both token halves) added to d0, one commit.
-    auto issue_int = [&](int i, int g) {
+    // INTS: an integer group's eight wgmma (both token halves) added to d0 (a span's first group,
+    // `first`, starts it from zero: the wgmma's own zero-fill, as register moves between the
+    // wgmma made the compiler insert a fence there, serializing them under stream-K), one commit,
+    // their A fragments built in `a`, which must stay untouched until these wgmma completed.
+    auto issue_int = [&](auto first, int i, int g, uint32_t (&a)[4][4]) {
       const int s = i % kWideStages;
       const float m0 = __half2float(ws_row[0][g]) * inv_sw[0], m1 = __half2float(ws_row[1][g]) * inv_sw[1];
       mbar_wait(&full[s], (i / kWideStages) & 1);
       uint4 w0, w1;
       uint64_t desc[4];
       stage_operands(s, w0, w1, desc);
-      uint32_t a[4][4];
       weight_fragments_int(w0, w1, __float2uint_rn(m0), __float2uint_rn(m1), a);
       constexpr int kHalf = kAccRegs / 2;
       int(&lo)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d0);
       int(&hi)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d0 + kHalf);
       constexpr uint64_t kHiRows = (TOKENS / 2) * kGroup / 16;
       wgmma_fence();
+      constexpr bool kAccumulate = !decltype(first)::value;
+      wgmma_s8<kAccumulate>(lo, a[0], desc[0]);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) wgmma_s8<true>(lo, a[k], desc[k]);
+      for (int k = 1; k < 4; ++k) wgmma_s8<true>(lo, a[k], desc[k]);
+      wgmma_s8<kAccumulate>(hi, a[0], desc[0] + kHiRows);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) wgmma_s8<true>(hi, a[k], desc[k] + kHiRows);
+      for (int k = 1; k < 4; ++k) wgmma_s8<true>(hi, a[k], desc[k] + kHiRows);
       wgmma_commit();
     };
     // INTS: span `span`'s int32 sum d0 (its wgmma all waited for) into acc.
@@ -511,9 +517,18 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       }
     };
     // A segment's groups from the block's i-th on: the 8-bit ones (all, without INTS) rescaled one
-    // by one; then (INTS) each span's 4-bit ones summed in d0, one group in flight per
-    // warpgroup (the other warpgroup keeps the tensor cores busy meanwhile), and the span folded. Returns the next i. Structured loops only:
-    // the compiler serializes wgmma it cannot prove warpgroup-uniform.
+    // by one; then (INTS) each span's 4-bit ones summed in d0 with two groups in flight per
+    // warpgroup, and the span folded. Returns the next i. Structured loops only: the compiler
+    // serializes wgmma it cannot prove warpgroup-uniform.
+    //
+    // The two groups in flight read their A fragments from registers until they complete, so
+    // they alternate between two fragment arrays, fa and fb, and the loop is unrolled by two so
+    // that each array is its own set of registers: a group's fragments are built only after the
+    // wait that completed the last group to use the same array. (Built into one array while the
+    // previous group still ran, they overwrote its fragments: wrong results, H100, session 11.)
+    [[maybe_unused]] uint32_t fa[4][4], fb[4][4];
+    [[maybe_unused]] constexpr std::true_type kFirst{};
+    [[maybe_unused]] constexpr std::false_type kNext{};
     auto run = [&](int i, const WideSegment& sg) {
       int g = sg.g0;
       const int rescaled_end = INTS ? min(sg.g1, max(sg.g0, groups8)) : sg.g1;
@@ -521,16 +536,27 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       if constexpr (INTS) {
         while (g < sg.g1) {
           const int span = g / kSpanGroups, span_end = min(sg.g1, (span + 1) * kSpanGroups);
-#pragma unroll
-          for (int e = 0; e < kAccRegs; ++e) d0[e] = 0;
-          issue_int(i++, g++);
+          issue_int(kFirst, i++, g++, fa);  // in flight: one group, on fa
+#ifdef COMET_INTS_ONE_IN_FLIGHT  // experiment switch: session 11's loop, each group waited for alone
           for (; g < span_end; ++g, ++i) {
-            // The previous group's wgmma read their A fragments from registers until they
-            // complete: the next fragments may only be built after that (issued one group
-            // ahead, they overwrote them: wrong results on the tiled grids, H100).
             wgmma_wait<0>();
             release(i - 1);
-            issue_int(i, g);
+            issue_int(kNext, i, g, fa);
+          }
+#endif
+          for (; g + 1 < span_end; g += 2, i += 2) {
+            issue_int(kNext, i, g, fb);
+            wgmma_wait<1>();  // group i - 1 (fa) done
+            release(i - 1);
+            issue_int(kNext, i + 1, g + 1, fa);
+            wgmma_wait<1>();  // group i (fb) done
+            release(i);
+          }
+          if (g < span_end) {
+            issue_int(kNext, i, g, fb);
+            wgmma_wait<1>();
+            release(i - 1);
+            ++i, ++g;
           }
           wgmma_wait<0>();
           release(i - 1);

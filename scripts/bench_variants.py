@@ -6,7 +6,8 @@ variant in a subprocess (COMET_QUANT_NVCC_FLAGS is part of the build's identity)
 same way as scripts/bench_kernels.py (CUDA-graph replays, weights rotating past L2). Skip builds
 compute wrong results on purpose: they only say where the time goes.
 
---kernel picks what is timed: the wgmma GEMM (M = 256 / 1024 / 4096), the decode GEMM
+--kernel picks what is timed: the wgmma GEMM (M = 256 / 1024 / 4096), its integer-group-scale
+form ("ints": all LLaMA-3 shapes, 10% 8-bit groups, the plan in brackets), the decode GEMM
 (M = 1 / 16 on all LLaMA-3 shapes, 24 on those that take it there), the activation
 quantization (M = 4096, both layouts), or
 "tiles": the wgmma GEMM at M = 128 / 256 / 512 on all LLaMA-3 shapes under every split_k (auto,
@@ -134,6 +135,23 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = ()) -> None:
                 tw = timeit([lambda i=i: wide(i) for i in range(nc)]) * 1e3
                 print(f"| {tag} | {name} | {m} | {tp:.1f} us | {tw:.1f} us |", flush=True)
         return
+    if kernel == "ints":  # the integer-group-scale GEMM (int_group_scales), 10% 8-bit groups
+        dev = "cuda"
+        for name, (n, k) in ALL_SHAPES.items():
+            g, nc, qws, _, perm = weights(n, k)
+            g8 = g // 10
+            rows = [torch.rand(n, device=dev, dtype=torch.float16) * 1e-3 + 1e-4 for _ in range(nc)]
+            wsi = [(r[:, None].float() * torch.randint(1, 17, (n, g), device=dev)).half() for r in rows]
+            for m in ms or (256, 1024, 4096):
+                x = torch.randn(m, k, device=dev, dtype=torch.float16)
+                qa, sti = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
+                tokens, chosen, _, _ = torch.ops.comet.wide_tile(m, n, k, 0)
+                t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, sti, qws[i], wsi[i], 0, torch.float16,
+                                                                       rows[i], g8) for i in range(nc)])
+                plan = f"{tokens}" + ("/sk" if chosen == -1 else f"/{chosen}" if chosen > 1 else "")
+                print(f"| {tag} | {name} | {m} | {t * 1e3:.1f} us ({plan}) | {2 * m * n * k / t / 1e9:.0f} |",
+                      flush=True)
+        return
     if kernel == "sizes":
         for name, (n, k) in ALL_SHAPES.items():
             g, nc, qws, ws, perm = weights(n, k)
@@ -158,10 +176,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", action="append", metavar="FLAGS",
                     help="nvcc flags of one build, written --variant=FLAGS ('base': none); repeatable")
-    ap.add_argument("--kernel", choices=["wgmma", "decode", "actq", "tiles", "sizes", "crossover", "streamk"],
+    ap.add_argument("--kernel", choices=["wgmma", "decode", "actq", "tiles", "sizes", "crossover", "streamk", "ints"],
                     default="wgmma")
     ap.add_argument("--quick", action="store_true", help="wgmma: 8B gate+up at M = 4096 only")
-    ap.add_argument("--ms", default="", help="streamk / sizes: the token counts, comma-separated (default 64 / 256 ... 4096)")
+    ap.add_argument("--ms", default="", help="streamk / sizes / ints: the token counts, comma-separated (default 64 / 256 ... 4096)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -176,7 +194,7 @@ def main():
         print("| build flags | shape | M | us, split auto | 1 | 2 | 3 | 4 | 6 |\n|---|---|---|---|---|---|---|---|---|",
               flush=True)
     else:
-        unit = "equivalent TOPS" if args.kernel in ("wgmma", "sizes") else "bytes / time"
+        unit = "equivalent TOPS" if args.kernel in ("wgmma", "sizes", "ints") else "bytes / time"
         print(f"| build flags | shape | M | time | {unit} |\n|---|---|---|---|---|", flush=True)
     variants = args.variant or ["base", "-DCOMET_WIDE_SKIP_RESCALE", "-DCOMET_WIDE_SKIP_MMA", "-DCOMET_WIDE_SKIP_LOAD"]
     for flags in variants:

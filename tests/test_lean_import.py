@@ -14,3 +14,22 @@ def test_cli_help_lists_commands():
                          capture_output=True, text=True).stdout
     for cmd in ("calibrate", "export", "eval"):
         assert cmd in out
+
+
+def test_kernel_sources_do_not_shadow_the_kernels_package(tmp_path):
+    """kernels/ (the CUDA sources) is no Python package: from the repository root, `import kernels`
+    must reach the installed Hugging Face package that transformers imports (or nothing), never
+    our directory. And the installed wheel finds its sources."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import importlib.util; s = importlib.util.find_spec('kernels'); "
+            "print(s.origin if s else None)")
+    origin = subprocess.run([sys.executable, "-c", code], cwd=root, check=True, capture_output=True,
+                            text=True).stdout.strip()
+    assert origin == "None" or not origin.startswith(str(root / "kernels")), origin
+    subprocess.run([sys.executable, "-c", "import transformers.integrations.hub_kernels"], cwd=root,
+                   check=True)
+    from comet_quant import ops
+
+    assert (ops._source_dir() / "w4ax_wgmma.cu").is_file()

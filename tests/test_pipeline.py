@@ -162,6 +162,19 @@ def test_cli_end_to_end(tiny_model, text_file, tmp_path):
     assert (sch.a8_criterion, sch.a8_layer_cap, sch.w_clip) == ("error", 0.5, False)
     layers = open_checkpoint(ck2).qconfig["layers"]
     assert all(v["groups8"] <= v["k_padded"] // 128 // 2 for lay in layers.values() for v in lay.values())
+    # Integer group scales from the command line: stored in the scheme, wscale_row written, and
+    # a combination the scheme refuses is one line.
+    ck3 = tmp_path / "ck3"
+    out = r.invoke(main, ["export", "--model", str(tiny_model), "--calib", str(cal), "--scheme",
+                          "w4ax-kv4-rtn", "--int-group-scales", "--out", str(ck3)])
+    assert out.exit_code == 0, out.output
+    opened = open_checkpoint(ck3)
+    assert opened.scheme.int_group_scales
+    assert any(k.endswith("wscale_row") for k in opened.tensors())
+    out = r.invoke(main, ["export", "--model", str(tiny_model), "--calib", str(cal), "--scheme",
+                          "w4ax-kv4-rtn", "--int-group-scales", "--asymmetric", "--out", str(tmp_path / "ck4")])
+    assert out.exit_code == 2 and "symmetric" in out.output and "Traceback" not in out.output
+    assert not (tmp_path / "ck4").exists()
 
 
 def test_export_without_calib_calibrates_first(tiny_model, text_file, tmp_path, monkeypatch):
