@@ -170,7 +170,7 @@ at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, cons
   static_assert(comet::kWideStreamK == -1, "update the message below");
   TORCH_CHECK(split_k >= -1, "comet: split_k must be >= 0 (0: automatic), or -1 (stream-K)");
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const comet::WidePlan plan = comet::wide_plan(M, N, Kpad, split_k, sms);
+  const comet::WidePlan plan = comet::wide_plan(M, N, Kpad, split_k, sms, ints);
   const size_t work_floats = comet::wide_workspace_floats(plan, M, N);
   at::Tensor work = work_floats ? at::empty({static_cast<int64_t>(work_floats)}, qweight.options().dtype(at::kFloat))
                                 : at::Tensor();
@@ -187,11 +187,11 @@ at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, cons
 // The wgmma GEMM's plan for a shape on the current GPU: (tokens per tile, split_k, blocks, tiles
 // that stream-K runs one per block before sharing the rest), as
 // w4ax_gemm_wide with this split_k (0: automatic) would take them; split_k -1 is stream-K. For
-// tests and benchmarks.
-std::vector<int64_t> wide_tile(int64_t M, int64_t N, int64_t K, int64_t split_k) {
+// tests and benchmarks. int_scales: the plan of integer group scales (wscale_row given).
+std::vector<int64_t> wide_tile(int64_t M, int64_t N, int64_t K, int64_t split_k, bool int_scales) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t Kpad = (K + comet::kGroup - 1) / comet::kGroup * comet::kGroup;
-  const comet::WidePlan p = comet::wide_plan(M, N, Kpad, split_k, sms);
+  const comet::WidePlan p = comet::wide_plan(M, N, Kpad, split_k, sms, int_scales);
   return {p.tokens, p.split_k, p.blocks, p.dp_tiles};
 }
 
@@ -270,7 +270,7 @@ TORCH_LIBRARY(comet, m) {
         "(Tensor, Tensor)");
   m.def("w4ax_gemm_wide(Tensor qa, Tensor scales_t, Tensor qweight, Tensor wscale, int split_k, "
         "ScalarType out_dtype, Tensor? wscale_row=None, int groups8=0) -> Tensor");
-  m.def("wide_tile(int M, int N, int K, int split_k=0) -> int[]", &wide_tile);
+  m.def("wide_tile(int M, int N, int K, int split_k=0, bool int_scales=False) -> int[]", &wide_tile);
   m.def("kv4_append(Tensor x, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!) zero, int start, "
         "Tensor? start_tensor=None) -> ()");
   m.def("kv4_decode_attention(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, "

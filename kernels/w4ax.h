@@ -105,11 +105,13 @@ constexpr int kWideStreamK = -1;
 // What the wide GEMM runs for a shape on `num_sms` multiprocessors: tokens per tile (64, 96, 128 or
 // 192), split_k (1, > 1, or kWideStreamK), the number of blocks and, for stream-K, the tiles
 // that go one per block before the rest is shared. split_k as requested (0: the cheapest by the
-// cost model: stream-K where the tiles leave much of the last wave idle).
+// cost model: stream-K where the tiles leave much of the last wave idle). Integer group scales
+// (`ints`) never take 192-token tiles: two groups in flight need 32 fragment registers more, and
+// the 192-token kernel then spills.
 struct WidePlan {
   int tokens, split_k, blocks, dp_tiles;
 };
-WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms);
+WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms, bool ints = false);
 // float32 elements of workspace that plan needs (0 for none).
 size_t wide_workspace_floats(const WidePlan& plan, int M, int N);
 

@@ -772,13 +772,14 @@ int stream_k_tokens(int M, int N, int Kpad, int num_sms) {
 // Tokens per block: the cheapest of 64, 96, 128 and 192 by the cost model above. Big tiles win where
 // the waves are many (large M x N); 96 where it fills the last wave much better and the
 // 128-token grid would not split (70B qkv M = 256 in session 6).
-int wide_tokens(int M, int N, int Kpad, int num_sms) {
+int wide_tokens(int M, int N, int Kpad, int num_sms, bool ints) {
 #ifdef COMET_WIDE_TOKENS  // experiment switch: one token tile for every M (64, 96, 128 or 192)
-  return COMET_WIDE_TOKENS;
+  if (!ints || COMET_WIDE_TOKENS <= 128) return COMET_WIDE_TOKENS;
 #endif
   int best = 128;
   double best_cost = wide_cost(128, M, N, Kpad, num_sms);
   for (int tokens : {96, 192, 64}) {
+    if (ints && tokens > 128) continue;  // see WidePlan (w4ax.h)
     const double c = wide_cost(tokens, M, N, Kpad, num_sms);
     if (c < best_cost) best = tokens, best_cost = c;
   }
@@ -797,7 +798,7 @@ unsigned long long next_nonce() {
 
 }  // namespace
 
-WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms) {
+WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms, bool ints) {
   const int G = Kpad / kGroup;
   const auto stream_k = [&] {
     const int tokens = stream_k_tokens(M, N, Kpad, num_sms);
@@ -806,7 +807,7 @@ WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms) {
     return WidePlan{tokens, kWideStreamK, sp.blocks, static_cast<int>(sp.dp_tiles)};
   };
   if (split_k == kWideStreamK) return stream_k();
-  const int tokens = wide_tokens(M, N, Kpad, num_sms);
+  const int tokens = wide_tokens(M, N, Kpad, num_sms, ints);
   const auto tiled = [&](int split) {
     split = std::max(1, std::min(split, G));
     return WidePlan{tokens, split, ((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN) * split, 0};
@@ -869,9 +870,12 @@ template <int TOKENS, bool STREAMK>
 cudaError_t launch_wide(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
                         const void* wscale, const void* wscale_row, int groups8, void* out, DType out_dtype, int M,
                         int N, int Kpad, const WidePlan& plan, float* workspace, cudaStream_t stream) {
-  if (wscale_row)
+  if constexpr (TOKENS > 128) {  // wide_plan gives integer group scales at most 128-token tiles
+    if (wscale_row) return cudaErrorInvalidValue;
+  } else if (wscale_row) {
     return launch_wide_as<TOKENS, STREAMK, true>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out,
                                                  out_dtype, M, N, Kpad, plan, workspace, stream);
+  }
   return launch_wide_as<TOKENS, STREAMK, false>(qa, scales_t, Mpad, qweight, wscale, nullptr, 0, out, out_dtype, M,
                                                 N, Kpad, plan, workspace, stream);
 }
@@ -889,7 +893,7 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
   if (major != 9) return cudaErrorNotSupported;
   e = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
   if (e != cudaSuccess) return e;
-  const WidePlan plan = wide_plan(M, N, Kpad, split_k, sms);
+  const WidePlan plan = wide_plan(M, N, Kpad, split_k, sms, wscale_row != nullptr);
   if (plan.split_k > 1) {
     e = cudaMemsetAsync(workspace, 0, sizeof(float) * static_cast<size_t>(M) * N, stream);
     if (e != cudaSuccess) return e;

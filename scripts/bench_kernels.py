@@ -108,6 +108,8 @@ def bench_shape(name, n, k, m, results, split_k_off: bool):
     if wide:  # its token tile, and split-K ("/2") or stream-K ("/sk"), if any, for this shape
         tokens, split, _, _ = torch.ops.comet.wide_tile(m, n, k)
         row["path"] += f" {tokens}" + ("/sk" if split == -1 else f"/{split}" if split > 1 else "")
+        tokens, split, _, _ = torch.ops.comet.wide_tile(m, n, k, 0, True)  # integer group scales
+        row["int_path"] = f"{tokens}" + ("/sk" if split == -1 else f"/{split}" if split > 1 else "")
     for pct in (0, 10, 25):
         g8 = round(g * pct / 100)
         q8, q4, s = ops.quantize_act(x, perm, g8)
@@ -155,7 +157,7 @@ def fmt(v, digits=3):
 def table(results) -> str:
     head = ("| shape | M | fp16 ms | fp8 ms | int8 ms | path | ours 0% | ours 10% | ours 25% | 10% no split/stream-K |"
             " 10% mma.sync tiled | x fp16 | x fp8 | weight TB/s | TOPS | act-quant TB/s |"
-            " int scales 10% | int x fp16 | int x fp8 | int act-quant ms |")
+            " int scales 10% | int path | int x fp16 | int x fp8 | int act-quant ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         fp8 = r.get("fp8")
@@ -165,7 +167,8 @@ def table(results) -> str:
             f"{fmt(r.get('tiled10'))} | "
             f"{r['fp16'] / r['ours10']:.2f} | {fmt(fp8 / r['ours10'] if fp8 else None, 2)} | "
             f"{r['ours10_wbw_tbps']:.2f} | {r['ours10_tops']:.0f} | {r['actq_tbps']:.2f} | "
-            f"{fmt(r.get('int10'))} | {fmt(r['fp16'] / r['int10'] if r.get('int10') else None, 2)} | "
+            f"{fmt(r.get('int10'))} | {r.get('int_path', 'n/a')} | "
+            f"{fmt(r['fp16'] / r['int10'] if r.get('int10') else None, 2)} | "
             f"{fmt(fp8 / r['int10'] if fp8 and r.get('int10') else None, 2)} | {fmt(r.get('actq_int'), 4)} |")
     return "\n".join(lines)
 

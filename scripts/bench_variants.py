@@ -145,7 +145,7 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = ()) -> None:
             for m in ms or (256, 1024, 4096):
                 x = torch.randn(m, k, device=dev, dtype=torch.float16)
                 qa, sti = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
-                tokens, chosen, _, _ = torch.ops.comet.wide_tile(m, n, k, 0)
+                tokens, chosen, _, _ = torch.ops.comet.wide_tile(m, n, k, 0, True)
                 t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, sti, qws[i], wsi[i], 0, torch.float16,
                                                                        rows[i], g8) for i in range(nc)])
                 plan = f"{tokens}" + ("/sk" if chosen == -1 else f"/{chosen}" if chosen > 1 else "")

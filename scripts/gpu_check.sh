@@ -20,6 +20,7 @@ PY
 so=$(ls -t "$COMET_QUANT_CACHE"/kernels/*/*.so | head -1)  # newest: this build
 cuobjdump -res-usage "$so" 2>&1 | grep -E "Function|REG|STACK" > "$OUT/resource_usage.txt" || true
 cuobjdump -sass "$so" 2>/dev/null | gzip > "$OUT/sass.txt.gz" || true
-# PYTEST_ARGS narrows the tests (e.g. "-k wide"); BENCH_ARGS the benchmark (--shapes, --ms).
-python3 -m pytest -q -x tests/test_kernels.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
+# PYTEST_K narrows the tests (a -k expression, e.g. "wide or int_scales"), PYTEST_ARGS adds
+# options; BENCH_ARGS the benchmark (--shapes, --ms).
+python3 -m pytest -q -x tests/test_kernels.py ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
 python3 scripts/bench_kernels.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tail -70
