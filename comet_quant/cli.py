@@ -218,10 +218,24 @@ def schemes():
     """List the scheme presets."""
     from .scheme import PRESETS
 
+    width = max(len(name) for name in PRESETS) + 2
     for name, s in PRESETS.items():
-        a = "a16" if s.a_bits >= 16 else (f"a{s.a_bits}" + (f"/a8<= {s.a8_budget:.0%}" if s.a8_budget else ""))
-        click.echo(f"{name:<14} w4 {s.w_method:<4} {'sym ' if s.w_symmetric else 'asym'} "
-                   f"{a:<12} kv{s.kv_bits:<3} group {s.group_size}")
+        click.echo(f"{name:<{width}}{scheme_summary(s)}")
+
+
+def scheme_summary(s) -> str:
+    """One line of a scheme's main choices, as `comet-quant schemes` lists them."""
+    if s.a_bits >= 16:
+        a = "a16"
+    elif s.a_bits == 4 and s.a8_select == "fixed":
+        a = f"a4/a8 x{s.a8_groups} grp"
+    elif s.a_bits == 4 and s.a8_budget:
+        a = f"a4/a8<= {s.a8_budget:.0%}"
+    else:
+        a = f"a{s.a_bits}"
+    extras = [t for t, on in (("hadamard", s.rotate), ("int-group-scales", s.int_group_scales)) if on]
+    return (f"w4 {s.w_method:<4} {'sym ' if s.w_symmetric else 'asym'} {a:<14} kv{s.kv_bits:<3} "
+            f"group {s.group_size}" + (f"  {' '.join(extras)}" if extras else ""))
 
 
 @main.group(name="eval")

@@ -66,3 +66,19 @@ def test_int_group_scales_checkpoint_roundtrip(tiny_model, text_file, tmp_path):
     assert torch.isfinite(out).all()
     with pytest.raises(CometError, match="corrupt"):
         check_int_scales(q.wscale, q.wscale_row * 3)
+
+
+def test_schemes_listing_names_every_preset_and_its_options():
+    from click.testing import CliRunner
+
+    from comet_quant.cli import main
+    from comet_quant.scheme import PRESETS
+
+    out = CliRunner().invoke(main, ["schemes"])
+    assert out.exit_code == 0, out.output
+    lines = {l.split()[0]: l for l in out.output.splitlines()}
+    assert set(lines) == set(PRESETS)
+    assert "hadamard int-group-scales" in lines["w4ax-rot-kv4-int"]
+    assert "hadamard" in lines["quarot-like"] and "int-group" not in lines["w4ax-rot-kv4"]
+    assert "a4/a8 x1 grp" in lines["atom-like"] and "a4/a8<= 25%" in lines["w4ax-kv4-25"]
+    assert "a16" in lines["w4a16"] and "kv16" in lines["w4a16"]
