@@ -64,6 +64,20 @@ def copies(nbytes: int) -> int:
     return max(1, min(12, -(-L2_FLUSH_BYTES // max(nbytes, 1))))
 
 
+def plan_label(m, n, k, split_k=0, int_scales=False) -> str:
+    """The wgmma GEMM's plan for a shape: its token tile, then "/S" for split-K in S parts or
+    "/sk" for stream-K (torch.ops.comet.wide_tile)."""
+    tokens, split, _, _ = torch.ops.comet.wide_tile(m, n, k, split_k, int_scales)
+    return f"{tokens}" + ("/sk" if split == -1 else f"/{split}" if split > 1 else "")
+
+
+def int_scale_weights(n, g, nc, dev):
+    """[nc] copies of integer-group-scale weight scales (int_group_scales): fp16 row scales and
+    group scales = row scale x an integer in [1, 16]."""
+    rows = [torch.rand(n, device=dev, dtype=torch.float16) * 1e-3 + 1e-4 for _ in range(nc)]
+    return rows, [(r[:, None].float() * torch.randint(1, 17, (n, g), device=dev)).half() for r in rows]
+
+
 def bench_shape(name, n, k, m, results, split_k_off: bool):
     g = k // ops.GROUP
     dev = "cuda"
@@ -106,10 +120,8 @@ def bench_shape(name, n, k, m, results, split_k_off: bool):
     wide = ops.uses_wide_gemm(x, qws[0])  # sm_90 and enough tokens: what w4ax_linear runs
     row["path"] = "wgmma" if wide else ("decode" if m <= 32 else "tiled")
     if wide:  # its token tile, and split-K ("/2") or stream-K ("/sk"), if any, for this shape
-        tokens, split, _, _ = torch.ops.comet.wide_tile(m, n, k)
-        row["path"] += f" {tokens}" + ("/sk" if split == -1 else f"/{split}" if split > 1 else "")
-        tokens, split, _, _ = torch.ops.comet.wide_tile(m, n, k, 0, True)  # integer group scales
-        row["int_path"] = f"{tokens}" + ("/sk" if split == -1 else f"/{split}" if split > 1 else "")
+        row["path"] += " " + plan_label(m, n, k)
+        row["int_path"] = plan_label(m, n, k, int_scales=True)
     for pct in (0, 10, 25):
         g8 = round(g * pct / 100)
         q8, q4, s = ops.quantize_act(x, perm, g8)
@@ -126,8 +138,7 @@ def bench_shape(name, n, k, m, results, split_k_off: bool):
                 row["actq"] = timeit([lambda: torch.ops.comet.quantize_act_wide(x, perm, g8)])
                 act_bytes = m * k * 2 + qa.numel() + scales_t.numel() * 4 + perm.numel() * 4
                 # Integer group scales (int_group_scales): group scales = row scale x 1..16.
-                rows = [torch.rand(n, device=dev, dtype=torch.float16) * 1e-3 + 1e-4 for _ in range(nc)]
-                wsi = [(r[:, None].float() * torch.randint(1, 17, (n, g), device=dev)).half() for r in rows]
+                rows, wsi = int_scale_weights(n, g, nc, dev)
                 qai, sti = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
                 row["int10"] = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(
                     qai, sti, qws[i], wsi[i], 0, torch.float16, rows[i], g8) for i in range(nc)])

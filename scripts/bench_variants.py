@@ -42,7 +42,7 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = ()) -> None:
     import torch
 
     from bench_kernels import SHAPES as ALL_SHAPES
-    from bench_kernels import copies, timeit
+    from bench_kernels import copies, int_scale_weights, plan_label, timeit
     from comet_quant import ops
 
     ops.build()
@@ -111,11 +111,9 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = ()) -> None:
                 qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g // 10)
                 cells = []
                 for split in (0, 1, -1):
-                    tokens, chosen, _, _ = torch.ops.comet.wide_tile(m, n, k, split)
                     t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qws[i], ws, split,
                                                                            torch.float16) for i in range(nc)])
-                    plan = f"{tokens}" + ("/sk" if chosen == -1 else f"/{chosen}" if chosen > 1 else "")
-                    cells.append(f"{t * 1e3:.1f} ({plan})")
+                    cells.append(f"{t * 1e3:.1f} ({plan_label(m, n, k, split)})")
                 print(f"| {tag} | {name} | {m} | " + " | ".join(cells) + " |", flush=True)
         return
     if kernel == "crossover":  # quantize + GEMM on each path, where M decides between them
@@ -136,21 +134,17 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = ()) -> None:
                 print(f"| {tag} | {name} | {m} | {tp:.1f} us | {tw:.1f} us |", flush=True)
         return
     if kernel == "ints":  # the integer-group-scale GEMM (int_group_scales), 10% 8-bit groups
-        dev = "cuda"
         for name, (n, k) in ALL_SHAPES.items():
             g, nc, qws, _, perm = weights(n, k)
             g8 = g // 10
-            rows = [torch.rand(n, device=dev, dtype=torch.float16) * 1e-3 + 1e-4 for _ in range(nc)]
-            wsi = [(r[:, None].float() * torch.randint(1, 17, (n, g), device=dev)).half() for r in rows]
+            rows, wsi = int_scale_weights(n, g, nc, "cuda")
             for m in ms or (256, 1024, 4096):
-                x = torch.randn(m, k, device=dev, dtype=torch.float16)
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 qa, sti = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
-                tokens, chosen, _, _ = torch.ops.comet.wide_tile(m, n, k, 0, True)
                 t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, sti, qws[i], wsi[i], 0, torch.float16,
                                                                        rows[i], g8) for i in range(nc)])
-                plan = f"{tokens}" + ("/sk" if chosen == -1 else f"/{chosen}" if chosen > 1 else "")
-                print(f"| {tag} | {name} | {m} | {t * 1e3:.1f} us ({plan}) | {2 * m * n * k / t / 1e9:.0f} |",
-                      flush=True)
+                print(f"| {tag} | {name} | {m} | {t * 1e3:.1f} us ({plan_label(m, n, k, int_scales=True)}) | "
+                      f"{2 * m * n * k / t / 1e9:.0f} |", flush=True)
         return
     if kernel == "sizes":
         for name, (n, k) in ALL_SHAPES.items():
