@@ -6,7 +6,13 @@
 
 Random packed weights of a LLaMA-3 linear shape (scripts/bench_kernels.py SHAPES), 10% 8-bit
 groups, the GEMM the op picks for M (--split-k forces one: 0 = decode kernel, -1 = the ring
-kernel). No timing here: Nsight Compute measures the launch it is told to.
+kernel). --wide runs the Hopper wgmma GEMM on the wide activation layout instead (M of any
+size), --int-scales its integer-group-scale form:
+
+    ncu --kernel-name regex:wide_kernel --launch-skip 3 --launch-count 1 --section WarpStateStats \
+        --section SourceCounters python3 scripts/profile_decode.py --shape "8B gate+up" -m 4096 --wide --int-scales
+
+No timing here: Nsight Compute measures the launch it is told to.
 """
 from __future__ import annotations
 
@@ -25,7 +31,11 @@ def main():
     ap.add_argument("-m", type=int, default=1, help="tokens")
     ap.add_argument("--split-k", type=int, default=0, help="0: automatic; -1: the decode ring kernel")
     ap.add_argument("--launches", type=int, default=5)
+    ap.add_argument("--wide", action="store_true", help="the wgmma GEMM (sm_90a) on wide activations")
+    ap.add_argument("--int-scales", action="store_true", help="with --wide: integer group scales")
     args = ap.parse_args()
+    if args.int_scales and not args.wide:
+        sys.exit("error: --int-scales is a form of the wgmma GEMM; add --wide")
 
     import torch
 
@@ -41,11 +51,25 @@ def main():
     ws = torch.rand(n, g, device="cuda", dtype=torch.float16) * 0.01 + 1e-3
     perm = torch.randperm(k, device="cuda").to(torch.int32)
     x = torch.randn(args.m, k, device="cuda", dtype=torch.float16)
-    q8, q4, s = ops.quantize_act(x, perm, g // 10)
-    for _ in range(args.launches):
-        torch.ops.comet.w4ax_gemm(q8, q4, s, qw, ws, g // 10, args.split_k, False, torch.float16)
+    g8 = g // 10
+    if args.wide:
+        row = None
+        if args.int_scales:  # group scales = row scale x an integer in [1, 16]
+            row = torch.rand(n, device="cuda", dtype=torch.float16) * 1e-3 + 1e-4
+            ws = (row[:, None].float() * torch.randint(1, 17, (n, g), device="cuda")).half()
+        qa, st = torch.ops.comet.quantize_act_wide(x, perm, g8, False, args.int_scales)
+        for _ in range(args.launches):
+            if row is None:
+                torch.ops.comet.w4ax_gemm_wide(qa, st, qw, ws, args.split_k, torch.float16)
+            else:
+                torch.ops.comet.w4ax_gemm_wide(qa, st, qw, ws, args.split_k, torch.float16, row, g8)
+    else:
+        q8, q4, s = ops.quantize_act(x, perm, g8)
+        for _ in range(args.launches):
+            torch.ops.comet.w4ax_gemm(q8, q4, s, qw, ws, g8, args.split_k, False, torch.float16)
     torch.cuda.synchronize()
-    print(f"{args.launches} launches of {args.shape} (N={n}, K={k}) at M={args.m}, split_k={args.split_k}")
+    kind = "wgmma (integer scales)" if args.int_scales else "wgmma" if args.wide else "packed"
+    print(f"{args.launches} launches of {args.shape} (N={n}, K={k}) at M={args.m}, split_k={args.split_k}, {kind}")
 
 
 if __name__ == "__main__":
