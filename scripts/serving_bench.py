@@ -87,6 +87,8 @@ def main():
     ap.add_argument("--clip", action="store_true",
                     help="use the weight clipping search (slow on the CPU at 8B; speed does not "
                          "depend on weight values, so the benchmark skips it by default)")
+    ap.add_argument("--int-group-scales", action="store_true",
+                    help="the scheme with integer group scales (the wgmma GEMM's integer loop at prefill)")
     args = ap.parse_args()
     from memory_profile import build
 
@@ -97,9 +99,10 @@ def main():
     build(work / "model", args.layers)
     times["build_model_s"] = round(time.time() - t, 1)
     t = time.time()
-    ck = work / f"ck-{args.scheme}"
+    ck = work / f"ck-{args.scheme}{'-int' if args.int_group_scales else ''}"
     if not (ck / "comet_manifest.json").is_file():
-        export(str(work / "model"), None, get_scheme(args.scheme, w_clip=args.clip), ck, overwrite=True,
+        scheme = get_scheme(args.scheme, w_clip=args.clip, int_group_scales=args.int_group_scales or None)
+        export(str(work / "model"), None, scheme, ck, overwrite=True,
                calib_config=CalibrationConfig(nsamples=8, seqlen=256, batch_size=8, device="cuda"))
     times["export_s"] = round(time.time() - t, 1)
     print(json.dumps(times), flush=True)
