@@ -492,6 +492,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       int(&lo)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d0);
       int(&hi)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d0 + kHalf);
       constexpr uint64_t kHiRows = (TOKENS / 2) * kGroup / 16;
+#ifndef COMET_WIDE_SKIP_MMA  // experiment switch: the CUDA-core work alone (wrong results)
       wgmma_fence();
       constexpr bool kAccumulate = !decltype(first)::value;
       wgmma_s8<kAccumulate>(lo, a[0], desc[0]);
@@ -500,6 +501,11 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       wgmma_s8<kAccumulate>(hi, a[0], desc[0] + kHiRows);
 #pragma unroll
       for (int k = 1; k < 4; ++k) wgmma_s8<true>(hi, a[k], desc[k] + kHiRows);
+#else
+      (void)lo, (void)hi, (void)kHiRows;
+#pragma unroll
+      for (int e = 0; e < kAccRegs; ++e) d0[e] ^= static_cast<int>(a[e & 3][(e >> 2) & 3] ^ desc[e & 3]);
+#endif
       wgmma_commit();
     };
     // INTS: span `span`'s int32 sum d0 (its wgmma all waited for) into acc.
