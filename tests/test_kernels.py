@@ -437,6 +437,31 @@ def test_gemm_wide_every_token_tile_exact(kernels):
 
 
 @sm90
+@pytest.mark.parametrize("int_scales", [False, True])
+def test_gemm_wide_cluster_pairs(kernels, int_scales):
+    """Tiled grids with an even number of 128-channel tiles run as clusters of two blocks that
+    share their token tile through TMA multicast (each copies half of the token rows into both);
+    odd ones as single blocks. Both kinds, unsplit and split-K, with token tiles whose second
+    half lies partly (M = 100, 200) or wholly (M = 20) past M."""
+    k = 2048
+    for m, n in [(20, 256), (20, 384), (100, 512), (200, 640), (1000, 1024), (1000, 1152)]:
+        if int_scales:
+            x, perm, qw, ws, wr = int_case(m, k, n, 2, seed=m + n, device="cuda")
+            qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, 2, False, True)
+            ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, wr, 2)
+            assert ref.abs().max() > 1
+        else:
+            qa, scales_t, qw, ws, ref = unit_scale_case(m, n, k, seed=m + n)
+        for split in (1, 2):
+            if int_scales:
+                y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, split, torch.float32, wr, 2)
+                assert rel_err(y, ref) < 1e-5, (m, n, split, rel_err(y, ref))
+            else:
+                y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, split, torch.float32)
+                assert torch.equal(y, ref), (m, n, split, (y - ref).abs().max())
+
+
+@sm90
 def test_gemm_wide_stream_k_exact(kernels):
     """Stream-K (split_k = -1) on each of its token tiles (64, 96, 128), on shapes whose iteration shares cut
     tiles between 2 to 4 blocks (at most one per 8 groups of a tile) and give blocks a tile's
