@@ -14,8 +14,9 @@
 // the CUDA cores (the per-group scales of the format), the other's wgmma keep the tensor cores
 // busy. Each consumer also overlaps its own rescale: it issues a group as two halves of the
 // token tile, a commit each, and rescales the first while the second runs. The producer gives
-// its registers to the consumers (setmaxnreg: 32 / 240 per thread). Tiled grids with an even
-// number of channel tiles run as clusters of two blocks along N that share their token tile:
+// its registers to the consumers (setmaxnreg: 32 / 240 per thread). Built with -DCOMET_MULTICAST,
+// tiled grids with an even number of channel tiles run as clusters of two blocks along N that
+// share their token tile:
 // each block's producer copies half of its rows into both blocks (TMA multicast), so the
 // activations cross from L2 once per two blocks. (Measured on H100 against
 // the same kernel with thread 0 of a consumer issuing the copies 4 groups ahead: 8B gate+up
@@ -43,10 +44,10 @@ using namespace sm90;
 constexpr int kWarpgroups = 2;  // consumers, 64 output channels each (3 measured slower on most shapes)
 constexpr int kWideN = 64 * kWarpgroups;      // output channels per block
 constexpr int kWideStages = 6;
-#ifdef COMET_NO_MULTICAST  // experiment switch: no 2-block clusters sharing the token tile
-constexpr bool kWideMulticast = false;
-#else
+#ifdef COMET_MULTICAST  // 2-block clusters sharing the token tile (launch_wide_as); off until measured
 constexpr bool kWideMulticast = true;
+#else
+constexpr bool kWideMulticast = false;
 #endif
 constexpr int kWarps = 4 * kWarpgroups;       // consumer warps: each releases every stage it used
 constexpr int kWideThreads = 32 * kWarps + 128;  // + the producer warpgroup
@@ -913,7 +914,7 @@ cudaError_t launch_wide_as(const int8_t* qa, const float* scales_t, int Mpad, co
                            int M, int N, int Kpad, const WidePlan& plan, float* workspace, cudaStream_t stream) {
   // Tiled grids with an even number of channel tiles run as clusters of two blocks along N that
   // share their token tile: each block copies half of it into both (TMA multicast), so the
-  // activations cross from L2 once per two blocks (-DCOMET_NO_MULTICAST: one block per tile).
+  // activations cross from L2 once per two blocks (built with -DCOMET_MULTICAST).
   const int tiles_n = (N + kWideN - 1) / kWideN;
   const int cluster = !STREAMK && tiles_n % 2 == 0 && kWideMulticast ? 2 : 1;
   CUtensorMap act_map, w_map;
