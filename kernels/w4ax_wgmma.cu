@@ -14,7 +14,7 @@
 // the CUDA cores (the per-group scales of the format), the other's wgmma keep the tensor cores
 // busy. Each consumer also overlaps its own rescale: it issues a group as two halves of the
 // token tile, a commit each, and rescales the first while the second runs. The producer gives
-// its registers to the consumers (setmaxnreg: 32 / 240 per thread). Built with -DCOMET_MULTICAST,
+// its registers to the consumers (setmaxnreg: 24 / 240 per thread). Built with -DCOMET_MULTICAST,
 // tiled grids with an even number of channel tiles run as clusters of two blocks along N that
 // share their token tile:
 // each block's producer copies half of its rows into both blocks (TMA multicast), so the
@@ -51,11 +51,13 @@ constexpr bool kWideMulticast = false;
 #endif
 constexpr int kWarps = 4 * kWarpgroups;       // consumer warps: each releases every stage it used
 constexpr int kWideThreads = 32 * kWarps + 128;  // + the producer warpgroup
-// Registers per thread after the role split (setmaxnreg): the producer needs a handful (at 24
-// its multicast bookkeeping spilled), the consumers hold a 64 x TOKENS int32 accumulator set and
-// its float sums; together they fill the register file.
-constexpr int kProducerRegs = 32, kConsumerRegs = 240;
-static_assert(128 * kProducerRegs + 32 * kWarps * kConsumerRegs <= 65536, "register file of one SM");
+// Registers per thread after the role split (setmaxnreg): the producer needs a handful, the
+// consumers hold a 64 x TOKENS int32 accumulator set and its float sums. The two together must
+// fit in what the block has at launch (384 threads x 168 registers: __launch_bounds__(384, 1)),
+// or the consumers' setmaxnreg.inc would wait forever for registers no one can release.
+constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+static_assert(128 * kProducerRegs + 32 * kWarps * kConsumerRegs <= kWideThreads * (65536 / kWideThreads / 8 * 8),
+              "the registers the block holds at launch");
 
 // Tokens per block is a template parameter (64, 96, 128 or 192: wide_tokens below picks one per
 // shape).
@@ -314,7 +316,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  if (!STREAMK && cluster_size() > 1) cluster_sync();  // the peer's barriers exist before anything reaches them
+  if (kWideMulticast && !STREAMK && cluster_size() > 1) cluster_sync();  // the peer's barriers exist first
   else __syncthreads();
 
   auto range = [&](int k, int& begin, int& end) {  // the block's k-th range
@@ -361,7 +363,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     }
 #endif
     mbar_expect_tx(&full[s], stage_bytes(sg));
-    if (!STREAMK && cluster_size() > 1) {  // this block's half of the token rows, into both blocks of the cluster
+    if (kWideMulticast && !STREAMK && cluster_size() > 1) {  // this block's half of the token rows, into both blocks
       const uint32_t rank = cluster_rank();
       // Armed first (expect_tx above): the peer's half, copied once it has seen this arrival,
       // cannot reach full[s] before it expects the bytes.
