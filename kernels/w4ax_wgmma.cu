@@ -14,11 +14,7 @@
 // the CUDA cores (the per-group scales of the format), the other's wgmma keep the tensor cores
 // busy. Each consumer also overlaps its own rescale: it issues a group as two halves of the
 // token tile, a commit each, and rescales the first while the second runs. The producer gives
-// its registers to the consumers (setmaxnreg: 24 / 240 per thread). Built with -DCOMET_MULTICAST,
-// tiled grids with an even number of channel tiles run as clusters of two blocks along N that
-// share their token tile:
-// each block's producer copies half of its rows into both blocks (TMA multicast), so the
-// activations cross from L2 once per two blocks. (Measured on H100 against
+// its registers to the consumers (setmaxnreg: 24 / 240 per thread). (Measured on H100 against
 // the same kernel with thread 0 of a consumer issuing the copies 4 groups ahead: 8B gate+up
 // M = 4096 1.60 -> 1.35 ms, 8B down 0.76 -> 0.59, M = 256 8-20% faster.)
 #include "w4ax.h"
@@ -44,11 +40,6 @@ using namespace sm90;
 constexpr int kWarpgroups = 2;  // consumers, 64 output channels each (3 measured slower on most shapes)
 constexpr int kWideN = 64 * kWarpgroups;      // output channels per block
 constexpr int kWideStages = 6;
-#ifdef COMET_MULTICAST  // 2-block clusters sharing the token tile (launch_wide_as); off until measured
-constexpr bool kWideMulticast = true;
-#else
-constexpr bool kWideMulticast = false;
-#endif
 constexpr int kWarps = 4 * kWarpgroups;       // consumer warps: each releases every stage it used
 constexpr int kWideThreads = 32 * kWarps + 128;  // + the producer warpgroup
 // Registers per thread after the role split (setmaxnreg): the producer needs a handful, the
@@ -102,39 +93,6 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
       : "memory");
 }
 
-// The same copy into this block's and its cluster peer's shared memory at the same offsets
-// (ctas: a mask of cluster ranks), signalling the mbarrier at the same offset in each.
-__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
-                                                      uint16_t ctas) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster "
-      "[%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(smem_u32(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar)), "h"(ctas)
-      : "memory");
-}
-
-// Cluster helpers: this block's rank and the cluster's size, an arrive on the mbarrier at the
-// same offset in block `rank` of the cluster, and a barrier over every thread of the cluster.
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ uint32_t cluster_size() {
-  uint32_t n;
-  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
-  return n;
-}
-__device__ __forceinline__ void mbar_arrive_remote(uint64_t* bar, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_u32(bar)), "r"(rank));
-  // The default (CTA-scope) semantics, as CUTLASS's ClusterBarrier: the reads this releases are
-  // complete (values in registers, wgmma waited for); .release.cluster put a MEMBAR.GPU here.
-  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
 __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
                    smem_u32(dst)),
@@ -295,29 +253,15 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   // derived from it splits a warpgroup (it serializes wgmma instructions it cannot prove are
   // issued by whole warpgroups).
   const int warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0), lane = threadIdx.x & 31;
-  // A tiled grid may run as clusters of two blocks along N (launch_wide_as): the two share the
-  // token tile, and each copies half of it into both (TMA multicast), so a stage is refilled only
-  // once the consumers of both blocks released it. The producers settle that between them:
-  // each, once its own consumers released the stage, arrives on the peer's `pair` barrier of
-  // the stage and waits on its own. (Consumer warps arriving on the peer's empty barrier
-  // instead cost the consumers registers: their loops spilled.) Every access a block makes to
-  // its peer's shared memory (its half of a token tile, its arrival on `pair`) is one the peer
-  // waits for before it finishes, so no cluster barrier is needed at the end (one there, in
-  // code the roles share or in the consumers' branch, also made the consumers' loops spill).
-  __shared__ __align__(8) uint64_t pair[kWideStages];
-  // (The cluster registers are read where used: a value held through the consumers' loops would
-  // cost them a register, and they have none to spare.)
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int s = 0; s < kWideStages; ++s) {
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], kWarps);
-      mbar_init(&pair[s], 1);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  if (kWideMulticast && !STREAMK && cluster_size() > 1) cluster_sync();  // the peer's barriers exist first
-  else __syncthreads();
+  __syncthreads();
 
   auto range = [&](int k, int& begin, int& end) {  // the block's k-th range
     if (STREAMK && k < n_ranges - 1) {  // a whole tile of the full waves
@@ -363,18 +307,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     }
 #endif
     mbar_expect_tx(&full[s], stage_bytes(sg));
-    if (kWideMulticast && !STREAMK && cluster_size() > 1) {  // this block's half of the token rows, into both blocks
-      const uint32_t rank = cluster_rank();
-      // Armed first (expect_tx above): the peer's half, copied once it has seen this arrival,
-      // cannot reach full[s] before it expects the bytes.
-      mbar_arrive_remote(&pair[s], rank ^ 1u);
-      mbar_wait(&pair[s], (j / kWideStages) & 1);
-      constexpr int kHalfRows = TOKENS / 2;
-      tma_load_2d_multicast(st[s].act + rank * kHalfRows * kGroup, &act_map, g * kGroup,
-                            sg.m0 + static_cast<int>(rank) * kHalfRows, &full[s], 0x3);
-    } else {
-      tma_load_2d(st[s].act, &act_map, g * kGroup, sg.m0, &full[s]);
-    }
+    tma_load_2d(st[s].act, &act_map, g * kGroup, sg.m0, &full[s]);
     tma_load_2d(st[s].w, &w_map, g * (kGroup / 2), sg.n0, &full[s]);
     bulk_load(st[s].as, scales_t + static_cast<size_t>(g) * Mpad + sg.m0, scale_bytes(sg), &full[s]);
   };
@@ -914,39 +847,28 @@ template <int TOKENS, bool STREAMK, bool INTS>
 cudaError_t launch_wide_as(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
                            const void* wscale, const void* wscale_row, int groups8, void* out, DType out_dtype,
                            int M, int N, int Kpad, const WidePlan& plan, float* workspace, cudaStream_t stream) {
-  // Tiled grids with an even number of channel tiles run as clusters of two blocks along N that
-  // share their token tile: each block copies half of it into both (TMA multicast), so the
-  // activations cross from L2 once per two blocks (built with -DCOMET_MULTICAST).
-  const int tiles_n = (N + kWideN - 1) / kWideN;
-  const int cluster = !STREAMK && tiles_n % 2 == 0 && kWideMulticast ? 2 : 1;
   CUtensorMap act_map, w_map;
-  if (!make_map(&act_map, qa, M, Kpad, TOKENS / cluster, kGroup, CU_TENSOR_MAP_SWIZZLE_128B) ||
+  if (!make_map(&act_map, qa, M, Kpad, TOKENS, kGroup, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !make_map(&w_map, qweight, N, Kpad / 2, kWideN, kGroup / 2, CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorInvalidValue;
   const auto kernel = w4ax_gemm_wide_kernel<TOKENS, STREAMK, INTS>;
   cudaError_t e = allow_dynamic_smem(kernel, kWideSmem<TOKENS>);
   if (e != cudaSuccess) return e;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = STREAMK ? dim3(plan.blocks) : dim3(tiles_n, (M + TOKENS - 1) / TOKENS, plan.split_k);
+  cfg.gridDim = STREAMK ? dim3(plan.blocks)
+                        : dim3((N + kWideN - 1) / kWideN, (M + TOKENS - 1) / TOKENS, plan.split_k);
   cfg.blockDim = dim3(kWideThreads);
   cfg.dynamicSmemBytes = kWideSmem<TOKENS>;
   cfg.stream = stream;
   // Programmatic dependent launch: the blocks may start while the previous kernel in the stream
   // finishes (the kernel waits for it before it reads activations; -DCOMET_NO_PDL: plain launch).
-  cudaLaunchAttribute attr[2];
-  int n_attr = 0;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
 #ifndef COMET_NO_PDL
-  attr[n_attr].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[n_attr++].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
 #endif
-  if (cluster > 1) {
-    attr[n_attr].id = cudaLaunchAttributeClusterDimension;
-    attr[n_attr].val.clusterDim.x = cluster;
-    attr[n_attr].val.clusterDim.y = 1;
-    attr[n_attr++].val.clusterDim.z = 1;
-  }
-  cfg.attrs = n_attr ? attr : nullptr;
-  cfg.numAttrs = n_attr;
   return cudaLaunchKernelEx(&cfg, kernel, act_map, w_map, scales_t, Mpad, static_cast<const __half*>(wscale),
                             static_cast<const __half*>(wscale_row), groups8, out, out_dtype, workspace, M, N, Kpad,
                             plan.split_k, plan.dp_tiles, STREAMK ? next_nonce() : 0ull);

@@ -438,11 +438,10 @@ def test_gemm_wide_every_token_tile_exact(kernels):
 
 @sm90
 @pytest.mark.parametrize("int_scales", [False, True])
-def test_gemm_wide_cluster_pairs(kernels, int_scales):
-    """In a build with -DCOMET_MULTICAST, tiled grids with an even number of 128-channel tiles run
-    as clusters of two blocks that share their token tile through TMA multicast (each copies half
-    of the token rows into both); odd ones as single blocks. Both kinds, unsplit and split-K, with token tiles whose second
-    half lies partly (M = 100, 200) or wholly (M = 20) past M."""
+def test_gemm_wide_channel_tile_counts(kernels, int_scales):
+    """Tiled grids with even and odd numbers of 128-channel tiles, unsplit and split-K, with
+    token tiles whose second half lies partly (M = 100, 200) or wholly (M = 20) past M (the cases
+    a two-block cluster sharing its token tile, tried in session 13, had to get right)."""
     k = 2048
     for m, n in [(20, 256), (20, 384), (100, 512), (200, 640), (1000, 1024), (1000, 1152)]:
         if int_scales:
