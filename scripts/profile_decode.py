@@ -39,7 +39,7 @@ def main():
 
     import torch
 
-    from bench_kernels import SHAPES
+    from bench_kernels import SHAPES, int_scale_weights
     from comet_quant import ops
 
     if args.shape not in SHAPES:
@@ -55,8 +55,8 @@ def main():
     if args.wide:
         row = None
         if args.int_scales:  # group scales = row scale x an integer in [1, 16]
-            row = torch.rand(n, device="cuda", dtype=torch.float16) * 1e-3 + 1e-4
-            ws = (row[:, None].float() * torch.randint(1, 17, (n, g), device="cuda")).half()
+            rows, group_scales = int_scale_weights(n, g, 1, "cuda")
+            row, ws = rows[0], group_scales[0]
         qa, st = torch.ops.comet.quantize_act_wide(x, perm, g8, False, args.int_scales)
         for _ in range(args.launches):
             if row is None:

@@ -444,20 +444,19 @@ def test_gemm_wide_channel_tile_counts(kernels, int_scales):
     a two-block cluster sharing its token tile, tried in session 13, had to get right)."""
     k = 2048
     for m, n in [(20, 256), (20, 384), (100, 512), (200, 640), (1000, 1024), (1000, 1152)]:
-        if int_scales:
+        if int_scales:  # float sums of span results: a tolerance
             x, perm, qw, ws, wr = int_case(m, k, n, 2, seed=m + n, device="cuda")
             qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, 2, False, True)
-            ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, wr, 2)
+            extra = (wr, 2)
+            ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, *extra)
             assert ref.abs().max() > 1
-        else:
+        else:  # unit scales: integer sums, exact
             qa, scales_t, qw, ws, ref = unit_scale_case(m, n, k, seed=m + n)
+            extra = ()
         for split in (1, 2):
-            if int_scales:
-                y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, split, torch.float32, wr, 2)
-                assert rel_err(y, ref) < 1e-5, (m, n, split, rel_err(y, ref))
-            else:
-                y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, split, torch.float32)
-                assert torch.equal(y, ref), (m, n, split, (y - ref).abs().max())
+            y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, split, torch.float32, *extra)
+            ok = rel_err(y, ref) < 1e-5 if int_scales else torch.equal(y, ref)
+            assert ok, (m, n, split, rel_err(y, ref))
 
 
 @sm90
