@@ -53,16 +53,13 @@ def main():
     x = torch.randn(args.m, k, device="cuda", dtype=torch.float16)
     g8 = g // 10
     if args.wide:
-        row = None
+        extra = ()  # integer group scales: the row scales and the 8-bit group count
         if args.int_scales:  # group scales = row scale x an integer in [1, 16]
             rows, group_scales = int_scale_weights(n, g, 1, "cuda")
-            row, ws = rows[0], group_scales[0]
+            ws, extra = group_scales[0], (rows[0], g8)
         qa, st = torch.ops.comet.quantize_act_wide(x, perm, g8, False, args.int_scales)
         for _ in range(args.launches):
-            if row is None:
-                torch.ops.comet.w4ax_gemm_wide(qa, st, qw, ws, args.split_k, torch.float16)
-            else:
-                torch.ops.comet.w4ax_gemm_wide(qa, st, qw, ws, args.split_k, torch.float16, row, g8)
+            torch.ops.comet.w4ax_gemm_wide(qa, st, qw, ws, args.split_k, torch.float16, *extra)
     else:
         q8, q4, s = ops.quantize_act(x, perm, g8)
         for _ in range(args.launches):
