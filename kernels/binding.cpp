@@ -39,9 +39,12 @@ void check_aligned(const at::Tensor& t, const char* name) {
 // (The message spells the constants out: formatting comet::kDecodeRing into it crashed the
 // process on throw, on the H100 build, torch 2.11 / g++ 13.)
 void check_split_k(int64_t split_k, int64_t M) {
-  static_assert(comet::kDecodeRing == -1 && comet::kRingMaxM == 16, "update the message below");
-  TORCH_CHECK(split_k >= 0 || (split_k == comet::kDecodeRing && M <= comet::kRingMaxM),
-              "comet: split_k must be >= 0 (0: automatic), or -1 (the decode ring kernel) with M <= 16");
+  static_assert(comet::kDecodeRing == -1 && comet::kDecodeRows32 == -2 && comet::kRingMaxM == 16,
+                "update the message below");
+  TORCH_CHECK(split_k >= 0 || ((split_k == comet::kDecodeRing || split_k == comet::kDecodeRows32) &&
+                               M <= comet::kRingMaxM),
+              "comet: split_k must be >= 0 (0: automatic), or -1 (the decode ring kernel) or -2 (the "
+              "32-channel decode kernel) with M <= 16");
 }
 
 void check_cuda(cudaError_t e, const char* what) {

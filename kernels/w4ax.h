@@ -31,6 +31,9 @@ constexpr int kDecodeMaxM = 32;
 // the matrix size: for tests and benchmarks; the automatic choice takes it for large matrices.
 constexpr int kDecodeRing = -1;
 constexpr int kRingMaxM = 16;
+// split_k value selecting the 32-channel register decode kernel (M <= kRingMaxM; the automatic
+// choice takes it at 9-16 tokens on wide grids): for tests and benchmarks.
+constexpr int kDecodeRows32 = -2;
 
 enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };
 
@@ -72,7 +75,8 @@ constexpr int kSpanGroups = 16;  // groups per span of integer group scales (pri
 // qweight [N, Kpad / 2] uint8, even k in the low nibble; wscale [N, Kpad / kGroup] fp16).
 // split_k == 0 (M <= kDecodeMaxM only) runs a decode kernel: whole K per block, no workspace,
 // weights streamed from global memory into registers, or, for M <= 8 and large matrices,
-// through a shared-memory ring (split_k == kDecodeRing forces that one). split_k >= 1 runs the
+// through a shared-memory ring (split_k == kDecodeRing forces that one), or at 9-16 tokens with
+// 32 channels per block (split_k == kDecodeRows32 forces that one). split_k >= 1 runs the
 // tiled kernel; split_k > 1 splits the K groups over blocks and reduces through `workspace`
 // (float32 [M, N], zeroed by the callee) for shapes whose tiles do not fill the GPU.
 // use_int4_mma selects int4 tensor cores for A4 groups (sm_80/86/89; emulated on sm_90).

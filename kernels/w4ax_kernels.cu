@@ -674,8 +674,8 @@ __device__ __forceinline__ void gemv_load_weights(GemvFrag<NT>& f, int g, const 
   }
 }
 
-template <int NT>
-__device__ __forceinline__ void gemv_load_act(GemvFrag<NT>& f, int g, int groups8, const int8_t* const (&a8row)[NT],
+template <int NT, typename Frag>  // GemvFrag<NT> or GemvFrag32<NT>: their a and as
+__device__ __forceinline__ void gemv_load_act(Frag& f, int g, int groups8, const int8_t* const (&a8row)[NT],
                                               const uint8_t* const (&a4row)[NT],
                                               const float* const (&asrow)[NT][2]) {
 #pragma unroll
@@ -822,6 +822,140 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
   }
 
   gemv_reduce_store<NT, WARPS>(red, acc, n0, M, N, out, out_dtype);
+}
+
+// At 9-16 tokens on grids with two or more 32-channel blocks per SM (use_rows32): the register
+// kernel's activation loads (L2 hits) outweigh its weight loads there (8B gate+up M = 16: ~66 MB
+// of activations read by 1,792 blocks against 58.7 MB of weights), and every warp expands its
+// activation fragments for 16 channels only. Here a warp takes 32 channels (two m16 row tiles
+// sharing each activation fragment), so a block of 32 channels reads and expands the
+// activations once for twice the weights. Two groups in flight (the fragments are twice the
+// weights): about the registers of the 16-channel kernel at three (128, no spills).
+// Measured on H100 at M = 16 (docs/BENCHMARKS.md, "Session 14"): 8B gate+up 30.6 -> 29.2 us,
+// 70B down 51.8 -> 48.9, 70B o 16.9 -> 16.5; slower on grids of fewer blocks, whose SMs then
+// hold half the warps (8B down 15.3 -> 19.4, 8B o 6.2 -> 7.1, 8B qkv 8.4 -> 8.7).
+template <int NT>
+struct GemvFrag32 {
+  uint4 w[4];        // weight rows gid, gid + 8, gid + 16, gid + 24: 32 packed codes each
+  uint4 a[NT][2];    // as GemvFrag
+  float ws[4];
+  float as[NT][2];
+};
+
+template <int NT, bool A8>
+__device__ __forceinline__ void gemv32_compute(const GemvFrag32<NT>& f, float (&acc)[2][NT][4]) {
+  int c[2][NT][4] = {};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint32_t b[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if (A8) {
+        const uint32_t x0 = word(f.a[nt][j >> 1], (j & 1) * 2), x1 = word(f.a[nt][j >> 1], (j & 1) * 2 + 1);
+        b[nt][0] = __byte_perm(x0, x1, 0x6420);
+        b[nt][1] = __byte_perm(x0, x1, 0x7531);
+      } else {
+        const uint32_t x = word(f.a[nt][0], j);
+        b[nt][0] = lo_nibbles(x);
+        b[nt][1] = hi_nibbles(x);
+      }
+    }
+#pragma unroll
+    for (int rt = 0; rt < 2; ++rt) {
+      const uint32_t w0 = word(f.w[2 * rt], j), w1 = word(f.w[2 * rt + 1], j);
+      const uint32_t a[4] = {lo_nibbles(w0), lo_nibbles(w1), hi_nibbles(w0), hi_nibbles(w1)};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma_s8(c[rt][nt], a, b[nt]);
+    }
+  }
+  constexpr float unscale = A8 ? 1.f / 16.f : 1.f / 256.f;  // as gemv_compute
+#pragma unroll
+  for (int rt = 0; rt < 2; ++rt) {
+    const float ws[2] = {f.ws[2 * rt] * unscale, f.ws[2 * rt + 1] * unscale};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        acc[rt][nt][e] = fmaf(exact_float(c[rt][nt][e]), ws[e >> 1] * f.as[nt][e & 1], acc[rt][nt][e]);
+  }
+}
+
+template <int NT, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 2 * (kGemvWarps / WARPS))
+w4ax_gemv32_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
+                   const float* __restrict__ ascale, const uint8_t* __restrict__ qw,
+                   const __half* __restrict__ wscale, void* __restrict__ out, DType out_dtype, int M, int N,
+                   int Kpad, int groups8) {
+  __shared__ float red[WARPS][32][8 * NT];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
+  const int n0 = blockIdx.x * 32;
+  const uint8_t* wrow[4];
+  const __half* srow[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int n = min(n0 + gid + 8 * r, N - 1);
+    wrow[r] = qw + static_cast<size_t>(n) * (Kpad / 2) + tig * 16;
+    srow[r] = wscale + static_cast<size_t>(n) * G;
+  }
+  const int8_t* a8row[NT];
+  const uint8_t* a4row[NT];
+  const float* asrow[NT][2];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int m = min(8 * nt + gid, M - 1);
+    a8row[nt] = q8 + static_cast<size_t>(m) * K8 + tig * 32;
+    a4row[nt] = q4 + static_cast<size_t>(m) * (K4 / 2) + tig * 16;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) asrow[nt][j] = ascale + static_cast<size_t>(min(8 * nt + 2 * tig + j, M - 1)) * G;
+  }
+  auto load_weights = [&](GemvFrag32<NT>& f, int g) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      f.w[r] = __ldg(reinterpret_cast<const uint4*>(wrow[r] + g * kPackedGroupBytes));
+      f.ws[r] = __half2float(srow[r][g]);
+    }
+  };
+  constexpr int D = 2, kStride = D * WARPS;
+  float acc[2][NT][4] = {};
+  GemvFrag32<NT> f[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d)
+    if (warp + d * WARPS < G) load_weights(f[d], warp + d * WARPS);
+  grid_dependency_wait();
+#pragma unroll
+  for (int d = 0; d < D; ++d)
+    if (warp + d * WARPS < G) gemv_load_act<NT>(f[d], warp + d * WARPS, groups8, a8row, a4row, asrow);
+  for (int base = warp; base < G; base += kStride) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      const int g = base + d * WARPS;
+      if (g < G) {
+        if (g < groups8) gemv32_compute<NT, true>(f[d], acc);
+        else gemv32_compute<NT, false>(f[d], acc);
+        if (g + kStride < G) {
+          load_weights(f[d], g + kStride);
+          gemv_load_act<NT>(f[d], g + kStride, groups8, a8row, a4row, asrow);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[warp][16 * rt + gid + 8 * (e >> 1)][8 * nt + 2 * tig + (e & 1)] = acc[rt][nt][e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < 32 * 8 * NT; i += WARPS * 32) {
+    const int r = i / (8 * NT), m = i % (8 * NT), n = n0 + r;
+    if (n >= N || m >= M) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) v += red[w][r][m];
+    store_out(out, out_dtype, static_cast<size_t>(m) * N + n, v);
+  }
 }
 
 // Large matrices at M <= 8, and some at 9-16 tokens (ring kernel, use_ring_kernel): the weights
@@ -1007,6 +1141,19 @@ bool use_ring_kernel(int M, int N, int Kpad, const void* wscale, int split_k, in
   return M <= 8 || N >= kRingWideMinN || (blocks > 4 * num_sms && blocks <= 6 * num_sms);
 }
 
+// The 32-channel register kernel (w4ax_gemv32_kernel) at 9-16 tokens: where its grid gives
+// (nearly) every SM two blocks; on smaller grids the SMs hold half the warps of the 16-channel
+// kernel's and fewer weight bytes are in flight (measured on H100: docs/BENCHMARKS.md, "Session
+// 14"; N = 8192 at 1.94 blocks per SM gained, N = 6144 at 1.45 lost). COMET_GEMV_ROWS32=0 turns
+// it off (an experiment switch).
+#ifndef COMET_GEMV_ROWS32
+#define COMET_GEMV_ROWS32 1
+#endif
+bool use_rows32(int N, int num_sms) {
+  const int blocks32 = (N + 31) / 32;
+  return COMET_GEMV_ROWS32 != 0 && 16 * blocks32 >= 15 * 2 * num_sms;
+}
+
 __global__ void convert_kernel(const float* __restrict__ src, void* __restrict__ dst, DType dt, size_t n) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
@@ -1072,13 +1219,13 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
                            int M, int N, int Kpad, int groups8, int split_k, bool use_int4_mma,
                            float* workspace, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
-  if ((split_k == 0 || split_k == kDecodeRing) && M <= kDecodeMaxM) {
+  if ((split_k == 0 || split_k == kDecodeRing || split_k == kDecodeRows32) && M <= kDecodeMaxM) {
     const __half* wsh = static_cast<const __half*>(wscale);
     const int blocks = (N + 15) / 16;
     int sms = 0;
     cudaError_t e = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
     if (e != cudaSuccess) return e;
-    if (use_ring_kernel(M, N, Kpad, wscale, split_k, sms)) {
+    if (split_k != kDecodeRows32 && use_ring_kernel(M, N, Kpad, wscale, split_k, sms)) {
       const int warps = decode_warps(M, blocks, M <= 8 ? COMET_RING_MIN_BLOCKS : 3, sms);
       const size_t smem = ring_smem_bytes(Kpad / kGroup, warps);
       auto kernel = M <= 8 ? (warps == 4 ? w4ax_gemv_ring_kernel<1, 4> : w4ax_gemv_ring_kernel<1, kGemvWarps>)
@@ -1087,6 +1234,12 @@ cudaError_t w4ax_gemm_host(const int8_t* q8, const uint8_t* q4, const float* asc
       if (e != cudaSuccess) return e;
       return launch_decode(kernel, blocks, warps, smem, stream, q8, q4, ascale, qweight, wsh, out,
                            out_dtype, M, N, Kpad, groups8);
+    }
+    if (M <= 16 && (split_k == kDecodeRows32 || (M > 8 && split_k == 0 && use_rows32(N, sms)))) {
+      const int blocks32 = (N + 31) / 32;
+      const int warps32 = decode_warps(M, blocks32, 2, sms);
+      return launch_decode(warps32 == 4 ? w4ax_gemv32_kernel<2, 4> : w4ax_gemv32_kernel<2, kGemvWarps>, blocks32,
+                           warps32, 0, stream, q8, q4, ascale, qweight, wsh, out, out_dtype, M, N, Kpad, groups8);
     }
     const int warps = decode_warps(M, blocks, M <= 16 ? 2 : 1, sms);
     auto kernel = warps == 4 ? (M <= 8    ? w4ax_gemv_kernel<1, 4>

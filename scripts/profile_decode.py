@@ -52,6 +52,7 @@ def main():
     perm = torch.randperm(k, device="cuda").to(torch.int32)
     x = torch.randn(args.m, k, device="cuda", dtype=torch.float16)
     g8 = g // 10
+    ops.build()  # the custom ops are registered by loading the built extension
     if args.wide:
         extra = ()  # integer group scales: the row scales and the 8-bit group count
         if args.int_scales:  # group scales = row scale x an integer in [1, 16]

@@ -253,8 +253,9 @@ def test_gemm_integer_accumulation_exact(kernels, int4_mma, m, k8_frac):
     x, perm, _, qw, _ = make_case(m, k, n, g8, seed=m + 1, device="cuda")
     q8, q4, _ = torch.ops.comet.quantize_act(x, perm, g8)
     sa, sw = unit_scales(m, n, g)
-    # 0: automatic (a decode kernel for M <= 16); -1: the decode ring kernel (M <= 16)
-    for split in (0, 1, 4) + ((-1,) if m <= 16 else ()):
+    # 0: automatic (a decode kernel for M <= 16); -1: the decode ring kernel, -2: the 32-channel
+    # decode kernel (M <= 16)
+    for split in (0, 1, 4) + ((-1, -2) if m <= 16 else ()):
         y = torch.ops.comet.w4ax_gemm(q8, q4, sa, qw, sw, g8, split, int4_mma, torch.float32)
         ref = ops.w4ax_gemm_reference(q8.cpu(), q4.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), g8, torch.float32)
         assert torch.equal(y.cpu(), ref), (m, g8, split, (y.cpu() - ref).abs().max())
@@ -263,31 +264,35 @@ def test_gemm_integer_accumulation_exact(kernels, int4_mma, m, k8_frac):
 @gpu
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
 @pytest.mark.parametrize("n, k", [(197, 600), (64, 128), (4096, 4096)])
-def test_gemm_ring_kernel_scaled(kernels, m, n, k):
-    """The decode ring kernel (forced; automatic only for large matrices) against the reference,
-    with real scales: its scale tile covers odd G and a last block of a few rows (197 x 5 fp16
-    scales end 2 bytes past a 16-byte copy), and equals the register decode kernel up to
-    float rounding."""
+def test_gemm_forced_decode_kernels_scaled(kernels, m, n, k):
+    """The decode ring kernel and the 32-channel register kernel (forced; automatic only for
+    large matrices / wide grids) against the reference, with real scales: the ring's scale tile
+    covers odd G and a last block of a few rows (197 x 5 fp16 scales end 2 bytes past a 16-byte
+    copy), the 32-channel kernel a last block of 5 rows, whose second 16-row tile is all past N;
+    both equal the tiled kernel up to float rounding."""
     g = -(-k // GROUP)
     x, perm, g8, qw, ws = make_case(m, k, n, max(1, g // 3), seed=n + m, device="cuda")
     q8, q4, s = torch.ops.comet.quantize_act(x, perm, g8)
-    ring = torch.ops.comet.w4ax_gemm(q8, q4, s, qw, ws, g8, -1, False, torch.float32)
     ref = ops.w4ax_gemm_reference(q8.cpu(), q4.cpu(), s.cpu(), qw.cpu(), ws.cpu(), g8, torch.float32)
-    assert rel_err(ring.cpu(), ref) < 1e-5
     tiled = torch.ops.comet.w4ax_gemm(q8, q4, s, qw, ws, g8, 1, False, torch.float32)
-    assert rel_err(ring, tiled) < 1e-5
-    with pytest.raises(RuntimeError, match="decode ring kernel"):
-        xx = torch.randn(17, k, device="cuda", dtype=torch.float16)
-        torch.ops.comet.w4ax_gemm(*torch.ops.comet.quantize_act(xx, perm, g8), qw, ws, g8, -1, False, torch.float32)
+    xx = torch.randn(17, k, device="cuda", dtype=torch.float16)
+    for split, name in ((-1, "decode ring kernel"), (-2, "32-channel decode kernel")):
+        y = torch.ops.comet.w4ax_gemm(q8, q4, s, qw, ws, g8, split, False, torch.float32)
+        assert rel_err(y.cpu(), ref) < 1e-5, split
+        assert rel_err(y, tiled) < 1e-5, split
+        with pytest.raises(RuntimeError, match=name):
+            torch.ops.comet.w4ax_gemm(*torch.ops.comet.quantize_act(xx, perm, g8), qw, ws, g8, split, False,
+                                      torch.float32)
 
 
 @gpu
 @pytest.mark.parametrize("blocks_per_sm", [2.5, 5])
 @pytest.mark.parametrize("m", [1, 16])
 def test_gemm_decode_block_sizes_exact(kernels, blocks_per_sm, m):
-    """The decode kernels run 4- or 8-warp blocks of 16 channels, chosen from the grid's waves
-    on this GPU: 2.5 and 5 blocks per SM take, between them, both sizes of the register and the
-    ring kernel at 1 and 16 tokens. Unit scales: float32 must match the reference exactly."""
+    """The decode kernels run 4- or 8-warp blocks, chosen from the grid's waves on this GPU: 2.5
+    and 5 blocks of 16 channels per SM take, between them, both sizes of the register and the
+    ring kernel at 1 and 16 tokens, and of the 32-channel kernel at 16 (automatic at 16 tokens
+    and 5 blocks per SM). Unit scales: float32 must match the reference exactly."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     k, n = 1024, int(16 * blocks_per_sm * sms)
     g = k // GROUP
@@ -296,7 +301,8 @@ def test_gemm_decode_block_sizes_exact(kernels, blocks_per_sm, m):
     sa, sw = unit_scales(m, n, g)
     ref = ops.w4ax_gemm_reference(q8.cpu(), q4.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), 2, torch.float32)
     assert ref.abs().max() > 100
-    for split in (0, -1):  # the automatic kernel (the register kernel below 32 MB), the ring kernel
+    # the automatic kernel (a register kernel below 32 MB), the ring kernel, the 32-channel kernel
+    for split in (0, -1, -2):
         y = torch.ops.comet.w4ax_gemm(q8, q4, sa, qw, sw, 2, split, False, torch.float32)
         assert torch.equal(y.cpu(), ref), (split, (y.cpu() - ref).abs().max())
 
