@@ -206,6 +206,27 @@ __device__ __forceinline__ WideSegment wide_segment(int it, int end, int G, int 
   return {(tile % tiles_n) * kWideN, (tile / tiles_n) * TOKENS, g0, min(G, g0 + (end - it))};
 }
 
+// The tile (token row * tiles_n + channel tile) of the tiled grid's block launched l-th. Blocks
+// start in launch order. With the channel tiles of a token row one after the other, a wave of
+// 132 blocks reads 132 weight tiles and one or two token tiles, so on a weight matrix larger than
+// L2 every token row reads all the weights from DRAM again (8B gate+up M = 1024: DRAM 57% busy,
+// ncu). From COMET_WIDE_RASTER_MIN_BYTES of packed weights the grid runs in bands of
+// kRasterRows token rows instead, channel tile by channel tile, so that a wave reads ~132 / 8
+// weight tiles and 8 token tiles. Measured on H100 (docs/BENCHMARKS.md, "Session 14"): 8B
+// gate+up M = 1024 / 4096 1.11 / 1.10x faster, 70B gate+up 1.06 / 1.11x, 70B o M = 4096 1.14x,
+// 70B qkv / down 1.00-1.04x; on the smaller 8B matrices, whose weights a wave already shares,
+// 0.92-1.05x.
+#ifndef COMET_WIDE_RASTER_MIN_BYTES
+#define COMET_WIDE_RASTER_MIN_BYTES (32ll << 20)
+#endif
+constexpr int kRasterRows = 8;
+__device__ __forceinline__ int raster_tile(int l, int tiles_n, int tiles_m, int N, int Kpad) {
+  if (static_cast<long long>(N) * (Kpad / 2) < COMET_WIDE_RASTER_MIN_BYTES) return l;
+  const int band = l / (kRasterRows * tiles_n), rows = min(kRasterRows, tiles_m - band * kRasterRows);
+  const int in_band = l - band * kRasterRows * tiles_n;
+  return (band * kRasterRows + in_band % rows) * tiles_n + in_band / rows;
+}
+
 // The two consumer warpgroups only (named barrier 1; the producer is not waited for).
 __device__ __forceinline__ void consumer_barrier() { asm volatile("bar.sync 1, %0;\n" ::"n"(32 * kWarps) : "memory"); }
 __device__ __forceinline__ void store_release(unsigned long long* p, unsigned long long v) {
@@ -271,7 +292,8 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       begin = sk_base + sk_begin(blockIdx.x, sk_total, gridDim.x);
       end = sk_base + sk_begin(blockIdx.x + 1, sk_total, gridDim.x);
     } else {
-      const int per = (G + split_k - 1) / split_k, tile = blockIdx.y * tiles_n + blockIdx.x;
+      const int per = (G + split_k - 1) / split_k;
+      const int tile = raster_tile(blockIdx.y * tiles_n + blockIdx.x, tiles_n, gridDim.y, N, Kpad);
       begin = tile * G + min(G, static_cast<int>(blockIdx.z) * per);
       end = tile * G + min(G, static_cast<int>(blockIdx.z + 1) * per);
     }
@@ -283,6 +305,12 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   // kernel in the stream (the activation quantization, under programmatic dependent launch):
   // produce_weights, then produce_act after the wait.
   auto scale_bytes = [&](const WideSegment& sg) { return 4u * static_cast<uint32_t>(min(kWideM, Mpad - sg.m0)); };
+  // The activation scales a stage carries: its group's row of scales_t, or, for an integer
+  // group (INTS), its span's row (G + span), which the consumers fold the span's sum with.
+  auto scale_src = [&](int g, const WideSegment& sg) {
+    const int row = INTS && g >= groups8 ? G + g / kSpanGroups : g;
+    return scales_t + static_cast<size_t>(row) * Mpad + sg.m0;
+  };
   auto stage_bytes = [&](const WideSegment& sg) {
     return static_cast<uint32_t>(sizeof(st->act) + sizeof(st->w)) + scale_bytes(sg);
   };
@@ -295,7 +323,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   auto produce_act = [&](int j, int g, const WideSegment& sg) {
     const int s = j % kWideStages;
     tma_load_2d(st[s].act, &act_map, g * kGroup, sg.m0, &full[s]);
-    bulk_load(st[s].as, scales_t + static_cast<size_t>(g) * Mpad + sg.m0, scale_bytes(sg), &full[s]);
+    bulk_load(st[s].as, scale_src(g, sg), scale_bytes(sg), &full[s]);
   };
   auto produce = [&](int j, int g, const WideSegment& sg) {
     const int s = j % kWideStages;
@@ -309,7 +337,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     mbar_expect_tx(&full[s], stage_bytes(sg));
     tma_load_2d(st[s].act, &act_map, g * kGroup, sg.m0, &full[s]);
     tma_load_2d(st[s].w, &w_map, g * (kGroup / 2), sg.n0, &full[s]);
-    bulk_load(st[s].as, scales_t + static_cast<size_t>(g) * Mpad + sg.m0, scale_bytes(sg), &full[s]);
+    bulk_load(st[s].as, scale_src(g, sg), scale_bytes(sg), &full[s]);
   };
   if (!STREAMK) {  // a split past the last group has nothing to do
     int begin, end;
@@ -511,18 +539,21 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
 #endif
       wgmma_commit();
     };
-    // INTS: span `span`'s int32 sum d0 (its wgmma all waited for) into acc.
-    auto fold = [&](const WideSegment& sg, int span) {
+    // INTS: a span's int32 sum d0 (its wgmma all waited for) into acc, with the span's activation
+    // scales from the stage of its last group, the block's i-th (not yet released). (Loaded from
+    // global memory here instead, 32 scattered scales per thread, the fold spilled 48 bytes of
+    // registers and its loads were the loop's longest stalls: ncu, H100, docs/BENCHMARKS.md
+    // "Session 14".)
+    auto fold = [&](int i) {
 #pragma unroll
       for (int e = 0; e < kAccRegs; ++e) fence_operand(d0[e]);
-      const float* sa = scales_t + static_cast<size_t>(G + span) * Mpad;
+      const uint32_t base = stage0 + (i % kWideStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
 #pragma unroll
       for (int j = 0; j < kTokenTiles; ++j) {
+        const float2 as = lds64f(base + 32 * j);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float a_s = __ldg(sa + min(sg.m0 + 8 * j + 2 * tig + (e & 1), Mpad - 1));
-          acc[4 * j + e] = fmaf(static_cast<float>(d0[4 * j + e]), a_s * sw[e >> 1], acc[4 * j + e]);
-        }
+        for (int e = 0; e < 4; ++e)
+          acc[4 * j + e] = fmaf(static_cast<float>(d0[4 * j + e]), ((e & 1) ? as.y : as.x) * sw[e >> 1], acc[4 * j + e]);
       }
     };
     // A segment's groups from the block's i-th on: the 8-bit ones (all, without INTS) rescaled one
@@ -568,8 +599,8 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
             ++i, ++g;
           }
           wgmma_wait<0>();
+          fold(i - 1);
           release(i - 1);
-          fold(sg, span);
         }
       }
       return i;

@@ -466,6 +466,37 @@ def test_gemm_wide_channel_tile_counts(kernels, int_scales):
 
 
 @sm90
+@pytest.mark.parametrize("int_scales", [False, True])
+def test_gemm_wide_raster_bands(kernels, int_scales):
+    """From 32 MiB of packed weights the tiled grid runs in bands of 8 token rows (raster_tile):
+    N = 16384, K = 4096 at M = 2100 has full bands and a short last one, whichever token tile the
+    plan picks. The tiled result must equal stream-K's (its own tile order) everywhere, and the
+    reference on tokens of every band (unit scales: exact; integer group scales: a tolerance)."""
+    m, n, k = 2100, 16384, 4096
+    tokens, split, _, _ = torch.ops.comet.wide_tile(m, n, k, 0, int_scales)
+    assert split == 1 and n * k // 2 >= 32 << 20 and -(-m // tokens) > 8 and -(-m // tokens) % 8
+    if int_scales:
+        x, perm, qw, ws, wr = int_case(m, k, n, 2, seed=5, device="cuda")
+        qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, 2, False, True)
+        extra = (wr, 2)
+    else:
+        x, perm, _, qw, _ = make_case(m, k, n, 2, seed=5, device="cuda")
+        qa, _ = torch.ops.comet.quantize_act_wide(x, perm, 2)
+        scales_t = torch.ones(k // GROUP, m, device="cuda")  # m % 4 == 0: no padding columns
+        ws = torch.ones(n, k // GROUP, device="cuda", dtype=torch.float16)
+        extra = ()
+    tiled = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, 0, torch.float32, *extra)
+    stream_k = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, -1, torch.float32, *extra)
+    rows = torch.tensor([0, 1023, 1029, 2047, 2048, 2099], device="cuda")
+    ref = ops.w4ax_gemm_wide_reference(qa[rows], scales_t[:, rows], qw, ws, torch.float32, *extra)
+    assert ref.abs().max() > (1 if int_scales else 100)
+    if int_scales:
+        assert rel_err(tiled, stream_k) < 1e-5 and rel_err(tiled[rows], ref) < 1e-5
+    else:
+        assert torch.equal(tiled, stream_k) and torch.equal(tiled[rows], ref), (tiled[rows] - ref).abs().max()
+
+
+@sm90
 def test_gemm_wide_stream_k_exact(kernels):
     """Stream-K (split_k = -1) on each of its token tiles (64, 96, 128), on shapes whose iteration shares cut
     tiles between 2 to 4 blocks (at most one per 8 groups of a tile) and give blocks a tile's
