@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(28672, 4096), (4096, 4096), (4096, 14336)]  # 8B gate+up, o, down (N, K)
 
 
-def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = ()) -> None:
+def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = (), int_splits: bool = False) -> None:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "scripts"))
     import torch
@@ -141,10 +141,14 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = ()) -> None:
             for m in ms or (256, 1024, 4096):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 qa, sti = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
-                t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, sti, qws[i], wsi[i], 0, torch.float16,
-                                                                       rows[i], g8) for i in range(nc)])
-                print(f"| {tag} | {name} | {m} | {t * 1e3:.1f} us ({plan_label(m, n, k, int_scales=True)}) | "
-                      f"{2 * m * n * k / t / 1e9:.0f} |", flush=True)
+                cells = []
+                for split in (0, -1) if int_splits else (0,):
+                    t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, sti, qws[i], wsi[i], split,
+                                                                           torch.float16, rows[i], g8)
+                                for i in range(nc)])
+                    cells.append(f"{t * 1e3:.1f} us ({plan_label(m, n, k, split, int_scales=True)}) | "
+                                 f"{2 * m * n * k / t / 1e9:.0f}")
+                print(f"| {tag} | {name} | {m} | " + " | ".join(cells) + " |", flush=True)
         return
     if kernel == "sizes":
         for name, (n, k) in ALL_SHAPES.items():
@@ -174,15 +178,21 @@ def main():
                     default="wgmma")
     ap.add_argument("--quick", action="store_true", help="wgmma: 8B gate+up at M = 4096 only")
     ap.add_argument("--ms", default="", help="streamk / sizes / ints: the token counts, comma-separated (default 64 / 256 ... 4096)")
+    ap.add_argument("--int-stream-k", action="store_true",
+                    help="ints: also time each shape under stream-K (split_k -1) beside the automatic plan")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return run_variant(args.kernel, args.quick, tuple(int(m) for m in args.ms.split(",") if m))
+        return run_variant(args.kernel, args.quick, tuple(int(m) for m in args.ms.split(",") if m),
+                           args.int_stream_k)
     if args.kernel == "crossover":
         print("| build flags | shape | M | packed: quantize + decode / tiled GEMM | wide: quantize + wgmma GEMM |\n"
               "|---|---|---|---|---|", flush=True)
     elif args.kernel == "streamk":
         print("| build flags | shape | M | us (plan), automatic | one block per tile | stream-K |\n|---|---|---|---|---|---|",
+              flush=True)
+    elif args.kernel == "ints" and args.int_stream_k:
+        print("| build flags | shape | M | automatic plan | TOPS | stream-K | TOPS |\n|---|---|---|---|---|---|---|",
               flush=True)
     elif args.kernel == "tiles":
         print("| build flags | shape | M | us, split auto | 1 | 2 | 3 | 4 | 6 |\n|---|---|---|---|---|---|---|---|---|",
@@ -194,7 +204,7 @@ def main():
     for flags in variants:
         env = dict(os.environ, COMET_QUANT_NVCC_FLAGS="" if flags == "base" else flags)
         cmd = [sys.executable, __file__, "--child", "--kernel", args.kernel, "--ms", args.ms] + (
-            ["--quick"] if args.quick else [])
+            ["--quick"] if args.quick else []) + (["--int-stream-k"] if args.int_stream_k else [])
         subprocess.run(cmd, env=env, check=True)
 
 
