@@ -56,7 +56,7 @@ template <int TOKENS>
 struct alignas(1024) WideStage {
   int8_t act[TOKENS * kGroup];               // [token][128], 128-byte swizzled by the TMA
   uint8_t w[kWideN * kGroup / 2];            // [channel][64 packed bytes]
-  float as[TOKENS];                          // this group's activation scales
+  float as[TOKENS];                          // this group's activation scales (integer group: its span's)
 };
 template <int TOKENS>
 constexpr size_t kWideSmem = kWideStages * sizeof(WideStage<TOKENS>) + 1024;  // + alignment slack
