@@ -12,6 +12,12 @@ size), --int-scales its integer-group-scale form:
     ncu --kernel-name regex:wide_kernel --launch-skip 3 --launch-count 1 --section WarpStateStats \
         --section SourceCounters python3 scripts/profile_decode.py --shape "8B gate+up" -m 4096 --wide --int-scales
 
+--fp8 launches cuBLAS `torch._scaled_mm` (fp8 e4m3, row-wise scales, M padded to 16) on the same
+shape instead, to profile the baseline (its kernels are named nvjet_*):
+
+    ncu --kernel-name regex:nvjet --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+        python3 scripts/profile_decode.py --shape "8B down" -m 1024 --fp8
+
 No timing here: Nsight Compute measures the launch it is told to.
 """
 from __future__ import annotations
@@ -33,9 +39,12 @@ def main():
     ap.add_argument("--launches", type=int, default=5)
     ap.add_argument("--wide", action="store_true", help="the wgmma GEMM (sm_90a) on wide activations")
     ap.add_argument("--int-scales", action="store_true", help="with --wide: integer group scales")
+    ap.add_argument("--fp8", action="store_true", help="cuBLAS _scaled_mm fp8 on the shape instead (the baseline)")
     args = ap.parse_args()
     if args.int_scales and not args.wide:
         sys.exit("error: --int-scales is a form of the wgmma GEMM; add --wide")
+    if args.fp8 and args.wide:
+        sys.exit("error: --fp8 profiles cuBLAS instead of our GEMM; drop --wide")
 
     import torch
 
@@ -47,6 +56,16 @@ def main():
     n, k = SHAPES[args.shape]
     g = k // ops.GROUP
     torch.manual_seed(0)
+    if args.fp8:  # as bench_kernels times it: e4m3 operands, row-wise float32 scales
+        mp = -(-args.m // 16) * 16
+        a = torch.randn(mp, k, device="cuda").to(torch.float8_e4m3fn)
+        b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
+        sa, sb = torch.rand(mp, 1, device="cuda") + 0.5, torch.rand(1, n, device="cuda") + 0.5
+        for _ in range(args.launches):
+            torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float16)
+        torch.cuda.synchronize()
+        print(f"{args.launches} launches of cuBLAS fp8 _scaled_mm, {args.shape} (N={n}, K={k}) at M={args.m}")
+        return
     qw = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
     ws = torch.rand(n, g, device="cuda", dtype=torch.float16) * 0.01 + 1e-3
     perm = torch.randperm(k, device="cuda").to(torch.int32)
