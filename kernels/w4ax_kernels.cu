@@ -738,18 +738,63 @@ __device__ __forceinline__ void gemv_compute(const GemvFrag<NT>& f, bool a8, flo
     gemv_compute<NT, false>(f, acc);
 }
 
-// The end of both decode kernels: the warps' partial sums of the block's 16 channels x 8 * NT
-// tokens meet in shared memory `red` and are stored.
-template <int NT, int WARPS>
-__device__ __forceinline__ void gemv_reduce_store(float (*red)[16][8 * NT], const float (&acc)[NT][4], int n0,
-                                                  int M, int N, void* out, DType out_dtype) {
+// The register decode kernels' per-thread weight rows: rows n0 + gid + 8r (r < R) of the packed
+// weights (this thread's 16 bytes of each group) and of the weight scales. Rows past N read the
+// last valid one; their results are never stored. PIN keeps the weight pointers in registers.
+template <int R, bool PIN>
+__device__ __forceinline__ void gemv_weight_rows(const uint8_t* qw, const __half* wscale, int n0, int N, int Kpad,
+                                                 int G, const uint8_t* (&wrow)[R], const __half* (&srow)[R]) {
+  const int gid = (threadIdx.x & 31) >> 2, tig = threadIdx.x & 3;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int n = min(n0 + gid + 8 * r, N - 1);
+    wrow[r] = qw + static_cast<size_t>(n) * (Kpad / 2) + tig * 16;
+    srow[r] = wscale + static_cast<size_t>(n) * G;
+    if (PIN) keep_in_register(wrow[r]);
+  }
+}
+
+// The decode kernels' per-thread activation rows: codes of token 8 * nt + gid (int8 groups, then
+// packed int4), scales of tokens 8 * nt + 2 * tig + {0, 1}. Tokens past M read the last valid
+// one; their results are never stored. PIN_CODES / PIN_SCALES keep those pointers in registers
+// (keep_in_register).
+template <int NT, bool PIN_CODES, bool PIN_SCALES>
+__device__ __forceinline__ void gemv_act_rows(const int8_t* q8, const uint8_t* q4, const float* ascale, int M,
+                                              int K8, int K4, int G, const int8_t* (&a8row)[NT],
+                                              const uint8_t* (&a4row)[NT], const float* (&asrow)[NT][2]) {
+  const int gid = (threadIdx.x & 31) >> 2, tig = threadIdx.x & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int m = min(8 * nt + gid, M - 1);
+    a8row[nt] = q8 + static_cast<size_t>(m) * K8 + tig * 32;
+    a4row[nt] = q4 + static_cast<size_t>(m) * (K4 / 2) + tig * 16;
+    if (PIN_CODES) {
+      keep_in_register(a8row[nt]);
+      keep_in_register(a4row[nt]);
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      asrow[nt][j] = ascale + static_cast<size_t>(min(8 * nt + 2 * tig + j, M - 1)) * G;
+      if (PIN_SCALES) keep_in_register(asrow[nt][j]);
+    }
+  }
+}
+
+// The end of the register decode kernels: the warps' partial sums of the block's 16 * RT channels
+// (RT row tiles of 16) x 8 * NT tokens meet in shared memory `red` and are stored.
+template <int NT, int WARPS, int RT>
+__device__ __forceinline__ void gemv_reduce_store(float (*red)[16 * RT][8 * NT], const float (&acc)[RT][NT][4],
+                                                  int n0, int M, int N, void* out, DType out_dtype) {
   const int warp = threadIdx.x >> 5, gid = (threadIdx.x & 31) >> 2, tig = threadIdx.x & 3;
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
+  for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) red[warp][gid + 8 * (e >> 1)][8 * nt + 2 * tig + (e & 1)] = acc[nt][e];
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        red[warp][16 * rt + gid + 8 * (e >> 1)][8 * nt + 2 * tig + (e & 1)] = acc[rt][nt][e];
   __syncthreads();
-  for (int i = threadIdx.x; i < 16 * 8 * NT; i += WARPS * 32) {
+  for (int i = threadIdx.x; i < 16 * RT * 8 * NT; i += WARPS * 32) {
     const int r = i / (8 * NT), m = i % (8 * NT), n = n0 + r;
     if (n >= N || m >= M) continue;
     float v = 0.f;
@@ -757,6 +802,11 @@ __device__ __forceinline__ void gemv_reduce_store(float (*red)[16][8 * NT], cons
     for (int w = 0; w < WARPS; ++w) v += red[w][r][m];
     store_out(out, out_dtype, static_cast<size_t>(m) * N + n, v);
   }
+}
+template <int NT, int WARPS>
+__device__ __forceinline__ void gemv_reduce_store(float (*red)[16][8 * NT], const float (&acc)[NT][4], int n0,
+                                                  int M, int N, void* out, DType out_dtype) {
+  gemv_reduce_store<NT, WARPS, 1>(red, reinterpret_cast<const float(&)[1][NT][4]>(acc), n0, M, N, out, out_dtype);
 }
 
 template <int NT, int WARPS>
@@ -766,34 +816,17 @@ w4ax_gemv_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4,
                  const __half* __restrict__ wscale, void* __restrict__ out, DType out_dtype, int M, int N,
                  int Kpad, int groups8) {
   __shared__ float red[WARPS][16][8 * NT];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int gid = lane >> 2, tig = lane & 3;
+  const int warp = threadIdx.x >> 5;
   const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
   const int n0 = blockIdx.x * 16;
   // Rows past N and tokens past M read the last valid one; their results are never stored.
   const uint8_t* wrow[2];
   const __half* srow[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int n = min(n0 + gid + 8 * r, N - 1);
-    wrow[r] = qw + static_cast<size_t>(n) * (Kpad / 2) + tig * 16;
-    srow[r] = wscale + static_cast<size_t>(n) * G;
-    if (NT == 1) keep_in_register(wrow[r]);
-  }
+  gemv_weight_rows<2, NT == 1>(qw, wscale, n0, N, Kpad, G, wrow, srow);
   const int8_t* a8row[NT];
   const uint8_t* a4row[NT];
   const float* asrow[NT][2];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int m = min(8 * nt + gid, M - 1);
-    a8row[nt] = q8 + static_cast<size_t>(m) * K8 + tig * 32;
-    a4row[nt] = q4 + static_cast<size_t>(m) * (K4 / 2) + tig * 16;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      asrow[nt][j] = ascale + static_cast<size_t>(min(8 * nt + 2 * tig + j, M - 1)) * G;
-      if (NT == 1) keep_in_register(asrow[nt][j]);
-    }
-  }
+  gemv_act_rows<NT, false, NT == 1>(q8, q4, ascale, M, K8, K4, G, a8row, a4row, asrow);
 
   // Warp w takes groups w, w + WARPS, ... (measured on H100: giving each warp a contiguous range
   // instead is no faster overall, +-10% per shape), keeping D of them in flight.
@@ -887,29 +920,16 @@ w4ax_gemv32_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4
                    const __half* __restrict__ wscale, void* __restrict__ out, DType out_dtype, int M, int N,
                    int Kpad, int groups8) {
   __shared__ float red[WARPS][32][8 * NT];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int gid = lane >> 2, tig = lane & 3;
+  const int warp = threadIdx.x >> 5;
   const int G = Kpad / kGroup, K8 = groups8 * kGroup, K4 = Kpad - K8;
   const int n0 = blockIdx.x * 32;
   const uint8_t* wrow[4];
   const __half* srow[4];
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const int n = min(n0 + gid + 8 * r, N - 1);
-    wrow[r] = qw + static_cast<size_t>(n) * (Kpad / 2) + tig * 16;
-    srow[r] = wscale + static_cast<size_t>(n) * G;
-  }
+  gemv_weight_rows<4, false>(qw, wscale, n0, N, Kpad, G, wrow, srow);
   const int8_t* a8row[NT];
   const uint8_t* a4row[NT];
   const float* asrow[NT][2];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int m = min(8 * nt + gid, M - 1);
-    a8row[nt] = q8 + static_cast<size_t>(m) * K8 + tig * 32;
-    a4row[nt] = q4 + static_cast<size_t>(m) * (K4 / 2) + tig * 16;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) asrow[nt][j] = ascale + static_cast<size_t>(min(8 * nt + 2 * tig + j, M - 1)) * G;
-  }
+  gemv_act_rows<NT, false, false>(q8, q4, ascale, M, K8, K4, G, a8row, a4row, asrow);
   auto load_weights = [&](GemvFrag32<NT>& f, int g) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
@@ -941,21 +961,7 @@ w4ax_gemv32_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__ q4
       }
     }
   }
-#pragma unroll
-  for (int rt = 0; rt < 2; ++rt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) red[warp][16 * rt + gid + 8 * (e >> 1)][8 * nt + 2 * tig + (e & 1)] = acc[rt][nt][e];
-  __syncthreads();
-  for (int i = threadIdx.x; i < 32 * 8 * NT; i += WARPS * 32) {
-    const int r = i / (8 * NT), m = i % (8 * NT), n = n0 + r;
-    if (n >= N || m >= M) continue;
-    float v = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) v += red[w][r][m];
-    store_out(out, out_dtype, static_cast<size_t>(m) * N + n, v);
-  }
+  gemv_reduce_store<NT, WARPS, 2>(red, acc, n0, M, N, out, out_dtype);
 }
 
 // Large matrices at M <= 8, and some at 9-16 tokens (ring kernel, use_ring_kernel): the weights
@@ -1023,19 +1029,8 @@ w4ax_gemv_ring_kernel(const int8_t* __restrict__ q8, const uint8_t* __restrict__
   const int8_t* a8row[NT];
   const uint8_t* a4row[NT];
   const float* asrow[NT][2];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    a8row[nt] = q8 + static_cast<size_t>(min(8 * nt + gid, M - 1)) * K8 + tig * 32;
-    a4row[nt] = q4 + static_cast<size_t>(min(8 * nt + gid, M - 1)) * (K4 / 2) + tig * 16;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) asrow[nt][j] = ascale + static_cast<size_t>(min(8 * nt + 2 * tig + j, M - 1)) * G;
-    if (NT == 1) {  // at 16 tokens (80 registers) the pinned pointers would spill
-      keep_in_register(a8row[nt]);
-      keep_in_register(a4row[nt]);
-      keep_in_register(asrow[nt][0]);
-      keep_in_register(asrow[nt][1]);
-    }
-  }
+  // pinned at 8 tokens only: at 16 (80 registers) the pinned pointers would spill
+  gemv_act_rows<NT, NT == 1, NT == 1>(q8, q4, ascale, M, K8, K4, G, a8row, a4row, asrow);
 
   // Warp w takes groups w, w + WARPS, ...; one cp.async group per ring slot (the first also
   // holds the scale tile), committed even when empty, so "slot i has landed" is always
