@@ -170,8 +170,8 @@ at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, cons
   TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major == 9, "comet: w4ax_gemm_wide needs an sm_90 GPU");
   const c10::cuda::CUDAGuard guard(qweight.device());
   at::Tensor out = at::empty({M, N}, qweight.options().dtype(out_dtype));
-  static_assert(comet::kWideStreamK == -1, "update the message below");
-  TORCH_CHECK(split_k >= -1, "comet: split_k must be >= 0 (0: automatic), or -1 (stream-K)");
+  static_assert(comet::kWideStreamK == -1 && comet::kWidePersistent == -2, "update the message below");
+  TORCH_CHECK(split_k >= -2, "comet: split_k must be >= 0 (0: automatic), -1 (stream-K) or -2 (persistent tiles)");
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const comet::WidePlan plan = comet::wide_plan(M, N, Kpad, split_k, sms, ints);
   const size_t work_floats = comet::wide_workspace_floats(plan, M, N);
@@ -189,7 +189,8 @@ at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, cons
 
 // The wgmma GEMM's plan for a shape on the current GPU: (tokens per tile, split_k, blocks, tiles
 // that stream-K runs one per block before sharing the rest), as
-// w4ax_gemm_wide with this split_k (0: automatic) would take them; split_k -1 is stream-K. For
+// w4ax_gemm_wide with this split_k (0: automatic) would take them; split_k -1 is stream-K, -2
+// persistent tiles. For
 // tests and benchmarks. int_scales: the plan of integer group scales (wscale_row given).
 std::vector<int64_t> wide_tile(int64_t M, int64_t N, int64_t K, int64_t split_k, bool int_scales) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;

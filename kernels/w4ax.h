@@ -95,7 +95,8 @@ int choose_split_k(int M, int N, int Kpad, int num_sms);
 // model: wide_plan), operands staged by the tensor memory accelerator. split_k: 0 picks (wide_plan);
 // 1 one block per tile; > 1 splits the K groups over blocks and reduces through `workspace`
 // (float32 [M, N]); kWideStreamK runs stream-K: one block per SM, each an equal share of the
-// tiles x K groups, tiles cut between blocks finished through `workspace`. The workspace holds
+// tiles x K groups, tiles cut between blocks finished through `workspace`; kWidePersistent
+// runs whole tiles on at most one block per SM. The workspace holds
 // wide_workspace_floats(plan) floats (none needs clearing). Returns cudaErrorNotSupported off sm_90.
 // Integer group scales (wscale_row non-null: fp16 [N], every wscale[n, g] = wscale_row[n] * an
 // integer in [1, 16]; activations from quantize_act_wide with int_scales): the 4-bit groups (from
@@ -106,9 +107,13 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
                                 cudaStream_t stream);
 
 constexpr int kWideStreamK = -1;
+// split_k value selecting the tiled grid without split, persistent: min(tiles, num_sms) blocks,
+// each walking the tiles l = block, block + blocks, ... with its TMA ring running on from one
+// tile into the next while the consumers fold and store the last.
+constexpr int kWidePersistent = -2;
 // What the wide GEMM runs for a shape on `num_sms` multiprocessors: tokens per tile (64, 96, 128 or
-// 192), split_k (1, > 1, or kWideStreamK), the number of blocks and, for stream-K, the tiles
-// that go one per block before the rest is shared. split_k as requested (0: the cheapest by the
+// 192), split_k (1, > 1, or kWideStreamK), the number of blocks (a persistent grid: fewer than
+// the tiles) and, for stream-K, the tiles that go one per block before the rest is shared. split_k as requested (0: the cheapest by the
 // cost model: stream-K where the tiles leave much of the last wave idle). Integer group scales
 // (`ints`) never take 192-token tiles: two groups in flight need 32 fragment registers more, and
 // the 192-token kernel then spills.

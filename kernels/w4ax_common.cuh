@@ -62,5 +62,16 @@ __device__ __forceinline__ void store_out(void* out, DType dt, size_t i, float v
   else static_cast<float*>(out)[i] = v;
 }
 
+// out[i] and out[i + 1] (i even, out 8-byte aligned) in one store.
+__device__ __forceinline__ void store_out2(__half* out, size_t i, float lo, float hi) {
+  *reinterpret_cast<__half2*>(out + i) = __floats2half2_rn(lo, hi);
+}
+__device__ __forceinline__ void store_out2(__nv_bfloat16* out, size_t i, float lo, float hi) {
+  *reinterpret_cast<__nv_bfloat162*>(out + i) = __floats2bfloat162_rn(lo, hi);
+}
+__device__ __forceinline__ void store_out2(float* out, size_t i, float lo, float hi) {
+  *reinterpret_cast<float2*>(out + i) = make_float2(lo, hi);
+}
+
 }  // namespace detail
 }  // namespace comet

@@ -284,6 +284,9 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   }
   __syncthreads();
 
+  // Tiled grids: the block's tiles are l = blockIdx.x, + gridDim.x, ... (launch order, one per
+  // block unless the grid is persistent: WidePlan), its split of K blockIdx.z.
+  const int tiles_m = (M + kWideM - 1) / kWideM, tiles = tiles_n * tiles_m;
   auto range = [&](int k, int& begin, int& end) {  // the block's k-th range
     if (STREAMK && k < n_ranges - 1) {  // a whole tile of the full waves
       begin = (blockIdx.x + k * gridDim.x) * G;
@@ -293,7 +296,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       end = sk_base + sk_begin(blockIdx.x + 1, sk_total, gridDim.x);
     } else {
       const int per = (G + split_k - 1) / split_k;
-      const int tile = raster_tile(blockIdx.y * tiles_n + blockIdx.x, tiles_n, gridDim.y, N, Kpad);
+      const int tile = raster_tile(k, tiles_n, tiles_m, N, Kpad);
       begin = tile * G + min(G, static_cast<int>(blockIdx.z) * per);
       end = tile * G + min(G, static_cast<int>(blockIdx.z + 1) * per);
     }
@@ -341,7 +344,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   };
   if (!STREAMK) {  // a split past the last group has nothing to do
     int begin, end;
-    range(0, begin, end);
+    range(blockIdx.x, begin, end);
     if (begin >= end) return;
   }
   if (warp < 4) {
@@ -350,14 +353,17 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // nothing to do.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     if (!STREAMK && threadIdx.x == 0) {
-      // One tile (or a split of it): a plain loop, as the consumers'. (Run through stream-K's
-      // segment loops, the tiled grids were 3-8% slower at M >= 1024: H100, same run,
-      // docs/BENCHMARKS.md "Session 10".)
-      int begin, end;
-      range(0, begin, end);
-      const WideSegment sg = wide_segment<TOKENS>(begin, end, G, tiles_n);
+      // The block's tiles (or splits of them): plain loops, as the consumers'. (Run through
+      // stream-K's segment loops, the tiled grids were 3-8% slower at M >= 1024: H100, same run,
+      // docs/BENCHMARKS.md "Session 10".) In a persistent grid the ring runs on into the next
+      // tile while the consumers fold and store the last.
       grid_dependency_wait();
-      for (int j = 0; j < sg.g1 - sg.g0; ++j) produce(j, sg.g0 + j, sg);
+      for (int l = blockIdx.x, j = 0; l < tiles; l += gridDim.x) {
+        int begin, end;
+        range(l, begin, end);
+        const WideSegment sg = wide_segment<TOKENS>(begin, end, G, tiles_n);
+        for (int g = sg.g0; g < sg.g1; ++g, ++j) produce(j, g, sg);
+      }
     } else if (STREAMK && threadIdx.x == 0) {
       // The weights of the first stages (those in the block's first segment) before the wait.
       int it, end, early = 0;
@@ -495,6 +501,10 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
         for (int k = 0; k < 2; ++k) {
           sw[k] = __half2float(wscale_row[min(sg.n0 + r + 8 * k, N - 1)]);
           inv_sw[k] = __fdiv_rn(1.f, sw[k]);
+          // Kept in a register: in a loop over segments the compiler otherwise recomputes the
+          // division per group (MUFU.RCP and its Newton steps: stream-K's integer loop 392 SASS
+          // instructions per two groups with, 338 without).
+          asm volatile("" : "+f"(inv_sw[k]));
         }
       }
 #pragma unroll
@@ -605,7 +615,33 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       }
       return i;
     };
+    // A whole tile into out, two adjacent channels per store: a thread holds channels r and
+    // r + 8 of tokens 2 * tig + {0, 1} (+ 8j), and trades one of each pair with its neighbour
+    // row (lane ^ 4: channel r ^ 1), so that an even row keeps token 2 * tig, an odd one token
+    // 2 * tig + 1, both with channels (r & ~1, r | 1). With the dtype and the bounds checks out of
+    // the loop this is ~5x fewer instructions than a store per element (SASS).
+    auto store_pairs = [&](const WideSegment& sg, auto* o) {
+      const int odd = gid & 1;
+      const size_t base = static_cast<size_t>(sg.m0 + 2 * tig + odd) * N + (sg.n0 + r - odd);
+#pragma unroll
+      for (int j = 0; j < kTokenTiles; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float v0 = acc[4 * j + 2 * c], v1 = acc[4 * j + 2 * c + 1];
+          const float got = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+          detail::store_out2(o, base + static_cast<size_t>(8 * j) * N + 8 * c, odd ? got : v0, odd ? v1 : got);
+        }
+      }
+    };
     auto store = [&](const WideSegment& sg) {
+#ifndef COMET_WIDE_SIMPLE_STORE  // experiment switch: every tile stored element by element
+      if ((STREAMK || split_k == 1) && sg.m0 + kWideM <= M && sg.n0 + kWideN <= N && N % 2 == 0) {
+        if (out_dtype == DType::kHalf) store_pairs(sg, static_cast<__half*>(out));
+        else if (out_dtype == DType::kBFloat16) store_pairs(sg, static_cast<__nv_bfloat16*>(out));
+        else store_pairs(sg, static_cast<float*>(out));
+        return;
+      }
+#endif
 #pragma unroll
       for (int j = 0; j < kTokenTiles; ++j) {
 #pragma unroll
@@ -618,13 +654,15 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
         }
       }
     };
-    if constexpr (!STREAMK) {  // one tile, or a split of it: a plain loop, as the producer's
-      int begin, end;
-      range(0, begin, end);
-      const WideSegment sg = wide_segment<TOKENS>(begin, end, G, tiles_n);
-      start(sg);
-      run(0, sg);
-      store(sg);
+    if constexpr (!STREAMK) {  // the block's tiles, or splits of them: plain loops, as the producer's
+      for (int l = blockIdx.x, i = 0; l < tiles; l += gridDim.x) {
+        int begin, end;
+        range(l, begin, end);
+        const WideSegment sg = wide_segment<TOKENS>(begin, end, G, tiles_n);
+        start(sg);
+        i = run(i, sg);
+        store(sg);
+      }
     } else {  // stream-K: segments of whole tiles and parts of tiles
       for (int k = 0, i = 0, it = 0, end = 0; k < n_ranges || it < end;) {
         if (it >= end) {  // the block's next range
@@ -838,6 +876,11 @@ unsigned long long next_nonce() {
 
 }  // namespace
 
+// Whether the automatic plan runs unsplit tiled grids persistent (kWidePersistent).
+#ifndef COMET_WIDE_PERSISTENT
+#define COMET_WIDE_PERSISTENT 0
+#endif
+
 WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms, bool ints) {
   const int G = Kpad / kGroup;
   const auto stream_k = [&] {
@@ -848,10 +891,12 @@ WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms, bool ints) 
   };
   if (split_k == kWideStreamK) return stream_k();
   const int tokens = wide_tokens(M, N, Kpad, num_sms, ints);
-  const auto tiled = [&](int split) {
+  const auto tiled = [&](int split, bool persistent = false) {
     split = std::max(1, std::min(split, G));
-    return WidePlan{tokens, split, ((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN) * split, 0};
+    const int tiles = ((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN);
+    return WidePlan{tokens, split, (persistent ? std::min(tiles, num_sms) : tiles) * split, 0};
   };
+  if (split_k == kWidePersistent) return tiled(1, true);
   if (split_k >= 1) return tiled(split_k);
   const int split = wide_split_for(tokens, M, N, Kpad, num_sms);
 #ifndef COMET_NO_STREAM_K  // experiment switch: the automatic choice never takes stream-K
@@ -863,7 +908,7 @@ WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms, bool ints) 
   if (split > 1 || stream_k_cost(sk_tokens, M, N, Kpad, num_sms) < 0.95 * wide_cost(tokens, M, N, Kpad, num_sms))
     return stream_k();
 #endif
-  return tiled(split);
+  return tiled(split, COMET_WIDE_PERSISTENT && split == 1);
 }
 
 size_t wide_workspace_floats(const WidePlan& plan, int M, int N) {
@@ -886,8 +931,7 @@ cudaError_t launch_wide_as(const int8_t* qa, const float* scales_t, int Mpad, co
   cudaError_t e = allow_dynamic_smem(kernel, kWideSmem<TOKENS>);
   if (e != cudaSuccess) return e;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = STREAMK ? dim3(plan.blocks)
-                        : dim3((N + kWideN - 1) / kWideN, (M + TOKENS - 1) / TOKENS, plan.split_k);
+  cfg.gridDim = STREAMK ? dim3(plan.blocks) : dim3(plan.blocks / plan.split_k, 1, plan.split_k);
   cfg.blockDim = dim3(kWideThreads);
   cfg.dynamicSmemBytes = kWideSmem<TOKENS>;
   cfg.stream = stream;

@@ -13,7 +13,8 @@ quantization (M = 4096, both layouts), or
 "tiles": the wgmma GEMM at M = 128 / 256 / 512 on all LLaMA-3 shapes under every split_k (auto,
 1, 2, 3, 4, 6), microseconds, to compare token tiles forced by -DCOMET_WIDE_TOKENS=128 / 96; or
 "sizes": the wgmma GEMM on all LLaMA-3 shapes at M = 256 ... 4096 with the automatic split, to
-fit the token-tile rule to builds forced to each tile size; or "streamk": the wgmma GEMM on all
+fit the token-tile rule to builds forced to each tile size (ints and sizes time each split_k of
+--splits: e.g. 0,-1,-2 for the automatic plan, stream-K and persistent tiles, same build); or "streamk": the wgmma GEMM on all
 LLaMA-3 shapes at M = 64 ... 4096 under the automatic plan, one block per tile and stream-K
 (split_k 0, 1, -1; the plan each took in brackets); or "crossover": quantization + GEMM on
 the packed (decode / tiled) and the wide (wgmma) path at M = 17 ... 80, where ops.WIDE_MIN_M
@@ -21,6 +22,7 @@ chooses between them.
 
     python scripts/bench_variants.py --quick --variant=base --variant=-DCOMET_WIDE_SKIP_RESCALE
     python scripts/bench_variants.py --kernel decode --variant=base --variant=-DSOME_SWITCH
+    python scripts/bench_variants.py --kernel ints --ms 1024,4096 --splits 1,-2 --variant=base
     python scripts/bench_variants.py --kernel tiles --variant=-DCOMET_WIDE_TOKENS=128 \
         --variant=-DCOMET_WIDE_TOKENS=96
 """
@@ -36,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(28672, 4096), (4096, 4096), (4096, 14336)]  # 8B gate+up, o, down (N, K)
 
 
-def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = (), int_splits: bool = False) -> None:
+def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = (), splits: tuple[int, ...] = (0,)) -> None:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "scripts"))
     import torch
@@ -142,7 +144,7 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = (), int_splits: 
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 qa, sti = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
                 cells = []
-                for split in (0, -1) if int_splits else (0,):
+                for split in splits:
                     t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, sti, qws[i], wsi[i], split,
                                                                            torch.float16, rows[i], g8)
                                 for i in range(nc)])
@@ -156,9 +158,12 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = (), int_splits: 
             for m in ms or (256, 512, 1024, 2048, 4096):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g // 10)
-                t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qws[i], ws, 0, torch.float16)
-                            for i in range(nc)])
-                print(f"| {tag} | {name} | {m} | {t * 1e3:.1f} us | {2 * m * n * k / t / 1e9:.0f} |", flush=True)
+                cells = []
+                for split in splits:
+                    t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qws[i], ws, split,
+                                                                           torch.float16) for i in range(nc)])
+                    cells.append(f"{t * 1e3:.1f} us ({plan_label(m, n, k, split)}) | {2 * m * n * k / t / 1e9:.0f}")
+                print(f"| {tag} | {name} | {m} | " + " | ".join(cells) + " |", flush=True)
         return
     for n, k in SHAPES[:1] if quick else SHAPES:
         for m in (4096,) if quick else (256, 1024, 4096):
@@ -178,33 +183,36 @@ def main():
                     default="wgmma")
     ap.add_argument("--quick", action="store_true", help="wgmma: 8B gate+up at M = 4096 only")
     ap.add_argument("--ms", default="", help="streamk / sizes / ints: the token counts, comma-separated (default 64 / 256 ... 4096)")
-    ap.add_argument("--int-stream-k", action="store_true",
-                    help="ints: also time each shape under stream-K (split_k -1) beside the automatic plan")
+    ap.add_argument("--splits", default="0",
+                    help="ints / sizes: the split_k values timed per shape, comma-separated (0: the automatic "
+                         "plan, -1: stream-K, -2: persistent tiles, S >= 1: tiled, K in S parts)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return run_variant(args.kernel, args.quick, tuple(int(m) for m in args.ms.split(",") if m),
-                           args.int_stream_k)
+                           tuple(int(s) for s in args.splits.split(",")))
     if args.kernel == "crossover":
         print("| build flags | shape | M | packed: quantize + decode / tiled GEMM | wide: quantize + wgmma GEMM |\n"
               "|---|---|---|---|---|", flush=True)
     elif args.kernel == "streamk":
         print("| build flags | shape | M | us (plan), automatic | one block per tile | stream-K |\n|---|---|---|---|---|---|",
               flush=True)
-    elif args.kernel == "ints" and args.int_stream_k:
-        print("| build flags | shape | M | automatic plan | TOPS | stream-K | TOPS |\n|---|---|---|---|---|---|---|",
-              flush=True)
+    elif args.kernel in ("ints", "sizes"):
+        names = {"0": "automatic plan", "-1": "stream-K", "-2": "persistent tiles"}
+        cols = [names.get(s, f"split {s}") for s in args.splits.split(",")]
+        print("| build flags | shape | M | " + " | ".join(f"{c} | TOPS" for c in cols) + " |\n|---|---|---|"
+              + "---|---|" * len(cols), flush=True)
     elif args.kernel == "tiles":
         print("| build flags | shape | M | us, split auto | 1 | 2 | 3 | 4 | 6 |\n|---|---|---|---|---|---|---|---|---|",
               flush=True)
     else:
-        unit = "equivalent TOPS" if args.kernel in ("wgmma", "sizes", "ints") else "bytes / time"
+        unit = "equivalent TOPS" if args.kernel == "wgmma" else "bytes / time"
         print(f"| build flags | shape | M | time | {unit} |\n|---|---|---|---|---|", flush=True)
     variants = args.variant or ["base", "-DCOMET_WIDE_SKIP_RESCALE", "-DCOMET_WIDE_SKIP_MMA", "-DCOMET_WIDE_SKIP_LOAD"]
     for flags in variants:
         env = dict(os.environ, COMET_QUANT_NVCC_FLAGS="" if flags == "base" else flags)
         cmd = [sys.executable, __file__, "--child", "--kernel", args.kernel, "--ms", args.ms] + (
-            ["--quick"] if args.quick else []) + (["--int-stream-k"] if args.int_stream_k else [])
+            ["--quick"] if args.quick else []) + ["--splits", args.splits]
         subprocess.run(cmd, env=env, check=True)
 
 

@@ -417,11 +417,11 @@ def unit_scale_case(m, n, k, seed, groups8=2):
 def test_gemm_wide_integer_accumulation_exact(kernels, m, k8_frac):
     """Unit scales: every output is an integer sum below 2^24, so float32 must match exactly.
     N = 200 leaves a partial 128-channel tile; split 3 of 8 groups leaves a short last split;
-    -1 is stream-K (here one block per tile: 8 groups are its smallest share)."""
+    -1 is stream-K (here one block per tile: 8 groups are its smallest share), -2 persistent tiles."""
     k, n = 1024, 200
     g8 = 1 if k8_frac == "one" else int(k8_frac * (k // GROUP))
     qa, scales_t, qw, sw, ref = unit_scale_case(m, n, k, seed=m + 11, groups8=g8)
-    for split in (0, 1, 3, 8, -1):
+    for split in (0, 1, 3, 8, -1, -2):
         y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, sw, split, torch.float32)
         assert torch.equal(y, ref), (m, g8, split, (y - ref).abs().max())
 
@@ -485,8 +485,9 @@ def test_gemm_wide_raster_bands(kernels, int_scales):
         scales_t = torch.ones(k // GROUP, m, device="cuda")  # m % 4 == 0: no padding columns
         ws = torch.ones(n, k // GROUP, device="cuda", dtype=torch.float16)
         extra = ()
-    tiled = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, 0, torch.float32, *extra)
+    tiled = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, 1, torch.float32, *extra)
     stream_k = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, -1, torch.float32, *extra)
+    persistent = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, -2, torch.float32, *extra)
     rows = torch.tensor([0, 1023, 1029, 2047, 2048, 2099], device="cuda")
     ref = ops.w4ax_gemm_wide_reference(qa[rows], scales_t[:, rows], qw, ws, torch.float32, *extra)
     assert ref.abs().max() > (1 if int_scales else 100)
@@ -494,6 +495,45 @@ def test_gemm_wide_raster_bands(kernels, int_scales):
         assert rel_err(tiled, stream_k) < 1e-5 and rel_err(tiled[rows], ref) < 1e-5
     else:
         assert torch.equal(tiled, stream_k) and torch.equal(tiled[rows], ref), (tiled[rows] - ref).abs().max()
+    assert torch.equal(persistent, tiled)  # the same tiles, the same sums, fewer blocks
+
+
+@sm90
+@pytest.mark.parametrize("int_scales", [False, True])
+def test_gemm_wide_persistent_tiles(kernels, int_scales):
+    """Persistent tiled grids (split_k = -2: at most one block per SM, each walking several
+    tiles, its TMA ring running on from tile to tile) on shapes of 3-15 tiles per block, with
+    partial token and channel tiles and an odd N (whose tiles store element by element); and the
+    stores of whole tiles, two channels at a time after a lane exchange, in every output dtype:
+    fp16 / bf16 must be the float32 result rounded (one accumulator, one rounding)."""
+    k = 1024
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for m, n in [(3000, 6000), (4096, 4096), (3000, 4097), (2050, 8192)]:
+        tokens, split, blocks, _ = torch.ops.comet.wide_tile(m, n, k, -2, int_scales)
+        tiles = -(-m // tokens) * -(-n // 128)
+        assert split == 1 and blocks == min(tiles, sms) and tiles >= 3 * blocks, (m, n, tokens, blocks)
+        if int_scales:
+            x, perm, qw, ws, wr = int_case(m, k, n, 1, seed=m + n, device="cuda")
+            qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, 1, False, True)
+            extra = (wr, 1)
+            ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, *extra)
+            assert ref.abs().max() > 1
+        else:
+            qa, scales_t, qw, ws, ref = unit_scale_case(m, n, k, seed=m + n)
+            extra = ()
+        y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, -2, torch.float32, *extra)
+        if int_scales:
+            assert rel_err(y, ref) < 1e-5, (m, n, rel_err(y, ref))
+        else:
+            assert torch.equal(y, ref), (m, n, (y - ref).abs().max())
+        assert torch.equal(torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, 1, torch.float32, *extra), y)
+        if not int_scales:  # integer sums up to ~1e5: give the half-precision roundings real work
+            scales_t = torch.rand_like(scales_t) * 1e-3 + 1e-4
+        for split in (-2, 1, -1):
+            y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, split, torch.float32, *extra)
+            for dt in (torch.float16, torch.bfloat16):
+                got = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, split, dt, *extra)
+                assert torch.equal(got, y.to(dt)), (m, n, dt, split)
 
 
 @sm90
@@ -922,12 +962,12 @@ def test_quantize_act_int_scales_bitwise(kernels, m, k):
 def test_gemm_wide_int_scales(kernels, m, g8):
     """The wgmma GEMM with integer group scales (8-bit groups rescaled, each span's 4-bit groups
     summed in int32): K = 5120 is 40 groups, spans of 16 / 16 / 8; N = 520 leaves a partial
-    channel tile; automatic, tiled, split-K and stream-K grids."""
+    channel tile; automatic, tiled, split-K, stream-K and persistent grids."""
     x, perm, qw, ws, wr = int_case(m, 40 * GROUP, 520, g8, seed=m + g8, device="cuda")
     qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
     ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, wr, g8)
     assert ref.abs().max() > 1
-    for split in (0, 1, 3, -1):
+    for split in (0, 1, 3, -1, -2):
         y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, split, torch.float32, wr, g8)
         assert rel_err(y, ref) < 1e-5, (m, g8, split, rel_err(y, ref))
 
