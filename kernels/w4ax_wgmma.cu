@@ -876,10 +876,20 @@ unsigned long long next_nonce() {
 
 }  // namespace
 
-// Whether the automatic plan runs unsplit tiled grids persistent (kWidePersistent).
+// Whether the automatic plan runs an unsplit tiled grid persistent (kWidePersistent): on at
+// most one block per SM, each walking its tiles l = block, + blocks, ..., the next tile's stages
+// filling while the consumers fold and store the last. Measured on H100 against one block per
+// tile (docs/BENCHMARKS.md, "Session 15"): integer group scales 1.02-1.08x faster on 16 of the
+// 24 LLaMA-3 shapes at M = 256 / 1024 / 4096, free scales 1.03-1.08x on 10; no worse than 2-3%
+// elsewhere except the grids of under two waves of long tiles (8B down M = 1024: 256 tiles of 112
+// groups, 0.96x), where the hardware's dynamic assignment of the second wave to the SMs that
+// finish first beats the static one. -DCOMET_WIDE_PERSISTENT=0: never.
 #ifndef COMET_WIDE_PERSISTENT
-#define COMET_WIDE_PERSISTENT 0
+#define COMET_WIDE_PERSISTENT 1
 #endif
+bool wide_persistent(long long tiles, int G, int num_sms) {
+  return COMET_WIDE_PERSISTENT && tiles > num_sms && (tiles >= 2ll * num_sms || G <= 64);
+}
 
 WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms, bool ints) {
   const int G = Kpad / kGroup;
@@ -908,7 +918,8 @@ WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms, bool ints) 
   if (split > 1 || stream_k_cost(sk_tokens, M, N, Kpad, num_sms) < 0.95 * wide_cost(tokens, M, N, Kpad, num_sms))
     return stream_k();
 #endif
-  return tiled(split, COMET_WIDE_PERSISTENT && split == 1);
+  const long long tiles = static_cast<long long>((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN);
+  return tiled(split, split == 1 && wide_persistent(tiles, G, num_sms));
 }
 
 size_t wide_workspace_floats(const WidePlan& plan, int M, int N) {

@@ -66,9 +66,10 @@ def copies(nbytes: int) -> int:
 
 def plan_label(m, n, k, split_k=0, int_scales=False) -> str:
     """The wgmma GEMM's plan for a shape: its token tile, then "/S" for split-K in S parts or
-    "/sk" for stream-K (torch.ops.comet.wide_tile)."""
-    tokens, split, _, _ = torch.ops.comet.wide_tile(m, n, k, split_k, int_scales)
-    return f"{tokens}" + ("/sk" if split == -1 else f"/{split}" if split > 1 else "")
+    "/sk" for stream-K, "/p" for a persistent grid (fewer blocks than tiles; torch.ops.comet.wide_tile)."""
+    tokens, split, blocks, _ = torch.ops.comet.wide_tile(m, n, k, split_k, int_scales)
+    persistent = split == 1 and blocks < -(-m // tokens) * -(-n // 128)
+    return f"{tokens}" + ("/sk" if split == -1 else f"/{split}" if split > 1 else "/p" if persistent else "")
 
 
 def int_scale_weights(n, g, nc, dev):
@@ -119,7 +120,7 @@ def bench_shape(name, n, k, m, results, split_k_off: bool):
     perm = torch.randperm(k, device=dev).to(torch.int32)
     wide = ops.uses_wide_gemm(x, qws[0])  # sm_90 and enough tokens: what w4ax_linear runs
     row["path"] = "wgmma" if wide else ("decode" if m <= 32 else "tiled")
-    if wide:  # its token tile, and split-K ("/2") or stream-K ("/sk"), if any, for this shape
+    if wide:  # its token tile, and split-K ("/2"), stream-K ("/sk") or persistent ("/p"), if any
         row["path"] += " " + plan_label(m, n, k)
         row["int_path"] = plan_label(m, n, k, int_scales=True)
     for pct in (0, 10, 25):

@@ -35,7 +35,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="70B qkv", help="a name of bench_kernels.SHAPES")
     ap.add_argument("-m", type=int, default=1, help="tokens")
-    ap.add_argument("--split-k", type=int, default=0, help="0: automatic; -1: the decode ring kernel")
+    ap.add_argument("--split-k", type=int, default=0,
+                    help="0: automatic; packed: -1 the decode ring kernel, -2 the 32-channel decode kernel; "
+                         "--wide: -1 stream-K, -2 persistent tiles, S >= 1 tiled in S parts of K")
     ap.add_argument("--launches", type=int, default=5)
     ap.add_argument("--wide", action="store_true", help="the wgmma GEMM (sm_90a) on wide activations")
     ap.add_argument("--int-scales", action="store_true", help="with --wide: integer group scales")

@@ -512,6 +512,7 @@ def test_gemm_wide_persistent_tiles(kernels, int_scales):
         tokens, split, blocks, _ = torch.ops.comet.wide_tile(m, n, k, -2, int_scales)
         tiles = -(-m // tokens) * -(-n // 128)
         assert split == 1 and blocks == min(tiles, sms) and tiles >= 3 * blocks, (m, n, tokens, blocks)
+        assert torch.ops.comet.wide_tile(m, n, k, 0, int_scales)[1:3] == [1, blocks]  # the automatic plan's too
         if int_scales:
             x, perm, qw, ws, wr = int_case(m, k, n, 1, seed=m + n, device="cuda")
             qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, 1, False, True)
