@@ -79,6 +79,9 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
 }
+__device__ __forceinline__ void mbar_arrive_u32(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
 
 __device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
@@ -414,6 +417,25 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[i % kWideStages]);
     };
+    // The same after plain shared-memory loads of the stage (the activation scales): ptxas lets
+    // the arrive go before the loads' results are back (it schedules their FMAs after it), and
+    // the producer's next TMA copy into the stage, in the async proxy, could then land before a
+    // late load read it: one warp's 8 tokens x 16 channels then took another group's scales
+    // (H100: 3,298 of 72,186 persistent launches of 70B qkv M = 1024 wrong, 26 stream-K, 0 with
+    // one tile per block). The proxy fence orders the loads before the copies that follow the
+    // release. (-DCOMET_RELEASE_DEP instead makes the arrive wait for every lane's loaded values.)
+    [[maybe_unused]] const uint32_t runtime_zero = M < 0 ? 1u : 0u;  // 0, not known to the compiler
+    auto release_reads = [&](int i, [[maybe_unused]] uint32_t dep) {
+#ifdef COMET_RELEASE_DEP
+      const uint32_t z = __ballot_sync(0xffffffffu, dep == 0x7FC00001u) & runtime_zero;
+      if (lane == 0) mbar_arrive_u32(smem_u32(&empty[i % kWideStages]) + z);
+#elif defined(COMET_RELEASE_PLAIN)  // experiment switch: the unfenced release (wrong results, rarely)
+      release(i);
+#else
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      release(i);
+#endif
+    };
 
     auto issue = [&](int i, int g, int (&d)[kAccRegs], __half2& ws) {
       const int s = i % kWideStages;
@@ -464,9 +486,11 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       const float ws[2] = {wsf.x * kUnscale, wsf.y * kUnscale};
       [[maybe_unused]] const float off[2] = {-12582912.f * ws[0], -12582912.f * ws[1]};
       const uint32_t base = stage0 + (i % kWideStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
+      uint32_t dep = 0;
 #pragma unroll
       for (int j = j0; j < j1; ++j) {
         const float2 as = lds64f(base + 32 * j);
+        dep ^= __float_as_uint(as.x) ^ __float_as_uint(as.y);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
 #ifndef COMET_WIDE_SKIP_RESCALE
@@ -477,7 +501,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
 #endif
         }
       }
-      if (release_stage) release(i);
+      if (release_stage) release_reads(i, dep);
     };
 
     // One accumulator set: the two warpgroups overlap each other's rescale, and each its own in
@@ -558,13 +582,16 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
 #pragma unroll
       for (int e = 0; e < kAccRegs; ++e) fence_operand(d0[e]);
       const uint32_t base = stage0 + (i % kWideStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
+      uint32_t dep = 0;
 #pragma unroll
       for (int j = 0; j < kTokenTiles; ++j) {
         const float2 as = lds64f(base + 32 * j);
+        dep ^= __float_as_uint(as.x) ^ __float_as_uint(as.y);
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           acc[4 * j + e] = fmaf(static_cast<float>(d0[4 * j + e]), ((e & 1) ? as.y : as.x) * sw[e >> 1], acc[4 * j + e]);
       }
+      return dep;
     };
     // A segment's groups from the block's i-th on: the 8-bit ones (all, without INTS) rescaled one
     // by one; then (INTS) each span's 4-bit ones summed in d0 with two groups in flight per
@@ -609,8 +636,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
             ++i, ++g;
           }
           wgmma_wait<0>();
-          fold(i - 1);
-          release(i - 1);
+          release_reads(i - 1, fold(i - 1));
         }
       }
       return i;
