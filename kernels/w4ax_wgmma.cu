@@ -905,8 +905,8 @@ unsigned long long next_nonce() {
 // Whether the automatic plan runs an unsplit tiled grid persistent (kWidePersistent): on at
 // most one block per SM, each walking its tiles l = block, + blocks, ..., the next tile's stages
 // filling while the consumers fold and store the last. Measured on H100 against one block per
-// tile (docs/BENCHMARKS.md, "Session 15"): integer group scales 1.02-1.08x faster on 16 of the
-// 24 LLaMA-3 shapes at M = 256 / 1024 / 4096, free scales 1.03-1.08x on 10; no worse than 2-3%
+// tile (docs/BENCHMARKS.md, "Session 15"): integer group scales 1.02-1.08x faster on 13 of the
+// 24 LLaMA-3 shapes x M = 256 / 1024 / 4096, free scales 1.02-1.08x on 11; no worse than 2-3%
 // elsewhere except the grids of under two waves of long tiles (8B down M = 1024: 256 tiles of 112
 // groups, 0.96x), where the hardware's dynamic assignment of the second wave to the SMs that
 // finish first beats the static one. -DCOMET_WIDE_PERSISTENT=0: never.

@@ -543,15 +543,16 @@ def test_gemm_wide_stage_reuse_race(kernels):
     while the consumers finish the last: a warp whose shared-memory loads of a stage's activation
     scales were still in flight when it released the stage read the next copy's scales (8 tokens x
     16 channels off by a group's share, in ~5% of persistent launches of this shape on an H100,
-    before the proxy fence in release_reads). 400 launches of each must all equal one block per
-    tile, bit for bit (the same sums in the same order; stream-K cuts no tile here)."""
+    before the proxy fence in release_reads). 400 persistent launches must all equal one block per
+    tile bit for bit (the same sums in the same order), 400 stream-K launches (which were wrong
+    ~100x less often) within float rounding of it (its cut tiles add partial sums)."""
     m, n, k = 1024, 10240, 8192  # LLaMA-3-70B qkv: 640 tiles of 64 groups
     x, perm, _, qw, ws = make_case(m, k, n, 6, seed=3, device="cuda", dtype=torch.bfloat16)
     qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, 6)
     want = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, 1, torch.float32)
     assert want.abs().max() > 1
-    for split in (-2, -1):
-        bad = sum(not torch.equal(torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, split, torch.float32), want)
+    for split, same in ((-2, torch.equal), (-1, lambda y, w: rel_err(y, w) < 1e-5)):
+        bad = sum(not same(torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, split, torch.float32), want)
                   for _ in range(400))
         assert bad == 0, (split, bad)
 
