@@ -58,8 +58,33 @@ struct alignas(1024) WideStage {
   uint8_t w[kWideN * kGroup / 2];            // [channel][64 packed bytes]
   float as[TOKENS];                          // this group's activation scales (integer group: its span's)
 };
-template <int TOKENS>
-constexpr size_t kWideSmem = kWideStages * sizeof(WideStage<TOKENS>) + 1024;  // + alignment slack
+// -DCOMET_WIDE_XFRAG (experiment switch; compiled, NOT yet run on a GPU): the tiled kernels of up
+// to 128 tokens build the consumers' weight fragments in the producer warpgroup's three idle
+// warps instead. They expand each group's packed weights (x m for integer groups, x 16 else)
+// into a ring of kXStages fragment buffers in shared memory, [k32 step][consumer thread] so that
+// each consumer thread reads its 16 fragment registers with four conflict-free 16-byte loads.
+// Why: Nsight Compute on the integer kernel (docs/BENCHMARKS.md, "Session 15") has the
+// consumers latency-bound on the fragment arithmetic (~100 of the ~128 instructions per group
+// and warp) with the tensor pipe 53% busy. Barriers: xfull (the 3 transform warps arrive),
+// xempty (the 8 consumer warps); a stage's empty barrier also waits for the transform warps,
+// which read its packed weights.
+#ifdef COMET_WIDE_XFRAG
+constexpr bool kXFragBuild = true;
+#else
+constexpr bool kXFragBuild = false;
+#endif
+constexpr int kXStages = 3;
+struct alignas(1024) XFrag {
+  uint4 frag[4][256];  // [k32 step][consumer thread]: the thread's a[k][0..3]
+};
+template <int TOKENS, bool STREAMK>
+constexpr bool kUseXFrag = kXFragBuild && !STREAMK && TOKENS <= 128;
+constexpr int kXProducerRegs = 56, kXConsumerRegs = 224;  // the transform warps need registers
+static_assert(128 * kXProducerRegs + 32 * kWarps * kXConsumerRegs <= kWideThreads * (65536 / kWideThreads / 8 * 8),
+              "the registers the block holds at launch");
+template <int TOKENS, bool STREAMK = false>
+constexpr size_t kWideSmem = kWideStages * sizeof(WideStage<TOKENS>) +
+                             (kUseXFrag<TOKENS, STREAMK> ? kXStages * sizeof(XFrag) : 0) + 1024;  // + alignment slack
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
@@ -79,9 +104,11 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
 }
+#ifdef COMET_RELEASE_DEP
 __device__ __forceinline__ void mbar_arrive_u32(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
+#endif
 
 __device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
@@ -259,9 +286,12 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   constexpr int kAccRegs = kWideM / 2;     // int32 accumulators per thread per set
   constexpr int kTokenTiles = kWideM / 8;  // 8-token column groups of the accumulator
   using WideStage = comet::WideStage<TOKENS>;
+  constexpr bool kXf = kUseXFrag<TOKENS, STREAMK>;
   extern __shared__ uint8_t wide_smem[];
   __shared__ __align__(8) uint64_t full[kWideStages], empty[kWideStages];
+  [[maybe_unused]] __shared__ __align__(8) uint64_t xfull[kXStages], xempty[kXStages];
   WideStage* st = reinterpret_cast<WideStage*>((reinterpret_cast<uintptr_t>(wide_smem) + 1023) & ~uintptr_t{1023});
+  [[maybe_unused]] XFrag* xf = reinterpret_cast<XFrag*>(st + kWideStages);  // kXf only
 
   const int G = Kpad / kGroup;
   const int tiles_n = (N + kWideN - 1) / kWideN;
@@ -281,7 +311,14 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
 #pragma unroll
     for (int s = 0; s < kWideStages; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], kWarps);
+      mbar_init(&empty[s], kWarps + (kXf ? 3 : 0));
+    }
+    if constexpr (kXf) {
+#pragma unroll
+      for (int e = 0; e < kXStages; ++e) {
+        mbar_init(&xfull[e], 3);
+        mbar_init(&xempty[e], kWarps);
+      }
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -354,7 +391,69 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // The producer warpgroup: one thread keeps the ring full, as far ahead as the consumers
     // release stages (under stream-K through every segment of the block); the other threads have
     // nothing to do.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kXf ? kXProducerRegs : kProducerRegs));
+    if constexpr (kXf) {
+      if (warp >= 1) {  // the transform warps: the same (tile, group) sequence as the ring
+        const int tt = threadIdx.x - 32;  // 0 .. 95; consumer threads tt, tt + 96, tt + 192 (< 256)
+        const int units = tt < 64 ? 3 : 2;  // warp-uniform
+        for (int l = blockIdx.x, j = 0; l < tiles; l += gridDim.x) {
+          int begin, end;
+          range(l, begin, end);
+          const WideSegment sg = wide_segment<TOKENS>(begin, end, G, tiles_n);
+          const __half* wrow[3][2];
+          float inv[3][2];
+#pragma unroll
+          for (int q = 0; q < 3; ++q) {
+            const int u = tt + 96 * q, rr = (u >> 7) * 64 + ((u >> 5) & 3) * 16 + ((u & 31) >> 2);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int n = min(sg.n0 + rr + 8 * h, N - 1);
+              wrow[q][h] = wscale + static_cast<size_t>(n) * G;
+              inv[q][h] = INTS ? __fdiv_rn(1.f, __half2float(wscale_row[n])) : 0.f;
+            }
+          }
+          for (int g = sg.g0; g < sg.g1; ++g, ++j) {
+            const int s = j % kWideStages, e = j % kXStages;
+            const bool ints_group = INTS && g >= groups8;
+            __half wsv[3][2];  // loaded before the waits, which hide their latency
+#pragma unroll
+            for (int q = 0; q < 3; ++q)
+#pragma unroll
+              for (int h = 0; h < 2; ++h) wsv[q][h] = ints_group && q < units ? wrow[q][h][g] : __half{};
+            mbar_wait(&full[s], (j / kWideStages) & 1);
+            mbar_wait(&xempty[e], ((j / kXStages) & 1) ^ 1);
+            const uint32_t wbase = smem_u32(st[s].w);
+            const uint32_t xbase = smem_u32(&xf[e]);
+#pragma unroll
+            for (int q = 0; q < 3; ++q) {
+              if (q >= units) break;
+              const int u = tt + 96 * q, ut = u & 3, rr = (u >> 7) * 64 + ((u >> 5) & 3) * 16 + ((u & 31) >> 2);
+              const uint4 w0 = lds128(wbase + rr * (kGroup / 2) + ut * 16);
+              const uint4 w1 = lds128(wbase + (rr + 8) * (kGroup / 2) + ut * 16);
+              uint32_t m0 = 16, m1 = 16;
+              if (ints_group) {
+                m0 = __float2uint_rn(__half2float(wsv[q][0]) * inv[q][0]);
+                m1 = __float2uint_rn(__half2float(wsv[q][1]) * inv[q][1]);
+              }
+              uint32_t a[4][4];
+              weight_fragments_int(w0, w1, m0, m1, a);
+#pragma unroll
+              for (int k = 0; k < 4; ++k)
+                asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(xbase + k * 4096 + u * 16),
+                             "r"(a[k][0]), "r"(a[k][1]), "r"(a[k][2]), "r"(a[k][3])
+                             : "memory");
+            }
+            // Loads and stores performed before the arrives (see release_reads below).
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            __syncwarp();
+            if (lane == 0) {
+              mbar_arrive(&xfull[e]);
+              mbar_arrive(&empty[s]);
+            }
+          }
+        }
+      }
+    }
     if (!STREAMK && threadIdx.x == 0) {
       // The block's tiles (or splits of them): plain loops, as the consumers'. (Run through
       // stream-K's segment loops, the tiled grids were 3-8% slower at M >= 1024: H100, same run,
@@ -389,7 +488,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       }
     }
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kXf ? kXConsumerRegs : kConsumerRegs));
     // Consumer warpgroup wg, warp wq of it: accumulator rows (output channels) r and r + 8 of the
     // block, columns (tokens) 8j + 2 * tig + {0, 1}.
     const int wg = (warp >> 2) - 1, wq = warp & 3, gid = lane >> 2, tig = lane & 3;
@@ -411,6 +510,25 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       w1 = lds128(base + w_off + 8 * (kGroup / 2));
 #pragma unroll
       for (int k = 0; k < 4; ++k) desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
+    };
+    // kXf: the block's i-th group's fragments from the transform warps' buffer (into a), and
+    // the stage's token-tile descriptors; xrelease(i) hands the buffer back once the wgmma that
+    // read the fragments from registers are issued (their loads are then complete).
+    [[maybe_unused]] const uint32_t xf_off = (threadIdx.x - 128) * 16;
+    [[maybe_unused]] auto xfragments = [&](int i, uint32_t (&a)[4][4], uint64_t (&desc)[4]) {
+      const int s = i % kWideStages, e = i % kXStages;
+      mbar_wait(&xfull[e], (i / kXStages) & 1);
+      const uint32_t xbase = smem_u32(&xf[e]) + xf_off;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const uint4 v = lds128(xbase + k * 4096);
+        a[k][0] = v.x, a[k][1] = v.y, a[k][2] = v.z, a[k][3] = v.w;
+        desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
+      }
+    };
+    [[maybe_unused]] auto xrelease = [&](int i) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&xempty[i % kXStages]);
     };
     // This warp is done with the stage of the block's i-th group.
     auto release = [&](int i) {
@@ -441,11 +559,15 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       const int s = i % kWideStages;
       ws = __halves2half2(ws_row[0][g], ws_row[1][g]);
       mbar_wait(&full[s], (i / kWideStages) & 1);
-      uint4 w0, w1;
       uint64_t desc[4];
-      stage_operands(s, w0, w1, desc);
       uint32_t a[4][4];
-      weight_fragments(w0, w1, a);
+      if constexpr (kXf) {
+        xfragments(i, a, desc);
+      } else {
+        uint4 w0, w1;
+        stage_operands(s, w0, w1, desc);
+        weight_fragments(w0, w1, a);
+      }
       // Tokens [0, TOKENS / 2), then the other half (TOKENS / 2 rows of 128 bytes further), one
       // commit each, so that the caller can rescale the first half while the second runs.
 #ifndef COMET_WIDE_SKIP_MMA  // experiment switch: time the pipeline without the tensor cores
@@ -470,6 +592,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       wgmma_commit();
       wgmma_commit();
 #endif
+      if constexpr (kXf) xrelease(i);
     };
 
     // Folds group i's int32 result d into the float accumulators, then hands its stage back.
@@ -547,12 +670,17 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // their A fragments built in `a`, which must stay untouched until these wgmma completed.
     auto issue_int = [&](auto first, int i, int g, uint32_t (&a)[4][4]) {
       const int s = i % kWideStages;
-      const float m0 = __half2float(ws_row[0][g]) * inv_sw[0], m1 = __half2float(ws_row[1][g]) * inv_sw[1];
-      mbar_wait(&full[s], (i / kWideStages) & 1);
-      uint4 w0, w1;
       uint64_t desc[4];
-      stage_operands(s, w0, w1, desc);
-      weight_fragments_int(w0, w1, __float2uint_rn(m0), __float2uint_rn(m1), a);
+      if constexpr (kXf) {
+        mbar_wait(&full[s], (i / kWideStages) & 1);
+        xfragments(i, a, desc);
+      } else {
+        const float m0 = __half2float(ws_row[0][g]) * inv_sw[0], m1 = __half2float(ws_row[1][g]) * inv_sw[1];
+        mbar_wait(&full[s], (i / kWideStages) & 1);
+        uint4 w0, w1;
+        stage_operands(s, w0, w1, desc);
+        weight_fragments_int(w0, w1, __float2uint_rn(m0), __float2uint_rn(m1), a);
+      }
       constexpr int kHalf = kAccRegs / 2;
       int(&lo)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d0);
       int(&hi)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d0 + kHalf);
@@ -572,6 +700,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       for (int e = 0; e < kAccRegs; ++e) d0[e] ^= static_cast<int>(a[e & 3][(e >> 2) & 3] ^ desc[e & 3]);
 #endif
       wgmma_commit();
+      if constexpr (kXf) xrelease(i);
     };
     // INTS: a span's int32 sum d0 (its wgmma all waited for) into acc, with the span's activation
     // scales from the stage of its last group, the block's i-th (not yet released). (Loaded from
@@ -965,12 +1094,12 @@ cudaError_t launch_wide_as(const int8_t* qa, const float* scales_t, int Mpad, co
       !make_map(&w_map, qweight, N, Kpad / 2, kWideN, kGroup / 2, CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorInvalidValue;
   const auto kernel = w4ax_gemm_wide_kernel<TOKENS, STREAMK, INTS>;
-  cudaError_t e = allow_dynamic_smem(kernel, kWideSmem<TOKENS>);
+  cudaError_t e = allow_dynamic_smem(kernel, kWideSmem<TOKENS, STREAMK>);
   if (e != cudaSuccess) return e;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = STREAMK ? dim3(plan.blocks) : dim3(plan.blocks / plan.split_k, 1, plan.split_k);
   cfg.blockDim = dim3(kWideThreads);
-  cfg.dynamicSmemBytes = kWideSmem<TOKENS>;
+  cfg.dynamicSmemBytes = kWideSmem<TOKENS, STREAMK>;
   cfg.stream = stream;
   // Programmatic dependent launch: the blocks may start while the previous kernel in the stream
   // finishes (the kernel waits for it before it reads activations; -DCOMET_NO_PDL: plain launch).

@@ -22,4 +22,10 @@ for src in kernels/*.cu scripts/read_pattern_bench.cu; do
       -Xptxas -warn-spills -c "$src" -o "$out/$(basename "$src").sm${arch}.o"
   done
 done
+# Experiment switches whose code is otherwise never compiled (docs/BENCHMARKS.md): sm_90a only.
+for flag in -DCOMET_WIDE_XFRAG; do
+  echo "nvcc sm_90a ${flag}: kernels/w4ax_wgmma.cu"
+  "$NVCC" -std=c++17 -O3 -Ikernels "-gencode=arch=compute_90a,code=sm_90a" "${TORCH_FLAGS[@]}" "$flag" \
+    -Xptxas -warn-spills -c kernels/w4ax_wgmma.cu -o "$out/w4ax_wgmma.xfrag.o"
+done
 echo "kernel sources compile"
