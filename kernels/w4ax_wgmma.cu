@@ -50,6 +50,10 @@ constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 static_assert(128 * kProducerRegs + 32 * kWarps * kConsumerRegs <= kWideThreads * (65536 / kWideThreads / 8 * 8),
               "the registers the block holds at launch");
 
+// The first of the two output channels (accumulator rows r, r + 8) of consumer thread ct (0 .. 255:
+// warpgroup ct / 128, warp (ct / 32) % 4 of it, lane ct % 32) in the block's 128-channel tile.
+__host__ __device__ constexpr int consumer_row(int ct) { return (ct >> 7) * 64 + ((ct >> 5) & 3) * 16 + ((ct & 31) >> 2); }
+
 // Tokens per block is a template parameter (64, 96, 128 or 192: wide_tokens below picks one per
 // shape).
 template <int TOKENS>
@@ -104,11 +108,7 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
 }
-#ifdef COMET_RELEASE_DEP
-__device__ __forceinline__ void mbar_arrive_u32(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-#endif
+
 
 __device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
@@ -404,7 +404,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
           float inv[3][2];
 #pragma unroll
           for (int q = 0; q < 3; ++q) {
-            const int u = tt + 96 * q, rr = (u >> 7) * 64 + ((u >> 5) & 3) * 16 + ((u & 31) >> 2);
+            const int rr = consumer_row(tt + 96 * q);
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               const int n = min(sg.n0 + rr + 8 * h, N - 1);
@@ -427,9 +427,9 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
 #pragma unroll
             for (int q = 0; q < 3; ++q) {
               if (q >= units) break;
-              const int u = tt + 96 * q, ut = u & 3, rr = (u >> 7) * 64 + ((u >> 5) & 3) * 16 + ((u & 31) >> 2);
-              const uint4 w0 = lds128(wbase + rr * (kGroup / 2) + ut * 16);
-              const uint4 w1 = lds128(wbase + (rr + 8) * (kGroup / 2) + ut * 16);
+              const int u = tt + 96 * q, rr = consumer_row(u);  // u's tig: u & 3
+              const uint4 w0 = lds128(wbase + rr * (kGroup / 2) + (u & 3) * 16);
+              const uint4 w1 = lds128(wbase + (rr + 8) * (kGroup / 2) + (u & 3) * 16);
               uint32_t m0 = 16, m1 = 16;
               if (ints_group) {
                 m0 = __float2uint_rn(__half2float(wsv[q][0]) * inv[q][0]);
@@ -492,7 +492,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // Consumer warpgroup wg, warp wq of it: accumulator rows (output channels) r and r + 8 of the
     // block, columns (tokens) 8j + 2 * tig + {0, 1}.
     const int wg = (warp >> 2) - 1, wq = warp & 3, gid = lane >> 2, tig = lane & 3;
-    const int r = wg * 64 + wq * 16 + gid;
+    const int r = wg * 64 + wq * 16 + gid;  // consumer_row, through the warp-uniform warp index
     const __half* ws_row[2] = {wscale, wscale};  // this thread's weight-scale rows in the segment's tile
     const uint32_t stage0 = smem_u32(st);
     const uint32_t w_off = offsetof(WideStage, w) + r * (kGroup / 2) + tig * 16;
@@ -541,18 +541,12 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // late load read it: one warp's 8 tokens x 16 channels then took another group's scales
     // (H100: 3,298 of 72,186 persistent launches of 70B qkv M = 1024 wrong, 26 stream-K, 0 with
     // one tile per block). The proxy fence orders the loads before the copies that follow the
-    // release. (-DCOMET_RELEASE_DEP instead makes the arrive wait for every lane's loaded values.)
-    [[maybe_unused]] const uint32_t runtime_zero = M < 0 ? 1u : 0u;  // 0, not known to the compiler
-    auto release_reads = [&](int i, [[maybe_unused]] uint32_t dep) {
-#ifdef COMET_RELEASE_DEP
-      const uint32_t z = __ballot_sync(0xffffffffu, dep == 0x7FC00001u) & runtime_zero;
-      if (lane == 0) mbar_arrive_u32(smem_u32(&empty[i % kWideStages]) + z);
-#elif defined(COMET_RELEASE_PLAIN)  // experiment switch: the unfenced release (wrong results, rarely)
-      release(i);
-#else
+    // release (ptxas makes it MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S, which waits for them).
+    auto release_reads = [&](int i) {
+#ifndef COMET_RELEASE_PLAIN  // experiment switch: the unfenced release (wrong results, rarely)
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      release(i);
 #endif
+      release(i);
     };
 
     auto issue = [&](int i, int g, int (&d)[kAccRegs], __half2& ws) {
@@ -609,11 +603,9 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       const float ws[2] = {wsf.x * kUnscale, wsf.y * kUnscale};
       [[maybe_unused]] const float off[2] = {-12582912.f * ws[0], -12582912.f * ws[1]};
       const uint32_t base = stage0 + (i % kWideStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
-      uint32_t dep = 0;
 #pragma unroll
       for (int j = j0; j < j1; ++j) {
         const float2 as = lds64f(base + 32 * j);
-        dep ^= __float_as_uint(as.x) ^ __float_as_uint(as.y);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
 #ifndef COMET_WIDE_SKIP_RESCALE
@@ -624,7 +616,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
 #endif
         }
       }
-      if (release_stage) release_reads(i, dep);
+      if (release_stage) release_reads(i);
     };
 
     // One accumulator set: the two warpgroups overlap each other's rescale, and each its own in
@@ -711,16 +703,13 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
 #pragma unroll
       for (int e = 0; e < kAccRegs; ++e) fence_operand(d0[e]);
       const uint32_t base = stage0 + (i % kWideStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
-      uint32_t dep = 0;
 #pragma unroll
       for (int j = 0; j < kTokenTiles; ++j) {
         const float2 as = lds64f(base + 32 * j);
-        dep ^= __float_as_uint(as.x) ^ __float_as_uint(as.y);
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           acc[4 * j + e] = fmaf(static_cast<float>(d0[4 * j + e]), ((e & 1) ? as.y : as.x) * sw[e >> 1], acc[4 * j + e]);
       }
-      return dep;
     };
     // A segment's groups from the block's i-th on: the 8-bit ones (all, without INTS) rescaled one
     // by one; then (INTS) each span's 4-bit ones summed in d0 with two groups in flight per
@@ -765,7 +754,8 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
             ++i, ++g;
           }
           wgmma_wait<0>();
-          release_reads(i - 1, fold(i - 1));
+          fold(i - 1);
+          release_reads(i - 1);
         }
       }
       return i;
@@ -1056,9 +1046,9 @@ WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms, bool ints) 
   };
   if (split_k == kWideStreamK) return stream_k();
   const int tokens = wide_tokens(M, N, Kpad, num_sms, ints);
+  const int tiles = ((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN);
   const auto tiled = [&](int split, bool persistent = false) {
     split = std::max(1, std::min(split, G));
-    const int tiles = ((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN);
     return WidePlan{tokens, split, (persistent ? std::min(tiles, num_sms) : tiles) * split, 0};
   };
   if (split_k == kWidePersistent) return tiled(1, true);
@@ -1073,7 +1063,6 @@ WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms, bool ints) 
   if (split > 1 || stream_k_cost(sk_tokens, M, N, Kpad, num_sms) < 0.95 * wide_cost(tokens, M, N, Kpad, num_sms))
     return stream_k();
 #endif
-  const long long tiles = static_cast<long long>((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN);
   return tiled(split, split == 1 && wide_persistent(tiles, G, num_sms));
 }
 

@@ -14,9 +14,10 @@ quantization (M = 4096, both layouts), or
 1, 2, 3, 4, 6), microseconds, to compare token tiles forced by -DCOMET_WIDE_TOKENS=128 / 96; or
 "sizes": the wgmma GEMM on all LLaMA-3 shapes at M = 256 ... 4096 with the automatic split, to
 fit the token-tile rule to builds forced to each tile size (ints and sizes time each split_k of
---splits: e.g. 0,-1,-2 for the automatic plan, stream-K and persistent tiles, same build); or "streamk": the wgmma GEMM on all
-LLaMA-3 shapes at M = 64 ... 4096 under the automatic plan, one block per tile and stream-K
-(split_k 0, 1, -1; the plan each took in brackets); or "crossover": quantization + GEMM on
+--splits: e.g. 0,-1,-2 for the automatic plan, stream-K and persistent tiles, same build); or
+"streamk": the wgmma GEMM on all LLaMA-3 shapes at M = 64 ... 4096 under the automatic plan,
+one block per tile and stream-K (split_k 0, 1, -1; the plan each took in brackets); or
+"crossover": quantization + GEMM on
 the packed (decode / tiled) and the wide (wgmma) path at M = 17 ... 80, where ops.WIDE_MIN_M
 chooses between them.
 
