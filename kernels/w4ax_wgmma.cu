@@ -594,8 +594,9 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // FMA (0x4B400000 + d is the float 1.5 * 2^23 + d, exact for |d| < 2^22, and 1.5 * 2^23 * ws
     // is exact: ws has 11 significant bits), then acc += t * as. Three instructions.
     float acc[kAccRegs];
+    // pre: the scales of columns j0 .. j1 - 1, loaded earlier (or nullptr: loaded here).
     auto rescale = [&](int i, int (&d)[kAccRegs], __half2 ws_h, int j0 = 0, int j1 = TOKENS / 8,
-                       bool release_stage = true) {
+                       bool release_stage = true, const float2* pre = nullptr) {
 #pragma unroll
       for (int e = 4 * j0; e < 4 * j1; ++e) fence_operand(d[e]);
       constexpr float kUnscale = 1.f / 16.f;  // the weights enter as code * 16
@@ -605,7 +606,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       const uint32_t base = stage0 + (i % kWideStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
 #pragma unroll
       for (int j = j0; j < j1; ++j) {
-        const float2 as = lds64f(base + 32 * j);
+        const float2 as = pre ? pre[j - j0] : lds64f(base + 32 * j);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
 #ifndef COMET_WIDE_SKIP_RESCALE
@@ -651,6 +652,24 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     };
     auto group = [&](int i, int g) {
       issue(i, g, d0, ws0);
+#ifdef COMET_WIDE_EARLY_SCALES  // experiment switch (compiled, not yet run on a GPU)
+      // The second half's activation scales loaded while the wgmma run, so that their loads are
+      // long complete when the release's proxy fence waits for them (it costs the free-scale
+      // kernel 1-6%: docs/BENCHMARKS.md, "Session 15"). 16 registers more at 128 tokens; the
+      // 192-token kernel, 11 registers short of its limit, keeps loading them late.
+      if constexpr (TOKENS <= 128) {
+        constexpr int kHalfTiles = kTokenTiles / 2;
+        float2 hi_as[kHalfTiles];
+        const uint32_t base = stage0 + (i % kWideStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
+#pragma unroll
+        for (int j = 0; j < kHalfTiles; ++j) hi_as[j] = lds64f(base + 32 * (kHalfTiles + j));
+        wgmma_wait<1>();
+        rescale(i, d0, ws0, 0, kHalfTiles, false);
+        wgmma_wait<0>();
+        rescale(i, d0, ws0, kHalfTiles, kTokenTiles, true, hi_as);
+        return;
+      }
+#endif
       wgmma_wait<1>();
       rescale(i, d0, ws0, 0, kTokenTiles / 2, false);
       wgmma_wait<0>();
