@@ -188,10 +188,9 @@ at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, cons
 }
 
 // The wgmma GEMM's plan for a shape on the current GPU: (tokens per tile, split_k, blocks, tiles
-// that stream-K runs one per block before sharing the rest), as
-// w4ax_gemm_wide with this split_k (0: automatic) would take them; split_k -1 is stream-K, -2
-// persistent tiles. For
-// tests and benchmarks. int_scales: the plan of integer group scales (wscale_row given).
+// that stream-K runs one per block before sharing the rest), as w4ax_gemm_wide with this split_k
+// (0: automatic) would take them; split_k -1 is stream-K, -2 persistent tiles. For tests and
+// benchmarks. int_scales: the plan of integer group scales (wscale_row given).
 std::vector<int64_t> wide_tile(int64_t M, int64_t N, int64_t K, int64_t split_k, bool int_scales) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t Kpad = (K + comet::kGroup - 1) / comet::kGroup * comet::kGroup;

@@ -96,8 +96,8 @@ int choose_split_k(int M, int N, int Kpad, int num_sms);
 // 1 one block per tile; > 1 splits the K groups over blocks and reduces through `workspace`
 // (float32 [M, N]); kWideStreamK runs stream-K: one block per SM, each an equal share of the
 // tiles x K groups, tiles cut between blocks finished through `workspace`; kWidePersistent
-// runs whole tiles on at most one block per SM. The workspace holds
-// wide_workspace_floats(plan) floats (none needs clearing). Returns cudaErrorNotSupported off sm_90.
+// runs whole tiles on at most one block per SM. The workspace holds wide_workspace_floats(plan)
+// floats (none needs clearing). Returns cudaErrorNotSupported off sm_90.
 // Integer group scales (wscale_row non-null: fp16 [N], every wscale[n, g] = wscale_row[n] * an
 // integer in [1, 16]; activations from quantize_act_wide with int_scales): the 4-bit groups (from
 // groups8 on) of each span are summed in int32 and scaled once per span.
@@ -113,8 +113,9 @@ constexpr int kWideStreamK = -1;
 constexpr int kWidePersistent = -2;
 // What the wide GEMM runs for a shape on `num_sms` multiprocessors: tokens per tile (64, 96, 128 or
 // 192), split_k (1, > 1, or kWideStreamK), the number of blocks (a persistent grid: fewer than
-// the tiles) and, for stream-K, the tiles that go one per block before the rest is shared. split_k as requested (0: the cheapest by the
-// cost model: stream-K where the tiles leave much of the last wave idle). Integer group scales
+// the tiles) and, for stream-K, the tiles that go one per block before the rest is shared.
+// split_k as requested (0: the cheapest by the cost model: stream-K where the tiles leave much
+// of the last wave idle). Integer group scales
 // (`ints`) never take 192-token tiles: two groups in flight need 32 fragment registers more, and
 // the 192-token kernel then spills.
 struct WidePlan {
