@@ -239,7 +239,7 @@ def _register_fakes() -> None:
                 x.new_empty(g + (spans(g) if int_scales else 0), -(-m // 4) * 4, dtype=torch.float32))
 
     @torch.library.register_fake("comet::w4ax_gemm_wide")
-    def _(qa, scales_t, qweight, wscale, split_k, out_dtype, wscale_row=None, groups8=0):
+    def _(qa, scales_t, qweight, wscale, split_k, out_dtype, wscale_row=None, groups8=0, expand=0):
         return qweight.new_empty(qa.shape[0], qweight.shape[0], dtype=out_dtype)
 
     @torch.library.register_fake("comet::kv4_append")

@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_act_wide(const at::Tensor& x, const 
 
 at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, const at::Tensor& qweight,
                           const at::Tensor& wscale, int64_t split_k, at::ScalarType out_dtype,
-                          const c10::optional<at::Tensor>& wscale_row, int64_t groups8) {
+                          const c10::optional<at::Tensor>& wscale_row, int64_t groups8, int64_t expand) {
   check(qa, "qa", at::kChar, 2);
   check(scales_t, "scales_t", at::kFloat, 2);
   check(qweight, "qweight", at::kByte, 2);
@@ -173,29 +173,34 @@ at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, cons
   static_assert(comet::kWideStreamK == -1 && comet::kWidePersistent == -2, "update the message below");
   TORCH_CHECK(split_k >= -2, "comet: split_k must be >= 0 (0: automatic), -1 (stream-K) or -2 (persistent tiles)");
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const comet::WidePlan plan = comet::wide_plan(M, N, Kpad, split_k, sms, ints);
+  TORCH_CHECK(expand >= -1 && expand <= 1, "comet: expand must be 0 (automatic), 1 (always) or -1 (never)");
+  const comet::WidePlan plan = comet::wide_plan(M, N, Kpad, split_k, sms, ints, static_cast<int>(expand));
   const size_t work_floats = comet::wide_workspace_floats(plan, M, N);
   at::Tensor work = work_floats ? at::empty({static_cast<int64_t>(work_floats)}, qweight.options().dtype(at::kFloat))
                                 : at::Tensor();
+  // The expanded weights (plan.expand): int8 [N, Kpad], as large as an int8 copy of the matrix.
+  at::Tensor w8 = plan.expand ? at::empty({N, Kpad}, qweight.options().dtype(at::kChar)) : at::Tensor();
   check_cuda(comet::w4ax_gemm_wide_host(qa.data_ptr<int8_t>(), scales_t.data_ptr<float>(), Mpad,
                                         qweight.data_ptr<uint8_t>(), wscale.data_ptr(),
                                         ints ? wscale_row->data_ptr() : nullptr, static_cast<int>(groups8),
                                         out.data_ptr(), to_dtype(out_dtype), M, N, Kpad, split_k,
-                                        work_floats ? work.data_ptr<float>() : nullptr,
+                                        static_cast<int>(expand), work_floats ? work.data_ptr<float>() : nullptr,
+                                        plan.expand ? w8.data_ptr<int8_t>() : nullptr,
                                         at::cuda::getCurrentCUDAStream()),
              "w4ax_gemm_wide");
   return out;
 }
 
 // The wgmma GEMM's plan for a shape on the current GPU: (tokens per tile, split_k, blocks, tiles
-// that stream-K runs one per block before sharing the rest), as w4ax_gemm_wide with this split_k
-// (0: automatic) would take them; split_k -1 is stream-K, -2 persistent tiles. For tests and
-// benchmarks. int_scales: the plan of integer group scales (wscale_row given).
-std::vector<int64_t> wide_tile(int64_t M, int64_t N, int64_t K, int64_t split_k, bool int_scales) {
+// that stream-K runs one per block before sharing the rest, whether the weights are expanded to
+// int8 first: 0 / 1), as w4ax_gemm_wide with this split_k (0: automatic) and expand would take
+// them; split_k -1 is stream-K, -2 persistent tiles. For tests and benchmarks. int_scales: the
+// plan of integer group scales (wscale_row given).
+std::vector<int64_t> wide_tile(int64_t M, int64_t N, int64_t K, int64_t split_k, bool int_scales, int64_t expand) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t Kpad = (K + comet::kGroup - 1) / comet::kGroup * comet::kGroup;
-  const comet::WidePlan p = comet::wide_plan(M, N, Kpad, split_k, sms, int_scales);
-  return {p.tokens, p.split_k, p.blocks, p.dp_tiles};
+  const comet::WidePlan p = comet::wide_plan(M, N, Kpad, split_k, sms, int_scales, static_cast<int>(expand));
+  return {p.tokens, p.split_k, p.blocks, p.dp_tiles, p.expand ? 1 : 0};
 }
 
 void check_cache(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, const char* what) {
@@ -272,8 +277,8 @@ TORCH_LIBRARY(comet, m) {
   m.def("quantize_act_wide(Tensor x, Tensor perm, int groups8, bool rotate=False, bool int_scales=False) -> "
         "(Tensor, Tensor)");
   m.def("w4ax_gemm_wide(Tensor qa, Tensor scales_t, Tensor qweight, Tensor wscale, int split_k, "
-        "ScalarType out_dtype, Tensor? wscale_row=None, int groups8=0) -> Tensor");
-  m.def("wide_tile(int M, int N, int K, int split_k=0, bool int_scales=False) -> int[]", &wide_tile);
+        "ScalarType out_dtype, Tensor? wscale_row=None, int groups8=0, int expand=0) -> Tensor");
+  m.def("wide_tile(int M, int N, int K, int split_k=0, bool int_scales=False, int expand=0) -> int[]", &wide_tile);
   m.def("kv4_append(Tensor x, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!) zero, int start, "
         "Tensor? start_tensor=None) -> ()");
   m.def("kv4_decode_attention(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, "

@@ -101,10 +101,13 @@ int choose_split_k(int M, int N, int Kpad, int num_sms);
 // Integer group scales (wscale_row non-null: fp16 [N], every wscale[n, g] = wscale_row[n] * an
 // integer in [1, 16]; activations from quantize_act_wide with int_scales): the 4-bit groups (from
 // groups8 on) of each span are summed in int32 and scaled once per span.
+// expand: 0 automatic (wide_plan), 1 always, -1 never: the weights are first expanded to int8
+// into w8 (int8 [N, Kpad], needed where wide_plan(...).expand), and wgmma reads them from
+// shared memory instead of every token tile building them in registers.
 cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
                                 const void* wscale, const void* wscale_row, int groups8, void* out,
-                                DType out_dtype, int M, int N, int Kpad, int split_k, float* workspace,
-                                cudaStream_t stream);
+                                DType out_dtype, int M, int N, int Kpad, int split_k, int expand,
+                                float* workspace, int8_t* w8, cudaStream_t stream);
 
 constexpr int kWideStreamK = -1;
 // split_k value selecting the tiled grid without split, persistent: min(tiles, num_sms) blocks,
@@ -116,12 +119,14 @@ constexpr int kWidePersistent = -2;
 // the tiles) and, for stream-K, the tiles that go one per block before the rest is shared.
 // split_k as requested (0: the cheapest by the cost model: stream-K where the tiles leave much
 // of the last wave idle). Integer group scales
-// (`ints`) never take 192-token tiles: two groups in flight need 32 fragment registers more, and
-// the 192-token kernel then spills.
+// (`ints`) take 192-token tiles only on expanded weights: two groups in flight need 32 fragment
+// registers more, and the 192-token kernel then spills. expand: whether the weights are expanded
+// to int8 first (the request as w4ax_gemm_wide_host's `expand`).
 struct WidePlan {
   int tokens, split_k, blocks, dp_tiles;
+  bool expand;
 };
-WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms, bool ints = false);
+WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms, bool ints = false, int expand = 0);
 // float32 elements of workspace that plan needs (0 for none).
 size_t wide_workspace_floats(const WidePlan& plan, int M, int N);
 

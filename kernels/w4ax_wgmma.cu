@@ -55,40 +55,20 @@ static_assert(128 * kProducerRegs + 32 * kWarps * kConsumerRegs <= kWideThreads 
 __host__ __device__ constexpr int consumer_row(int ct) { return (ct >> 7) * 64 + ((ct >> 5) & 3) * 16 + ((ct & 31) >> 2); }
 
 // Tokens per block is a template parameter (64, 96, 128 or 192: wide_tokens below picks one per
-// shape).
-template <int TOKENS>
+// shape). W8: the weights arrive expanded (expand_weights_kernel below), int8 [channel][128],
+// 128-byte swizzled by the TMA like the tokens, and wgmma reads them from shared memory.
+template <int TOKENS, bool W8 = false>
 struct alignas(1024) WideStage {
   int8_t act[TOKENS * kGroup];               // [token][128], 128-byte swizzled by the TMA
-  uint8_t w[kWideN * kGroup / 2];            // [channel][64 packed bytes]
+  uint8_t w[kWideN * kGroup / (W8 ? 1 : 2)];  // [channel][64 packed bytes], W8: [channel][128 int8]
   float as[TOKENS];                          // this group's activation scales (integer group: its span's)
 };
-// -DCOMET_WIDE_XFRAG (experiment switch; compiled, NOT yet run on a GPU): the tiled kernels of up
-// to 128 tokens build the consumers' weight fragments in the producer warpgroup's three idle
-// warps instead. They expand each group's packed weights (x m for integer groups, x 16 else)
-// into a ring of kXStages fragment buffers in shared memory, [k32 step][consumer thread] so that
-// each consumer thread reads its 16 fragment registers with four conflict-free 16-byte loads.
-// Why: Nsight Compute on the integer kernel (docs/BENCHMARKS.md, "Session 15") has the
-// consumers latency-bound on the fragment arithmetic (~100 of the ~128 instructions per group
-// and warp) with the tensor pipe 53% busy. Barriers: xfull (the 3 transform warps arrive),
-// xempty (the 8 consumer warps); a stage's empty barrier also waits for the transform warps,
-// which read its packed weights.
-#ifdef COMET_WIDE_XFRAG
-constexpr bool kXFragBuild = true;
-#else
-constexpr bool kXFragBuild = false;
-#endif
-constexpr int kXStages = 3;
-struct alignas(1024) XFrag {
-  uint4 frag[4][256];  // [k32 step][consumer thread]: the thread's a[k][0..3]
-};
-template <int TOKENS, bool STREAMK>
-constexpr bool kUseXFrag = kXFragBuild && !STREAMK && TOKENS <= 128;
-constexpr int kXProducerRegs = 56, kXConsumerRegs = 224;  // the transform warps need registers
-static_assert(128 * kXProducerRegs + 32 * kWarps * kXConsumerRegs <= kWideThreads * (65536 / kWideThreads / 8 * 8),
-              "the registers the block holds at launch");
-template <int TOKENS, bool STREAMK = false>
-constexpr size_t kWideSmem = kWideStages * sizeof(WideStage<TOKENS>) +
-                             (kUseXFrag<TOKENS, STREAMK> ? kXStages * sizeof(XFrag) : 0) + 1024;  // + alignment slack
+// Stages of the ring: six, or as many as fit in the 227 KB a block may have (W8 at 192 tokens: 5).
+template <int TOKENS, bool W8>
+constexpr int kStagesOf = static_cast<int>(
+    std::min<size_t>(kWideStages, (227 * 1024 - 1024 - 256) / sizeof(WideStage<TOKENS, W8>)));
+template <int TOKENS, bool W8>
+constexpr size_t kWideSmem = kStagesOf<TOKENS, W8> * sizeof(WideStage<TOKENS, W8>) + 1024;  // + alignment slack
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
@@ -203,6 +183,75 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[48], const uint32_t (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
 }
 
+// The same with A (the expanded weights, W8) in shared memory too, described by `adesc` (64 rows
+// x 32 k, K-major, 128-byte swizzled).
+template <bool ACCUMULATE>
+__device__ __forceinline__ void wgmma_s8(int (&d)[16], uint64_t adesc, uint64_t desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "%16, %17, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15])
+      : "l"(adesc), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
+}
+
+template <bool ACCUMULATE>
+__device__ __forceinline__ void wgmma_s8(int (&d)[24], uint64_t adesc, uint64_t desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %26, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n48k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23}, "
+      "%24, %25, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23])
+      : "l"(adesc), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
+}
+
+template <bool ACCUMULATE>
+__device__ __forceinline__ void wgmma_s8(int (&d)[32], uint64_t adesc, uint64_t desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+      : "l"(adesc), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
+}
+
+template <bool ACCUMULATE>
+__device__ __forceinline__ void wgmma_s8(int (&d)[48], uint64_t adesc, uint64_t desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %50, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n96k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, "
+      "%48, %49, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47])
+      : "l"(adesc), "l"(desc), "n"(ACCUMULATE ? 1 : 0));
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 // Stream-K (split_k == kWideStreamK): the grid is P blocks, one per SM. The tiles of the full
@@ -274,7 +323,10 @@ __device__ __forceinline__ unsigned long long load_acquire(const unsigned long l
 // integer), activations arriving as code * m; the sum is folded into the float accumulators
 // once per span with the span's activation scale (row G + span of scales_t) and the row's
 // weight scale. The 8-bit groups keep the per-group rescale.
-template <int TOKENS, bool STREAMK, bool INTS>
+//
+// W8: the weights come expanded to int8 (code * 16, integer groups code * m: expand_weights_kernel)
+// and wgmma reads them from shared memory, so that the consumers build no fragments.
+template <int TOKENS, bool STREAMK, bool INTS, bool W8>
 __global__ void __launch_bounds__(kWideThreads, 1)
 w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_constant__ CUtensorMap w_map,
                       const float* __restrict__ scales_t, int Mpad, const __half* __restrict__ wscale,
@@ -285,13 +337,12 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   constexpr int kWideM = TOKENS;
   constexpr int kAccRegs = kWideM / 2;     // int32 accumulators per thread per set
   constexpr int kTokenTiles = kWideM / 8;  // 8-token column groups of the accumulator
-  using WideStage = comet::WideStage<TOKENS>;
-  constexpr bool kXf = kUseXFrag<TOKENS, STREAMK>;
+  using WideStage = comet::WideStage<TOKENS, W8>;
+  constexpr int kStages = kStagesOf<TOKENS, W8>;
+  constexpr int kWCols = W8 ? kGroup : kGroup / 2;  // weight bytes per channel and group
   extern __shared__ uint8_t wide_smem[];
   __shared__ __align__(8) uint64_t full[kWideStages], empty[kWideStages];
-  [[maybe_unused]] __shared__ __align__(8) uint64_t xfull[kXStages], xempty[kXStages];
   WideStage* st = reinterpret_cast<WideStage*>((reinterpret_cast<uintptr_t>(wide_smem) + 1023) & ~uintptr_t{1023});
-  [[maybe_unused]] XFrag* xf = reinterpret_cast<XFrag*>(st + kWideStages);  // kXf only
 
   const int G = Kpad / kGroup;
   const int tiles_n = (N + kWideN - 1) / kWideN;
@@ -309,16 +360,9 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
   const int warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0), lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
 #pragma unroll
-    for (int s = 0; s < kWideStages; ++s) {
+    for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], kWarps + (kXf ? 3 : 0));
-    }
-    if constexpr (kXf) {
-#pragma unroll
-      for (int e = 0; e < kXStages; ++e) {
-        mbar_init(&xfull[e], 3);
-        mbar_init(&xempty[e], kWarps);
-      }
+      mbar_init(&empty[s], kWarps);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -341,7 +385,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       end = tile * G + min(G, static_cast<int>(blockIdx.z + 1) * per);
     }
   };
-  // produce: group g of the segment sg into stage j % kWideStages (the j-th this block fills),
+  // produce: group g of the segment sg into stage j % kStages (the j-th this block fills),
   // once every warp released it. Scales of the tokens the tile holds; past M the stage keeps
   // stale values, which only reach accumulator columns that are never stored. Stream-K fetches
   // the weights, which no kernel writes, of its first stages before the wait for the previous
@@ -358,28 +402,28 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     return static_cast<uint32_t>(sizeof(st->act) + sizeof(st->w)) + scale_bytes(sg);
   };
   auto produce_weights = [&](int j, int g, const WideSegment& sg) {
-    const int s = j % kWideStages;
-    mbar_wait(&empty[s], ((j / kWideStages) & 1) ^ 1);
+    const int s = j % kStages;
+    mbar_wait(&empty[s], ((j / kStages) & 1) ^ 1);
     mbar_expect_tx(&full[s], stage_bytes(sg));
-    tma_load_2d(st[s].w, &w_map, g * (kGroup / 2), sg.n0, &full[s]);
+    tma_load_2d(st[s].w, &w_map, g * kWCols, sg.n0, &full[s]);
   };
   auto produce_act = [&](int j, int g, const WideSegment& sg) {
-    const int s = j % kWideStages;
+    const int s = j % kStages;
     tma_load_2d(st[s].act, &act_map, g * kGroup, sg.m0, &full[s]);
     bulk_load(st[s].as, scale_src(g, sg), scale_bytes(sg), &full[s]);
   };
   auto produce = [&](int j, int g, const WideSegment& sg) {
-    const int s = j % kWideStages;
-    mbar_wait(&empty[s], ((j / kWideStages) & 1) ^ 1);
+    const int s = j % kStages;
+    mbar_wait(&empty[s], ((j / kStages) & 1) ^ 1);
 #ifdef COMET_WIDE_SKIP_LOAD  // experiment switch: after the first ring, compute on stale stages
-    if (j >= kWideStages) {
+    if (j >= kStages) {
       mbar_arrive(&full[s]);
       return;
     }
 #endif
     mbar_expect_tx(&full[s], stage_bytes(sg));
     tma_load_2d(st[s].act, &act_map, g * kGroup, sg.m0, &full[s]);
-    tma_load_2d(st[s].w, &w_map, g * (kGroup / 2), sg.n0, &full[s]);
+    tma_load_2d(st[s].w, &w_map, g * kWCols, sg.n0, &full[s]);
     bulk_load(st[s].as, scale_src(g, sg), scale_bytes(sg), &full[s]);
   };
   if (!STREAMK) {  // a split past the last group has nothing to do
@@ -391,69 +435,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // The producer warpgroup: one thread keeps the ring full, as far ahead as the consumers
     // release stages (under stream-K through every segment of the block); the other threads have
     // nothing to do.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kXf ? kXProducerRegs : kProducerRegs));
-    if constexpr (kXf) {
-      if (warp >= 1) {  // the transform warps: the same (tile, group) sequence as the ring
-        const int tt = threadIdx.x - 32;  // 0 .. 95; consumer threads tt, tt + 96, tt + 192 (< 256)
-        const int units = tt < 64 ? 3 : 2;  // warp-uniform
-        for (int l = blockIdx.x, j = 0; l < tiles; l += gridDim.x) {
-          int begin, end;
-          range(l, begin, end);
-          const WideSegment sg = wide_segment<TOKENS>(begin, end, G, tiles_n);
-          const __half* wrow[3][2];
-          float inv[3][2];
-#pragma unroll
-          for (int q = 0; q < 3; ++q) {
-            const int rr = consumer_row(tt + 96 * q);
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int n = min(sg.n0 + rr + 8 * h, N - 1);
-              wrow[q][h] = wscale + static_cast<size_t>(n) * G;
-              inv[q][h] = INTS ? __fdiv_rn(1.f, __half2float(wscale_row[n])) : 0.f;
-            }
-          }
-          for (int g = sg.g0; g < sg.g1; ++g, ++j) {
-            const int s = j % kWideStages, e = j % kXStages;
-            const bool ints_group = INTS && g >= groups8;
-            __half wsv[3][2];  // loaded before the waits, which hide their latency
-#pragma unroll
-            for (int q = 0; q < 3; ++q)
-#pragma unroll
-              for (int h = 0; h < 2; ++h) wsv[q][h] = ints_group && q < units ? wrow[q][h][g] : __half{};
-            mbar_wait(&full[s], (j / kWideStages) & 1);
-            mbar_wait(&xempty[e], ((j / kXStages) & 1) ^ 1);
-            const uint32_t wbase = smem_u32(st[s].w);
-            const uint32_t xbase = smem_u32(&xf[e]);
-#pragma unroll
-            for (int q = 0; q < 3; ++q) {
-              if (q >= units) break;
-              const int u = tt + 96 * q, rr = consumer_row(u);  // u's tig: u & 3
-              const uint4 w0 = lds128(wbase + rr * (kGroup / 2) + (u & 3) * 16);
-              const uint4 w1 = lds128(wbase + (rr + 8) * (kGroup / 2) + (u & 3) * 16);
-              uint32_t m0 = 16, m1 = 16;
-              if (ints_group) {
-                m0 = __float2uint_rn(__half2float(wsv[q][0]) * inv[q][0]);
-                m1 = __float2uint_rn(__half2float(wsv[q][1]) * inv[q][1]);
-              }
-              uint32_t a[4][4];
-              weight_fragments_int(w0, w1, m0, m1, a);
-#pragma unroll
-              for (int k = 0; k < 4; ++k)
-                asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(xbase + k * 4096 + u * 16),
-                             "r"(a[k][0]), "r"(a[k][1]), "r"(a[k][2]), "r"(a[k][3])
-                             : "memory");
-            }
-            // Loads and stores performed before the arrives (see release_reads below).
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-            __syncwarp();
-            if (lane == 0) {
-              mbar_arrive(&xfull[e]);
-              mbar_arrive(&empty[s]);
-            }
-          }
-        }
-      }
-    }
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     if (!STREAMK && threadIdx.x == 0) {
       // The block's tiles (or splits of them): plain loops, as the consumers'. (Run through
       // stream-K's segment loops, the tiled grids were 3-8% slower at M >= 1024: H100, same run,
@@ -471,8 +453,8 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       int it, end, early = 0;
       range(0, it, end);
       const WideSegment first = wide_segment<TOKENS>(it, end, G, tiles_n);
-      if (it < end)
-        for (; early < kWideStages && first.g0 + early < first.g1; ++early)
+      if (!W8 && it < end)  // (expanded weights come from the kernel before: after the wait)
+        for (; early < kStages && first.g0 + early < first.g1; ++early)
           produce_weights(early, first.g0 + early, first);
       grid_dependency_wait();
       for (int k = 0, j = 0; k < n_ranges; ++k) {
@@ -488,7 +470,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       }
     }
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kXf ? kXConsumerRegs : kConsumerRegs));
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
     // Consumer warpgroup wg, warp wq of it: accumulator rows (output channels) r and r + 8 of the
     // block, columns (tokens) 8j + 2 * tig + {0, 1}.
     const int wg = (warp >> 2) - 1, wq = warp & 3, gid = lane >> 2, tig = lane & 3;
@@ -498,8 +480,10 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     const uint32_t w_off = offsetof(WideStage, w) + r * (kGroup / 2) + tig * 16;
     const uint32_t as_off = offsetof(WideStage, as) + 8 * tig;
     const uint64_t desc0 = desc_k_major_sw128(smem_u32(st[0].act));
+    // W8: this warpgroup's 64 rows of stage 0's weight tile.
+    [[maybe_unused]] const uint64_t adesc0 = desc_k_major_sw128(smem_u32(st[0].w)) + ((wg * 64 * kGroup) >> 4);
 
-    // Issues the four wgmma of group g, in stage i % kWideStages, into d (int32, from zero) and
+    // Issues the four wgmma of group g, in stage i % kStages, into d (int32, from zero) and
     // returns the group's two weight scales, still fp16; the wgmma run on while the caller
     // rescales the previous group.
     // Stage s's two packed weight rows of this thread and the descriptors of its token tile's
@@ -511,29 +495,31 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
 #pragma unroll
       for (int k = 0; k < 4; ++k) desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
     };
-    // kXf: the block's i-th group's fragments from the transform warps' buffer (into a), and
-    // the stage's token-tile descriptors; xrelease(i) hands the buffer back once the wgmma that
-    // read the fragments from registers are issued (their loads are then complete).
-    [[maybe_unused]] const uint32_t xf_off = (threadIdx.x - 128) * 16;
-    [[maybe_unused]] auto xfragments = [&](int i, uint32_t (&a)[4][4], uint64_t (&desc)[4]) {
-      const int s = i % kWideStages, e = i % kXStages;
-      mbar_wait(&xfull[e], (i / kXStages) & 1);
-      const uint32_t xbase = smem_u32(&xf[e]) + xf_off;
+    // A group's operands in stage s: the weight fragments of this thread in `a` and the token
+    // tile's descriptors, or (W8) the descriptors alone.
+    auto operands = [&](int s, uint32_t (&a)[4][4], uint64_t (&desc)[4], uint32_t m0, uint32_t m1, bool ints) {
+      if constexpr (W8) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const uint4 v = lds128(xbase + k * 4096);
-        a[k][0] = v.x, a[k][1] = v.y, a[k][2] = v.z, a[k][3] = v.w;
-        desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
+        for (int k = 0; k < 4; ++k) desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
+      } else {
+        uint4 w0, w1;
+        stage_operands(s, w0, w1, desc);
+        if (ints) weight_fragments_int(w0, w1, m0, m1, a);
+        else weight_fragments(w0, w1, a);
       }
     };
-    [[maybe_unused]] auto xrelease = [&](int i) {
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&xempty[i % kXStages]);
+    constexpr std::false_type kFresh{};  // mma's `accumulate`: from zero or onto d
+    constexpr std::true_type kAdd{};
+    // One k32 step of stage s: d (+)= A x the tokens at `desc`; A: the fragments a[k], or (W8)
+    // the weight tile in shared memory.
+    auto mma = [&](auto accumulate, auto& d, const uint32_t (&a)[4][4], int s, int k, uint64_t desc) {
+      if constexpr (W8) wgmma_s8<decltype(accumulate)::value>(d, adesc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k, desc);
+      else wgmma_s8<decltype(accumulate)::value>(d, a[k], desc);
     };
     // This warp is done with the stage of the block's i-th group.
     auto release = [&](int i) {
       __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[i % kWideStages]);
+      if (lane == 0) mbar_arrive(&empty[i % kStages]);
     };
     // The same after plain shared-memory loads of the stage (the activation scales): ptxas lets
     // the arrive go before the loads' results are back (it schedules their FMAs after it), and
@@ -550,18 +536,12 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     };
 
     auto issue = [&](int i, int g, int (&d)[kAccRegs], __half2& ws) {
-      const int s = i % kWideStages;
+      const int s = i % kStages;
       ws = __halves2half2(ws_row[0][g], ws_row[1][g]);
-      mbar_wait(&full[s], (i / kWideStages) & 1);
+      mbar_wait(&full[s], (i / kStages) & 1);
       uint64_t desc[4];
       uint32_t a[4][4];
-      if constexpr (kXf) {
-        xfragments(i, a, desc);
-      } else {
-        uint4 w0, w1;
-        stage_operands(s, w0, w1, desc);
-        weight_fragments(w0, w1, a);
-      }
+      operands(s, a, desc, 16, 16, false);
       // Tokens [0, TOKENS / 2), then the other half (TOKENS / 2 rows of 128 bytes further), one
       // commit each, so that the caller can rescale the first half while the second runs.
 #ifndef COMET_WIDE_SKIP_MMA  // experiment switch: time the pipeline without the tensor cores
@@ -570,15 +550,13 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       int(&hi)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d + kHalf);
       constexpr uint64_t kHiRows = (TOKENS / 2) * kGroup / 16;  // descriptor units of 16 bytes
       wgmma_fence();
-      wgmma_s8<false>(lo, a[0], desc[0]);
-      wgmma_s8<true>(lo, a[1], desc[1]);
-      wgmma_s8<true>(lo, a[2], desc[2]);
-      wgmma_s8<true>(lo, a[3], desc[3]);
+      mma(kFresh, lo, a, s, 0, desc[0]);
+#pragma unroll
+      for (int k = 1; k < 4; ++k) mma(kAdd, lo, a, s, k, desc[k]);
       wgmma_commit();
-      wgmma_s8<false>(hi, a[0], desc[0] + kHiRows);
-      wgmma_s8<true>(hi, a[1], desc[1] + kHiRows);
-      wgmma_s8<true>(hi, a[2], desc[2] + kHiRows);
-      wgmma_s8<true>(hi, a[3], desc[3] + kHiRows);
+      mma(kFresh, hi, a, s, 0, desc[0] + kHiRows);
+#pragma unroll
+      for (int k = 1; k < 4; ++k) mma(kAdd, hi, a, s, k, desc[k] + kHiRows);
       wgmma_commit();
 #else
 #pragma unroll
@@ -586,7 +564,6 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       wgmma_commit();
       wgmma_commit();
 #endif
-      if constexpr (kXf) xrelease(i);
     };
 
     // Folds group i's int32 result d into the float accumulators, then hands its stage back.
@@ -603,7 +580,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       const float2 wsf = __half22float2(ws_h);
       const float ws[2] = {wsf.x * kUnscale, wsf.y * kUnscale};
       [[maybe_unused]] const float off[2] = {-12582912.f * ws[0], -12582912.f * ws[1]};
-      const uint32_t base = stage0 + (i % kWideStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
+      const uint32_t base = stage0 + (i % kStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
 #pragma unroll
       for (int j = j0; j < j1; ++j) {
         const float2 as = pre ? pre[j - j0] : lds64f(base + 32 * j);
@@ -631,7 +608,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // INTS: this thread's two rows' weight scales, and their reciprocals, which turn a group
     // scale back into its multiplier.
     [[maybe_unused]] float sw[2] = {0.f, 0.f}, inv_sw[2] = {0.f, 0.f};
-    // A tile's (or a segment's) start, group i (the block's i-th, in stage i % kWideStages) and
+    // A tile's (or a segment's) start, group i (the block's i-th, in stage i % kStages) and
     // store.
     auto start = [&](const WideSegment& sg) {
       ws_row[0] = wscale + static_cast<size_t>(min(sg.n0 + r, N - 1)) * G;
@@ -660,7 +637,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       if constexpr (TOKENS <= 128) {
         constexpr int kHalfTiles = kTokenTiles / 2;
         float2 hi_as[kHalfTiles];
-        const uint32_t base = stage0 + (i % kWideStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
+        const uint32_t base = stage0 + (i % kStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
 #pragma unroll
         for (int j = 0; j < kHalfTiles; ++j) hi_as[j] = lds64f(base + 32 * (kHalfTiles + j));
         wgmma_wait<1>();
@@ -680,38 +657,34 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // wgmma made the compiler insert a fence there, serializing them under stream-K), one commit,
     // their A fragments built in `a`, which must stay untouched until these wgmma completed.
     auto issue_int = [&](auto first, int i, int g, uint32_t (&a)[4][4]) {
-      const int s = i % kWideStages;
-      uint64_t desc[4];
-      if constexpr (kXf) {
-        mbar_wait(&full[s], (i / kWideStages) & 1);
-        xfragments(i, a, desc);
-      } else {
-        const float m0 = __half2float(ws_row[0][g]) * inv_sw[0], m1 = __half2float(ws_row[1][g]) * inv_sw[1];
-        mbar_wait(&full[s], (i / kWideStages) & 1);
-        uint4 w0, w1;
-        stage_operands(s, w0, w1, desc);
-        weight_fragments_int(w0, w1, __float2uint_rn(m0), __float2uint_rn(m1), a);
+      const int s = i % kStages;
+      uint32_t m0 = 16, m1 = 16;  // (W8: the expanded weights hold code * m already)
+      if constexpr (!W8) {
+        m0 = __float2uint_rn(__half2float(ws_row[0][g]) * inv_sw[0]);
+        m1 = __float2uint_rn(__half2float(ws_row[1][g]) * inv_sw[1]);
       }
+      mbar_wait(&full[s], (i / kStages) & 1);
+      uint64_t desc[4];
+      operands(s, a, desc, m0, m1, true);
       constexpr int kHalf = kAccRegs / 2;
       int(&lo)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d0);
       int(&hi)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d0 + kHalf);
       constexpr uint64_t kHiRows = (TOKENS / 2) * kGroup / 16;
 #ifndef COMET_WIDE_SKIP_MMA  // experiment switch: the CUDA-core work alone (wrong results)
       wgmma_fence();
-      constexpr bool kAccumulate = !decltype(first)::value;
-      wgmma_s8<kAccumulate>(lo, a[0], desc[0]);
+      constexpr std::bool_constant<!decltype(first)::value> kAccumulate{};
+      mma(kAccumulate, lo, a, s, 0, desc[0]);
 #pragma unroll
-      for (int k = 1; k < 4; ++k) wgmma_s8<true>(lo, a[k], desc[k]);
-      wgmma_s8<kAccumulate>(hi, a[0], desc[0] + kHiRows);
+      for (int k = 1; k < 4; ++k) mma(kAdd, lo, a, s, k, desc[k]);
+      mma(kAccumulate, hi, a, s, 0, desc[0] + kHiRows);
 #pragma unroll
-      for (int k = 1; k < 4; ++k) wgmma_s8<true>(hi, a[k], desc[k] + kHiRows);
+      for (int k = 1; k < 4; ++k) mma(kAdd, hi, a, s, k, desc[k] + kHiRows);
 #else
       (void)lo, (void)hi, (void)kHiRows;
 #pragma unroll
       for (int e = 0; e < kAccRegs; ++e) d0[e] ^= static_cast<int>(a[e & 3][(e >> 2) & 3] ^ desc[e & 3]);
 #endif
       wgmma_commit();
-      if constexpr (kXf) xrelease(i);
     };
     // INTS: a span's int32 sum d0 (its wgmma all waited for) into acc, with the span's activation
     // scales from the stage of its last group, the block's i-th (not yet released). (Loaded from
@@ -721,7 +694,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     auto fold = [&](int i) {
 #pragma unroll
       for (int e = 0; e < kAccRegs; ++e) fence_operand(d0[e]);
-      const uint32_t base = stage0 + (i % kWideStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
+      const uint32_t base = stage0 + (i % kStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
 #pragma unroll
       for (int j = 0; j < kTokenTiles; ++j) {
         const float2 as = lds64f(base + 32 * j);
@@ -881,6 +854,38 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     }
   }  // consumers
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+// The weights expanded for the W8 kernels: w8[n, 128 g + kk] (int8, [N, Kpad]) is the value the
+// weight fragments of the packed kernel give k position kk of group g (weight_fragments: code *
+// 16; weight_fragments_int for the integer groups, INTS and g >= groups8: code * m), in the k
+// order those fragments produce (and the wide activations use): fragment register j of k32 step
+// k of thread tig covers positions 32k + 16 * (j >= 2) + 4 tig + 0..3, from packed bytes 16 tig +
+// 4k + 0..3 (low nibbles, then high). One thread per (row, group, k32 step): four 4-byte loads, two
+// 16-byte stores.
+__global__ void expand_weights_kernel(const uint8_t* __restrict__ qweight, const __half* __restrict__ wscale,
+                                      const __half* __restrict__ wscale_row, int groups8, int8_t* __restrict__ w8,
+                                      int N, int G) {
+  const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<long long>(N) * G * 4) return;
+  const int k = static_cast<int>(idx & 3);
+  const long long ng = idx >> 2;  // n * G + g
+  const int n = static_cast<int>(ng / G), g = static_cast<int>(ng - static_cast<long long>(n) * G);
+  uint32_t m = 16;
+  if (wscale_row && g >= groups8)  // as the packed kernel computes it (inv_sw, then the rounding)
+    m = __float2uint_rn(__half2float(wscale[ng]) * __fdiv_rn(1.f, __half2float(wscale_row[n])));
+  const uint32_t c = (128u - 8u * m) * 0x01010101u;
+  const uint8_t* src = qweight + ng * (kGroup / 2) + 4 * k;
+  uint32_t lo[4], hi[4];
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    const uint32_t x = *reinterpret_cast<const uint32_t*>(src + 16 * t) ^ 0x88888888u;
+    lo[t] = sm90::times_mult(x & 0x0F0F0F0Fu, m, c);
+    hi[t] = sm90::times_mult((x >> 4) & 0x0F0F0F0Fu, m, c);
+  }
+  uint4* dst = reinterpret_cast<uint4*>(w8 + ng * kGroup + 32 * k);
+  dst[0] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+  dst[1] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
 }
 
 // cuTensorMapEncodeTiled from the driver, found through the runtime (no -lcuda at link time).
@@ -1055,20 +1060,28 @@ bool wide_persistent(long long tiles, int G, int num_sms) {
   return COMET_WIDE_PERSISTENT && tiles > num_sms && (tiles >= 2ll * num_sms || G <= 64);
 }
 
-WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms, bool ints) {
+// Whether the automatic plan expands the weights to int8 first (WidePlan::expand): from
+// COMET_WIDE_EXPAND_MIN_M tokens on, where the expansion pass (1.5 bytes of traffic per weight)
+// costs less than the fragment arithmetic it saves, which every token tile repeats.
+#ifndef COMET_WIDE_EXPAND_MIN_M
+#define COMET_WIDE_EXPAND_MIN_M 1024
+#endif
+
+WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms, bool ints, int expand) {
   const int G = Kpad / kGroup;
+  const bool w8 = expand > 0 || (expand == 0 && M >= COMET_WIDE_EXPAND_MIN_M);
   const auto stream_k = [&] {
     const int tokens = stream_k_tokens(M, N, Kpad, num_sms);
     const long long tiles = static_cast<long long>((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN);
     const StreamKSplit sp = stream_k_split(tiles, G, num_sms);
-    return WidePlan{tokens, kWideStreamK, sp.blocks, static_cast<int>(sp.dp_tiles)};
+    return WidePlan{tokens, kWideStreamK, sp.blocks, static_cast<int>(sp.dp_tiles), w8};
   };
   if (split_k == kWideStreamK) return stream_k();
-  const int tokens = wide_tokens(M, N, Kpad, num_sms, ints);
+  const int tokens = wide_tokens(M, N, Kpad, num_sms, ints && !w8);
   const int tiles = ((M + tokens - 1) / tokens) * ((N + kWideN - 1) / kWideN);
   const auto tiled = [&](int split, bool persistent = false) {
     split = std::max(1, std::min(split, G));
-    return WidePlan{tokens, split, (persistent ? std::min(tiles, num_sms) : tiles) * split, 0};
+    return WidePlan{tokens, split, (persistent ? std::min(tiles, num_sms) : tiles) * split, 0, w8};
   };
   if (split_k == kWidePersistent) return tiled(1, true);
   if (split_k >= 1) return tiled(split_k);
@@ -1093,21 +1106,25 @@ size_t wide_workspace_floats(const WidePlan& plan, int M, int N) {
 
 namespace {
 
-template <int TOKENS, bool STREAMK, bool INTS>
+// W8: qweight is the expanded int8 [N, Kpad] (expand_weights_kernel).
+template <int TOKENS, bool STREAMK, bool INTS, bool W8>
 cudaError_t launch_wide_as(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
                            const void* wscale, const void* wscale_row, int groups8, void* out, DType out_dtype,
                            int M, int N, int Kpad, const WidePlan& plan, float* workspace, cudaStream_t stream) {
   CUtensorMap act_map, w_map;
-  if (!make_map(&act_map, qa, M, Kpad, TOKENS, kGroup, CU_TENSOR_MAP_SWIZZLE_128B) ||
-      !make_map(&w_map, qweight, N, Kpad / 2, kWideN, kGroup / 2, CU_TENSOR_MAP_SWIZZLE_NONE))
-    return cudaErrorInvalidValue;
-  const auto kernel = w4ax_gemm_wide_kernel<TOKENS, STREAMK, INTS>;
-  cudaError_t e = allow_dynamic_smem(kernel, kWideSmem<TOKENS, STREAMK>);
+  const bool mapped =
+      make_map(&act_map, qa, M, Kpad, TOKENS, kGroup, CU_TENSOR_MAP_SWIZZLE_128B) &&
+      (W8 ? make_map(&w_map, qweight, N, Kpad, kWideN, kGroup, CU_TENSOR_MAP_SWIZZLE_128B)
+          : make_map(&w_map, qweight, N, Kpad / 2, kWideN, kGroup / 2, CU_TENSOR_MAP_SWIZZLE_NONE));
+  if (!mapped) return cudaErrorInvalidValue;
+  const auto kernel = w4ax_gemm_wide_kernel<TOKENS, STREAMK, INTS, W8>;
+  constexpr size_t kSmem = kWideSmem<TOKENS, W8>;
+  cudaError_t e = allow_dynamic_smem(kernel, kSmem);
   if (e != cudaSuccess) return e;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = STREAMK ? dim3(plan.blocks) : dim3(plan.blocks / plan.split_k, 1, plan.split_k);
   cfg.blockDim = dim3(kWideThreads);
-  cfg.dynamicSmemBytes = kWideSmem<TOKENS, STREAMK>;
+  cfg.dynamicSmemBytes = kSmem;
   cfg.stream = stream;
   // Programmatic dependent launch: the blocks may start while the previous kernel in the stream
   // finishes (the kernel waits for it before it reads activations; -DCOMET_NO_PDL: plain launch).
@@ -1123,27 +1140,39 @@ cudaError_t launch_wide_as(const int8_t* qa, const float* scales_t, int Mpad, co
                             plan.split_k, plan.dp_tiles, STREAMK ? next_nonce() : 0ull);
 }
 
-// The kernel with integer group scales where wscale_row is given (INTS), the plain one elsewhere.
+// The kernel with integer group scales where wscale_row is given (INTS), the plain one elsewhere;
+// on the expanded weights where w8 is given.
+template <int TOKENS, bool STREAMK, bool W8>
+cudaError_t launch_wide_w(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
+                          const void* wscale, const void* wscale_row, int groups8, void* out, DType out_dtype, int M,
+                          int N, int Kpad, const WidePlan& plan, float* workspace, cudaStream_t stream) {
+  if constexpr (TOKENS > 128 && !W8) {  // wide_plan gives integer group scales at most 128-token tiles
+    if (wscale_row) return cudaErrorInvalidValue;
+  } else if (wscale_row) {
+    return launch_wide_as<TOKENS, STREAMK, true, W8>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out,
+                                                     out_dtype, M, N, Kpad, plan, workspace, stream);
+  }
+  return launch_wide_as<TOKENS, STREAMK, false, W8>(qa, scales_t, Mpad, qweight, wscale, nullptr, 0, out, out_dtype,
+                                                    M, N, Kpad, plan, workspace, stream);
+}
 template <int TOKENS, bool STREAMK>
 cudaError_t launch_wide(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
                         const void* wscale, const void* wscale_row, int groups8, void* out, DType out_dtype, int M,
-                        int N, int Kpad, const WidePlan& plan, float* workspace, cudaStream_t stream) {
-  if constexpr (TOKENS > 128) {  // wide_plan gives integer group scales at most 128-token tiles
-    if (wscale_row) return cudaErrorInvalidValue;
-  } else if (wscale_row) {
-    return launch_wide_as<TOKENS, STREAMK, true>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out,
-                                                 out_dtype, M, N, Kpad, plan, workspace, stream);
-  }
-  return launch_wide_as<TOKENS, STREAMK, false>(qa, scales_t, Mpad, qweight, wscale, nullptr, 0, out, out_dtype, M,
-                                                N, Kpad, plan, workspace, stream);
+                        int N, int Kpad, const WidePlan& plan, float* workspace, int8_t* w8, cudaStream_t stream) {
+  if (w8)
+    return launch_wide_w<TOKENS, STREAMK, true>(qa, scales_t, Mpad, reinterpret_cast<const uint8_t*>(w8), wscale,
+                                                wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace,
+                                                stream);
+  return launch_wide_w<TOKENS, STREAMK, false>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out,
+                                               out_dtype, M, N, Kpad, plan, workspace, stream);
 }
 
 }  // namespace
 
 cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
                                 const void* wscale, const void* wscale_row, int groups8, void* out,
-                                DType out_dtype, int M, int N, int Kpad, int split_k, float* workspace,
-                                cudaStream_t stream) {
+                                DType out_dtype, int M, int N, int Kpad, int split_k, int expand,
+                                float* workspace, int8_t* w8, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   int major = 0, sms = 0;
   cudaError_t e = current_device_attribute(cudaDevAttrComputeCapabilityMajor, &major);
@@ -1151,40 +1180,42 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
   if (major != 9) return cudaErrorNotSupported;
   e = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
   if (e != cudaSuccess) return e;
-  const WidePlan plan = wide_plan(M, N, Kpad, split_k, sms, wscale_row != nullptr);
+  const WidePlan plan = wide_plan(M, N, Kpad, split_k, sms, wscale_row != nullptr, expand);
+  if (plan.expand) {
+    if (!w8) return cudaErrorInvalidValue;
+    const int G = Kpad / kGroup;
+    const long long threads = static_cast<long long>(N) * G * 4;
+    expand_weights_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
+        qweight, static_cast<const __half*>(wscale), static_cast<const __half*>(wscale_row), groups8, w8, N, G);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  } else {
+    w8 = nullptr;
+  }
   if (plan.split_k > 1) {
     e = cudaMemsetAsync(workspace, 0, sizeof(float) * static_cast<size_t>(M) * N, stream);
     if (e != cudaSuccess) return e;
   }
+  auto go = [&](auto tokens, auto streamk) {
+    return launch_wide<decltype(tokens)::value, decltype(streamk)::value>(
+        qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace, w8,
+        stream);
+  };
+  using std::integral_constant;
   if (plan.split_k == kWideStreamK) {
+    constexpr std::true_type kSK{};
     switch (plan.tokens) {
-      case 64:
-        return launch_wide<64, true>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace,
-                                     stream);
-      case 96:
-        return launch_wide<96, true>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace,
-                                     stream);
-      default:
-        return launch_wide<128, true>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan,
-                                      workspace, stream);
+      case 64: return go(integral_constant<int, 64>{}, kSK);
+      case 96: return go(integral_constant<int, 96>{}, kSK);
+      default: return go(integral_constant<int, 128>{}, kSK);
     }
   }
+  constexpr std::false_type kTiled{};
   switch (plan.tokens) {
-    case 64:
-      e = launch_wide<64, false>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace,
-                                 stream);
-      break;
-    case 96:
-      e = launch_wide<96, false>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace,
-                                 stream);
-      break;
-    case 192:
-      e = launch_wide<192, false>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace,
-                                  stream);
-      break;
-    default:
-      e = launch_wide<128, false>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace,
-                                  stream);
+    case 64: e = go(integral_constant<int, 64>{}, kTiled); break;
+    case 96: e = go(integral_constant<int, 96>{}, kTiled); break;
+    case 192: e = go(integral_constant<int, 192>{}, kTiled); break;
+    default: e = go(integral_constant<int, 128>{}, kTiled);
   }
   if (e != cudaSuccess || plan.split_k == 1) return e;
   return store_split_k_result(workspace, out, out_dtype, static_cast<size_t>(M) * N, stream);

@@ -66,10 +66,12 @@ def copies(nbytes: int) -> int:
 
 def plan_label(m, n, k, split_k=0, int_scales=False) -> str:
     """The wgmma GEMM's plan for a shape: its token tile, then "/S" for split-K in S parts or
-    "/sk" for stream-K, "/p" for a persistent grid (fewer blocks than tiles; torch.ops.comet.wide_tile)."""
-    tokens, split, blocks, _ = torch.ops.comet.wide_tile(m, n, k, split_k, int_scales)
+    "/sk" for stream-K, "/p" for a persistent grid (fewer blocks than tiles), "x" where the weights
+    are expanded to int8 first (torch.ops.comet.wide_tile)."""
+    tokens, split, blocks, _, expand = torch.ops.comet.wide_tile(m, n, k, split_k, int_scales)
     persistent = split == 1 and blocks < -(-m // tokens) * -(-n // 128)
-    return f"{tokens}" + ("/sk" if split == -1 else f"/{split}" if split > 1 else "/p" if persistent else "")
+    return (f"{tokens}" + ("/sk" if split == -1 else f"/{split}" if split > 1 else "/p" if persistent else "")
+            + ("x" if expand else ""))
 
 
 def int_scale_weights(n, g, nc, dev):

@@ -434,7 +434,7 @@ def test_gemm_wide_every_token_tile_exact(kernels):
     k = 1024
     seen = set()
     for m, n in [(200, 200), (700, 2048), (1000, 4096), (777, 3000), (3000, 6000), (4096, 4096)]:
-        tokens, split, _, _ = torch.ops.comet.wide_tile(m, n, k)
+        tokens, split, *_ = torch.ops.comet.wide_tile(m, n, k)
         seen.add(tokens)
         qa, scales_t, qw, sw, ref = unit_scale_case(m, n, k, seed=m)
         y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, sw, 0, torch.float32)
@@ -473,7 +473,7 @@ def test_gemm_wide_raster_bands(kernels, int_scales):
     plan picks. The tiled result must equal stream-K's (its own tile order) everywhere, and the
     reference on tokens of every band (unit scales: exact; integer group scales: a tolerance)."""
     m, n, k = 2100, 16384, 4096
-    tokens, split, _, _ = torch.ops.comet.wide_tile(m, n, k, 0, int_scales)
+    tokens, split, *_ = torch.ops.comet.wide_tile(m, n, k, 0, int_scales)
     assert split == 1 and n * k // 2 >= 32 << 20 and -(-m // tokens) > 8 and -(-m // tokens) % 8
     if int_scales:
         x, perm, qw, ws, wr = int_case(m, k, n, 2, seed=5, device="cuda")
@@ -509,7 +509,7 @@ def test_gemm_wide_persistent_tiles(kernels, int_scales):
     k = 1024
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for m, n in [(3000, 6000), (4096, 4096), (3000, 4097), (2050, 8192)]:
-        tokens, split, blocks, _ = torch.ops.comet.wide_tile(m, n, k, -2, int_scales)
+        tokens, split, blocks, *_ = torch.ops.comet.wide_tile(m, n, k, -2, int_scales)
         tiles = -(-m // tokens) * -(-n // 128)
         assert split == 1 and blocks == min(tiles, sms) and tiles >= 3 * blocks, (m, n, tokens, blocks)
         assert torch.ops.comet.wide_tile(m, n, k, 0, int_scales)[1:3] == [1, blocks]  # the automatic plan's too
@@ -535,6 +535,44 @@ def test_gemm_wide_persistent_tiles(kernels, int_scales):
             for dt in (torch.float16, torch.bfloat16):
                 got = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, split, dt, *extra)
                 assert torch.equal(got, y.to(dt)), (m, n, dt, split)
+
+
+@sm90
+@pytest.mark.parametrize("int_scales", [False, True])
+def test_gemm_wide_expanded_weights(kernels, int_scales):
+    """expand = 1: the weights expanded to int8 first (expand_weights_kernel), both wgmma operands
+    from shared memory; expand = -1: fragments built from the packed weights in registers. On
+    every grid kind (automatic, one tile per block, split-K, stream-K, persistent), token tiles of
+    64-192, partial token and channel tiles, an 8-bit group and all-8-bit: both paths must equal
+    the reference (unit scales: exactly), and each other bit for bit where their plans agree."""
+    k = 1024
+    seen = set()
+    for m, n, g8 in [(20, 200, 2), (200, 200, 1), (700, 2048, 0), (1000, 4096, 8), (3000, 6000, 2),
+                     (4096, 4096, 2)]:
+        if int_scales:
+            x, perm, qw, ws, wr = int_case(m, k, n, g8, seed=m + n, device="cuda")
+            qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
+            extra = (wr, g8)
+            ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, *extra)
+            assert ref.abs().max() > 1
+        else:
+            qa, scales_t, qw, ws, ref = unit_scale_case(m, n, k, seed=m + n, groups8=g8)
+            extra = (None, 0)
+        for split in (0, 1, 2, -1, -2):
+            plans = {e: torch.ops.comet.wide_tile(m, n, k, split, int_scales, e) for e in (1, -1)}
+            assert plans[1][4] == 1 and plans[-1][4] == 0
+            seen.add(plans[1][0])
+            y = {e: torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, split, torch.float32, *extra, e)
+                 for e in (1, -1)}
+            for e in (1, -1):
+                ok = rel_err(y[e], ref) < 1e-5 if int_scales else torch.equal(y[e], ref)
+                assert ok, (m, n, split, e, plans[e], rel_err(y[e], ref))
+            if plans[1][:4] == plans[-1][:4]:
+                assert torch.equal(y[1], y[-1]), (m, n, split, plans)
+    assert seen == {64, 96, 128, 192}, seen
+    # the automatic choice: expanded from COMET_WIDE_EXPAND_MIN_M (1024) tokens on
+    assert torch.ops.comet.wide_tile(4096, 4096, 4096, 0, int_scales)[4] == 1
+    assert torch.ops.comet.wide_tile(256, 4096, 4096, 0, int_scales)[4] == 0
 
 
 @sm90
@@ -569,7 +607,7 @@ def test_gemm_wide_stream_k_exact(kernels):
     seen, waves = set(), set()
     for m, n, k in [(200, 1000, 4096), (300, 6144, 1024), (700, 4096, 2048), (90, 700, 2048), (1, 200, 4096),
                     (1000, 6000, 1024), (900, 6144, 1024)]:
-        tokens, split, blocks, dp_tiles = torch.ops.comet.wide_tile(m, n, k, -1)
+        tokens, split, blocks, dp_tiles, _ = torch.ops.comet.wide_tile(m, n, k, -1)
         g = k // GROUP
         tiles = -(-m // tokens) * -(-n // 128)
         assert split == -1 and blocks == min(sms, tiles * -(-g // 8)) and dp_tiles % blocks == 0
@@ -995,20 +1033,23 @@ def test_gemm_wide_int_scales(kernels, m, g8):
 
 @sm90
 def test_gemm_wide_int_scales_every_token_tile(kernels):
+    """Integer group scales on every token tile the automatic plan takes, against the reference."""
     k = 1024
     seen = set()
     for m, n in [(200, 200), (700, 2048), (1000, 4096), (777, 3000), (3000, 6000), (4096, 4096)]:
-        tokens, split, _, _ = torch.ops.comet.wide_tile(m, n, k, 0, True)
+        tokens, split, *_ = torch.ops.comet.wide_tile(m, n, k, 0, True)
         seen.add(tokens)
         x, perm, qw, ws, wr = int_case(m, k, n, 1, seed=m, device="cuda")
         qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, 1, False, True)
         ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, wr, 1)
         y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, 0, torch.float32, wr, 1)
         assert rel_err(y, ref) < 1e-5, (m, n, tokens, split)
-    # Integer group scales take at most 128-token tiles (w4ax.h, WidePlan), where free scales
-    # take 192 on the same shape.
-    assert seen == {64, 96, 128}, seen
-    assert 192 in {torch.ops.comet.wide_tile(m, n, k)[0] for m, n in [(3000, 6000), (4096, 4096)]}
+    # From 1024 tokens on the weights are expanded, and integer group scales take 192-token
+    # tiles as free scales do; on packed weights at most 128 (w4ax.h, WidePlan).
+    assert seen == {64, 96, 128, 192}, seen
+    big = [(3000, 6000), (4096, 4096)]
+    assert 192 in {torch.ops.comet.wide_tile(m, n, k)[0] for m, n in big}
+    assert 192 not in {torch.ops.comet.wide_tile(m, n, k, 0, True, -1)[0] for m, n in big}
 
 
 @gpu
