@@ -184,7 +184,7 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[48], const uint32_t (&a)[4], u
 }
 
 // The same with A (the expanded weights, W8) in shared memory too, described by `adesc` (64 rows
-// x 32 k, K-major, 128-byte swizzled).
+// x 32 k, K-major, 128-byte swizzled); again one literal instruction string per tile width.
 template <bool ACCUMULATE>
 __device__ __forceinline__ void wgmma_s8(int (&d)[16], uint64_t adesc, uint64_t desc) {
   asm volatile(
