@@ -1062,9 +1062,11 @@ bool wide_persistent(long long tiles, int G, int num_sms) {
 
 // Whether the automatic plan expands the weights to int8 first (WidePlan::expand): from
 // COMET_WIDE_EXPAND_MIN_M tokens on, where the expansion pass (1.5 bytes of traffic per weight)
-// costs less than the fragment arithmetic it saves, which every token tile repeats.
+// should cost less than the fragment arithmetic it saves, which every token tile repeats.
+// Opt-in until it has been measured on a GPU (docs/BENCHMARKS.md, "Session 17"): the automatic
+// plan never expands unless built with e.g. -DCOMET_WIDE_EXPAND_MIN_M=1024; expand = 1 forces it.
 #ifndef COMET_WIDE_EXPAND_MIN_M
-#define COMET_WIDE_EXPAND_MIN_M 1024
+#define COMET_WIDE_EXPAND_MIN_M 2147483647
 #endif
 
 WidePlan wide_plan(int M, int N, int Kpad, int split_k, int num_sms, bool ints, int expand) {

@@ -1,4 +1,6 @@
 """Kernel references (CPU) and CUDA kernels against them (GPU, skipped without CUDA)."""
+import os
+
 import pytest
 import torch
 
@@ -570,9 +572,13 @@ def test_gemm_wide_expanded_weights(kernels, int_scales):
             if plans[1][:4] == plans[-1][:4]:
                 assert torch.equal(y[1], y[-1]), (m, n, split, plans)
     assert seen == {64, 96, 128, 192}, seen
-    # the automatic choice: expanded from COMET_WIDE_EXPAND_MIN_M (1024) tokens on
-    assert torch.ops.comet.wide_tile(4096, 4096, 4096, 0, int_scales)[4] == 1
-    assert torch.ops.comet.wide_tile(256, 4096, 4096, 0, int_scales)[4] == 0
+    # the automatic choice: expanded from COMET_WIDE_EXPAND_MIN_M tokens on (opt-in: never
+    # unless the build sets it), forced either way by the op's argument
+    min_m = expand_min_m()
+    for m in (256, 1024, 4096):
+        assert torch.ops.comet.wide_tile(m, 4096, 4096, 0, int_scales)[4] == int(m >= min_m), m
+        assert torch.ops.comet.wide_tile(m, 4096, 4096, 0, int_scales, 1)[4] == 1, m
+        assert torch.ops.comet.wide_tile(m, 4096, 4096, 0, int_scales, -1)[4] == 0, m
 
 
 @sm90
@@ -684,6 +690,15 @@ def test_opcheck_wide(kernels):
 
 def rel_err(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def expand_min_m():
+    """The token count from which the wgmma GEMM's automatic plan expands the weights: never by
+    default (opt-in, kernels/w4ax_wgmma.cu), else what -DCOMET_WIDE_EXPAND_MIN_M=N in the build's
+    COMET_QUANT_NVCC_FLAGS says."""
+    flags = os.environ.get("COMET_QUANT_NVCC_FLAGS", "").split()
+    values = [f.split("=", 1)[1] for f in flags if f.startswith("-DCOMET_WIDE_EXPAND_MIN_M=")]
+    return int(values[-1]) if values else 2**31 - 1
 
 
 SHAPES = {  # (N, K): LLaMA-3-8B and 70B linears, plus SmolLM2's padded and narrow ones
@@ -1044,11 +1059,12 @@ def test_gemm_wide_int_scales_every_token_tile(kernels):
         ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, wr, 1)
         y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, 0, torch.float32, wr, 1)
         assert rel_err(y, ref) < 1e-5, (m, n, tokens, split)
-    # From 1024 tokens on the weights are expanded, and integer group scales take 192-token
-    # tiles as free scales do; on packed weights at most 128 (w4ax.h, WidePlan).
-    assert seen == {64, 96, 128, 192}, seen
+    # Integer group scales take 192-token tiles only on expanded weights (as free scales do);
+    # on packed weights at most 128 (w4ax.h, WidePlan). Expansion is opt-in in the automatic
+    # plan (COMET_WIDE_EXPAND_MIN_M), forced here for the large shapes.
     big = [(3000, 6000), (4096, 4096)]
-    assert 192 in {torch.ops.comet.wide_tile(m, n, k)[0] for m, n in big}
+    assert seen == ({64, 96, 128, 192} if expand_min_m() <= 3000 else {64, 96, 128}), seen
+    assert 192 in {torch.ops.comet.wide_tile(m, n, k, 0, True, 1)[0] for m, n in big}
     assert 192 not in {torch.ops.comet.wide_tile(m, n, k, 0, True, -1)[0] for m, n in big}
 
 
