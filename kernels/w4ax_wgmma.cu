@@ -1062,9 +1062,11 @@ bool wide_persistent(long long tiles, int G, int num_sms) {
 
 // Whether the automatic plan expands the weights to int8 first (WidePlan::expand): from
 // COMET_WIDE_EXPAND_MIN_M tokens on, where the expansion pass (1.5 bytes of traffic per weight)
-// should cost less than the fragment arithmetic it saves, which every token tile repeats.
-// Opt-in until it has been measured on a GPU (docs/BENCHMARKS.md, "Session 17"): the automatic
-// plan never expands unless built with e.g. -DCOMET_WIDE_EXPAND_MIN_M=1024; expand = 1 forces it.
+// was to cost less than the fragment arithmetic it saves, which every token tile repeats. It
+// does not: on an H100 the expanded GEMM runs at the packed one's speed, so the pass is pure cost
+// (1.22-1.30x slower at M = 1024, 1.02-1.12x at 4096: docs/BENCHMARKS.md, "Sessions 17-18").
+// Hence opt-in: the automatic plan never expands unless built with e.g.
+// -DCOMET_WIDE_EXPAND_MIN_M=1024; expand = 1 forces it.
 #ifndef COMET_WIDE_EXPAND_MIN_M
 #define COMET_WIDE_EXPAND_MIN_M 2147483647
 #endif
