@@ -486,24 +486,16 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // Issues the four wgmma of group g, in stage i % kStages, into d (int32, from zero) and
     // returns the group's two weight scales, still fp16; the wgmma run on while the caller
     // rescales the previous group.
-    // Stage s's two packed weight rows of this thread and the descriptors of its token tile's
-    // four k32 steps (one k32 step is 32 bytes further along the swizzled rows).
-    auto stage_operands = [&](int s, uint4& w0, uint4& w1, uint64_t (&desc)[4]) {
-      const uint32_t base = stage0 + s * static_cast<uint32_t>(sizeof(WideStage));
-      w0 = lds128(base + w_off);
-      w1 = lds128(base + w_off + 8 * (kGroup / 2));
+    // A group's operands in stage s: the descriptors of its token tile's four k32 steps (one k32
+    // step is 32 bytes further along the swizzled rows), and the weight fragments of this thread
+    // in `a`, built from its two packed weight rows (W8: none, the weights are read from shared
+    // memory by the wgmma).
+    auto operands = [&](int s, uint32_t (&a)[4][4], uint64_t (&desc)[4], uint32_t m0, uint32_t m1, bool ints) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
-    };
-    // A group's operands in stage s: the weight fragments of this thread in `a` and the token
-    // tile's descriptors, or (W8) the descriptors alone.
-    auto operands = [&](int s, uint32_t (&a)[4][4], uint64_t (&desc)[4], uint32_t m0, uint32_t m1, bool ints) {
-      if constexpr (W8) {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) desc[k] = desc0 + ((s * sizeof(WideStage)) >> 4) + 2 * k;
-      } else {
-        uint4 w0, w1;
-        stage_operands(s, w0, w1, desc);
+      if constexpr (!W8) {
+        const uint32_t base = stage0 + s * static_cast<uint32_t>(sizeof(WideStage));
+        const uint4 w0 = lds128(base + w_off), w1 = lds128(base + w_off + 8 * (kGroup / 2));
         if (ints) weight_fragments_int(w0, w1, m0, m1, a);
         else weight_fragments(w0, w1, a);
       }

@@ -1064,6 +1064,7 @@ def test_gemm_wide_int_scales_every_token_tile(kernels):
     # plan (COMET_WIDE_EXPAND_MIN_M), forced here for the large shapes.
     big = [(3000, 6000), (4096, 4096)]
     assert seen == ({64, 96, 128, 192} if expand_min_m() <= 3000 else {64, 96, 128}), seen
+    assert 192 in {torch.ops.comet.wide_tile(m, n, k)[0] for m, n in big}  # free scales, either path
     assert 192 in {torch.ops.comet.wide_tile(m, n, k, 0, True, 1)[0] for m, n in big}
     assert 192 not in {torch.ops.comet.wide_tile(m, n, k, 0, True, -1)[0] for m, n in big}
 
