@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -40,6 +41,13 @@ def _worker(rank: int, world: int, port: int, ref, samples, cfg, device: str, ou
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Leave without interpreter finalization. A C++ thread (gloo's, or torch's thread pools) that
+    # reaches for the GIL while Python finalizes is unwound by pthread_exit, and the unwind through
+    # a noexcept frame aborts the process ("terminate called without an active exception") after
+    # all of its work is done. Every file this rank wrote is closed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def calibrate_distributed(ref, samples: torch.Tensor, cfg, device: str, out: Path, world: int) -> None:
@@ -54,3 +62,6 @@ def calibrate_distributed(ref, samples: torch.Tensor, cfg, device: str, out: Pat
                  nprocs=world, join=True)
     except mp.ProcessRaisedException as exc:
         raise CometError(f"a calibration worker failed: {str(exc).strip().splitlines()[-1]}") from None
+    except mp.ProcessExitedException as exc:
+        raise CometError(f"calibration worker {exc.error_index} died ({str(exc).strip()}); rerun with "
+                         "--resume to keep the finished layers, or with --workers 1") from None

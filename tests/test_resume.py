@@ -112,3 +112,22 @@ def test_two_workers_match_one(deep_model, text_file, tmp_path):
                 assert torch.equal(a[k], b[k]), k
             else:
                 torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_dead_worker_is_a_one_line_error(deep_model, text_file, tmp_path, monkeypatch):
+    """A worker killed by a signal ends the run with a clean error and keeps the partial directory."""
+    import torch.multiprocessing as mp
+
+    def killed(*a, **k):
+        raise mp.ProcessExitedException("process 1 terminated with signal SIGABRT", error_index=1,
+                                         error_pid=4242, exit_code=-6, signal_name="SIGABRT")
+
+    monkeypatch.setattr(mp, "spawn", killed)
+    out = tmp_path / "two"
+    r = CliRunner().invoke(main, ["calibrate", "--model", str(deep_model), "--dataset", str(text_file),
+                                  "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--workers", "2",
+                                  "--out", str(out)])
+    assert r.exit_code != 0 and isinstance(r.exception, SystemExit), r.output
+    assert "calibration worker 1 died" in r.output and "SIGABRT" in r.output and "--resume" in r.output
+    assert "Traceback" not in r.output and not out.exists()
+    assert (tmp_path / ".two.partial").is_dir()
