@@ -295,6 +295,9 @@ __device__ __forceinline__ WideSegment wide_segment(int it, int end, int G, int 
 // gate+up M = 1024 / 4096 1.11 / 1.10x faster, 70B gate+up 1.06 / 1.11x, 70B o M = 4096 1.14x,
 // 70B qkv / down 1.00-1.04x; on the smaller 8B matrices, whose weights a wave already shares,
 // 0.92-1.05x.
+#ifndef COMET_WIDE_PIPELINE  // experiment switch: 0, 1 or 2 (the consumers' `rescaled_run`)
+#define COMET_WIDE_PIPELINE 0
+#endif
 #ifndef COMET_WIDE_RASTER_MIN_BYTES
 #define COMET_WIDE_RASTER_MIN_BYTES (32ll << 20)
 #endif
@@ -708,10 +711,113 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     [[maybe_unused]] uint32_t fa[4][4], fb[4][4];
     [[maybe_unused]] constexpr std::true_type kFirst{};
     [[maybe_unused]] constexpr std::false_type kNext{};
+    // Experiment (COMET_WIDE_PIPELINE=1 or 2; compiled, not yet run on a GPU): the rescaled groups
+    // [g, end) pipelined by token halves instead of group() one by one, which waits for both
+    // halves of a group before it issues the next, so that the tensor cores idle through the
+    // second half's rescale and the next group's operands. Pipelined, a group's first half is
+    // rescaled while its second half runs, and its second half while the next group's first half
+    // runs. 1: one fragment array (the next group's built after its last user is waited for: the
+    // registers of group()); 2: two, fa and fb alternating as in the integer loop, the next
+    // group's built while the second half runs (free scales only: the integer kernels spill with
+    // it, 340 bytes at 128 tokens, and run 1).
+    constexpr int kHalfRegs = kAccRegs / 2;
+    constexpr uint64_t kHiDesc = (TOKENS / 2) * kGroup / 16;  // the second half, descriptor units
+    auto prep = [&](int i, int g, uint32_t (&a)[4][4], __half2& ws) {
+      const int s = i % kStages;
+      ws = __halves2half2(ws_row[0][g], ws_row[1][g]);
+      mbar_wait(&full[s], (i / kStages) & 1);
+      uint64_t desc[4];
+      operands(s, a, desc, 16, 16, false);
+    };
+    auto issue_half = [&](auto hi, int i, const uint32_t (&a)[4][4]) {
+      const int s = i % kStages;
+      int(&dh)[kHalfRegs] = *reinterpret_cast<int(*)[kHalfRegs]>(d0 + (decltype(hi)::value ? kHalfRegs : 0));
+      const uint64_t desc = desc0 + ((s * sizeof(WideStage)) >> 4) + (decltype(hi)::value ? kHiDesc : 0);
+      wgmma_fence();
+      mma(kFresh, dh, a, s, 0, desc);
+#pragma unroll
+      for (int k = 1; k < 4; ++k) mma(kAdd, dh, a, s, k, desc + 2 * k);
+      wgmma_commit();
+    };
+    [[maybe_unused]] constexpr std::false_type kLo{};
+    [[maybe_unused]] constexpr std::true_type kHi{};
+    // 1: one array.
+    // Group i (fragments a, scales ws) has both halves in flight: rescale its first half while
+    // its second half runs, then build group i + 1's fragments in a (group i's last use of them
+    // is waited for first) and rescale group i's second half while i + 1's first half runs.
+    // (Written as a for loop with the wait at its top, ptxas serialized every wgmma of the
+    // kernel, C7514.)
+    auto rescaled_run1 = [&](int& i, int& g, int end) {
+      if (g >= end) return;
+      __half2 ws, wn;
+      prep(i, g, fa, ws);
+      issue_half(kLo, i, fa);
+      issue_half(kHi, i, fa);
+      while (true) {
+        wgmma_wait<1>();
+        rescale(i, d0, ws, 0, kTokenTiles / 2, false);
+        wgmma_wait<0>();
+        if (g + 1 >= end) {
+          rescale(i, d0, ws, kTokenTiles / 2, kTokenTiles);
+          break;
+        }
+        prep(i + 1, g + 1, fa, wn);
+        issue_half(kLo, i + 1, fa);
+        rescale(i, d0, ws, kTokenTiles / 2, kTokenTiles);
+        issue_half(kHi, i + 1, fa);
+        ws = wn;
+        ++i, ++g;
+      }
+      ++i, ++g;
+    };
+    // 2: two arrays.
+    // Group i (fragments cur, scales wc) has both halves in flight: rescale it while group i + 1
+    // (into nxt, scales wn) is issued half by half.
+    auto hop = [&](int i, int g, uint32_t (&cur)[4][4], __half2 wc, uint32_t (&nxt)[4][4], __half2& wn) {
+      wgmma_wait<1>();
+      rescale(i, d0, wc, 0, kTokenTiles / 2, false);
+      prep(i + 1, g + 1, nxt, wn);
+      issue_half(kLo, i + 1, nxt);
+      wgmma_wait<1>();
+      rescale(i, d0, wc, kTokenTiles / 2, kTokenTiles);
+      issue_half(kHi, i + 1, nxt);
+    };
+    auto drain = [&](int i, __half2 wc) {
+      wgmma_wait<1>();
+      rescale(i, d0, wc, 0, kTokenTiles / 2, false);
+      wgmma_wait<0>();
+      rescale(i, d0, wc, kTokenTiles / 2, kTokenTiles);
+    };
+    auto rescaled_run2 = [&](int& i, int& g, int end) {
+      if (g >= end) return;
+      __half2 wsa, wsb;
+      prep(i, g, fa, wsa);
+      issue_half(kLo, i, fa);
+      issue_half(kHi, i, fa);
+      while (true) {  // group i in flight on fa
+        if (g + 1 >= end) {
+          drain(i, wsa);
+          break;
+        }
+        hop(i, g, fa, wsa, fb, wsb);
+        ++i, ++g;
+        if (g + 1 >= end) {  // group i in flight on fb
+          drain(i, wsb);
+          break;
+        }
+        hop(i, g, fb, wsb, fa, wsa);
+        ++i, ++g;
+      }
+      ++i, ++g;
+    };
     auto run = [&](int i, const WideSegment& sg) {
       int g = sg.g0;
       const int rescaled_end = INTS ? min(sg.g1, max(sg.g0, groups8)) : sg.g1;
-      for (; g < rescaled_end; ++g, ++i) group(i, g);
+      // (192-token free scales stay on group(): pipelined they spill 52 bytes.)
+      constexpr int kPipe = !COMET_WIDE_PIPELINE || (!INTS && TOKENS > 128) ? 0 : COMET_WIDE_PIPELINE == 2 && !INTS ? 2 : 1;
+      if constexpr (kPipe == 2) rescaled_run2(i, g, rescaled_end);
+      else if constexpr (kPipe == 1) rescaled_run1(i, g, rescaled_end);
+      else for (; g < rescaled_end; ++g, ++i) group(i, g);
       if constexpr (INTS) {
         while (g < sg.g1) {
           const int span = g / kSpanGroups, span_end = min(sg.g1, (span + 1) * kSpanGroups);
