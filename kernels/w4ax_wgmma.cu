@@ -50,10 +50,6 @@ constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 static_assert(128 * kProducerRegs + 32 * kWarps * kConsumerRegs <= kWideThreads * (65536 / kWideThreads / 8 * 8),
               "the registers the block holds at launch");
 
-// The first of the two output channels (accumulator rows r, r + 8) of consumer thread ct (0 .. 255:
-// warpgroup ct / 128, warp (ct / 32) % 4 of it, lane ct % 32) in the block's 128-channel tile.
-__host__ __device__ constexpr int consumer_row(int ct) { return (ct >> 7) * 64 + ((ct >> 5) & 3) * 16 + ((ct & 31) >> 2); }
-
 // Tokens per block is a template parameter (64, 96, 128 or 192: wide_tokens below picks one per
 // shape). W8: the weights arrive expanded (expand_weights_kernel below), int8 [channel][128],
 // 128-byte swizzled by the TMA like the tokens, and wgmma reads them from shared memory.
@@ -477,7 +473,9 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // Consumer warpgroup wg, warp wq of it: accumulator rows (output channels) r and r + 8 of the
     // block, columns (tokens) 8j + 2 * tig + {0, 1}.
     const int wg = (warp >> 2) - 1, wq = warp & 3, gid = lane >> 2, tig = lane & 3;
-    const int r = wg * 64 + wq * 16 + gid;  // consumer_row, through the warp-uniform warp index
+    // r: the first of the thread's two output channels (accumulator rows r, r + 8) in the block's
+    // 128-channel tile, from the warp-uniform warp index.
+    const int r = wg * 64 + wq * 16 + gid;
     const __half* ws_row[2] = {wscale, wscale};  // this thread's weight-scale rows in the segment's tile
     const uint32_t stage0 = smem_u32(st);
     const uint32_t w_off = offsetof(WideStage, w) + r * (kGroup / 2) + tig * 16;
