@@ -739,6 +739,11 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     };
     [[maybe_unused]] constexpr std::false_type kLo{};
     [[maybe_unused]] constexpr std::true_type kHi{};
+    auto launch = [&](int i, int g, uint32_t (&a)[4][4], __half2& ws) {  // a run's first group, both halves
+      prep(i, g, a, ws);
+      issue_half(kLo, i, a);
+      issue_half(kHi, i, a);
+    };
     // 1: one array.
     // Group i (fragments a, scales ws) has both halves in flight: rescale its first half while
     // its second half runs, then build group i + 1's fragments in a (group i's last use of them
@@ -748,9 +753,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     auto rescaled_run1 = [&](int& i, int& g, int end) {
       if (g >= end) return;
       __half2 ws, wn;
-      prep(i, g, fa, ws);
-      issue_half(kLo, i, fa);
-      issue_half(kHi, i, fa);
+      launch(i, g, fa, ws);
       while (true) {
         wgmma_wait<1>();
         rescale(i, d0, ws, 0, kTokenTiles / 2, false);
@@ -789,9 +792,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     auto rescaled_run2 = [&](int& i, int& g, int end) {
       if (g >= end) return;
       __half2 wsa, wsb;
-      prep(i, g, fa, wsa);
-      issue_half(kLo, i, fa);
-      issue_half(kHi, i, fa);
+      launch(i, g, fa, wsa);
       while (true) {  // group i in flight on fa
         if (g + 1 >= end) {
           drain(i, wsa);

@@ -7,23 +7,15 @@
 # VARIANTS: nvcc flag sets separated by ';'. PYTEST_K: the tests run under each variant (default:
 # the wgmma GEMM's). BENCH: bench_variants.py runs, separated by ';', each its arguments without
 # --variant (default: integer scales at M = 256 / 1024 / 4096, then free scales at 1024 / 4096).
-# TEST_S / BENCH_S: time limits of each test run and each benchmark run, seconds. Everything
+# TEST_BASE=0 skips the tests of the default build. TEST_S / BENCH_S: time limits of each test
+# run and each benchmark run, seconds. Everything
 # goes to $OUT: gpu.txt, build_*.txt, tests_*.txt, bench_*.txt.
-set -uo pipefail
-OUT=${OUT:-ab_out}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export COMET_QUANT_CACHE=${COMET_QUANT_CACHE:-/tmp/comet-quant-cache}
-if ! python3 -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
 IFS=';' read -r -a variants <<< "${VARIANTS:?set VARIANTS to the nvcc flag sets to compare, ';'-separated}"
 IFS=';' read -r -a benches <<< "${BENCH:---kernel ints --ms 256,1024,4096;--kernel sizes --ms 1024,4096}"
 PYTEST_K=${PYTEST_K:-gemm_wide or int_scales}
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh" ab_out
 
-tag() { [ -z "$1" ] && echo base || echo "$1" | tr -c 'A-Za-z0-9_=\n' '_'; }
+tag() { [ -z "$1" ] && echo base || echo "$1" | tr -c 'A-Za-z0-9_\n' '_'; }  # file names: plain characters
 build='import time; from comet_quant import ops; t = time.time(); print("built", ops.build(), f"{time.time() - t:.0f} s")'
 python3 -c "$build" > "$OUT/build_base.txt" 2>&1 &
 for v in "${variants[@]}"; do
@@ -32,10 +24,12 @@ done
 wait
 tail -n 2 "$OUT"/build_*.txt
 
-for v in "${variants[@]}"; do
+tested=("${variants[@]}")
+[ "${TEST_BASE:-1}" = 1 ] && tested=("" "${variants[@]}")
+for v in "${tested[@]}"; do
   COMET_QUANT_NVCC_FLAGS="$v" timeout "${TEST_S:-150}" python3 -m pytest -q -x tests/test_kernels.py -k "$PYTEST_K" \
     > "$OUT/tests_$(tag "$v").txt" 2>&1
-  echo "tests under $v: exit $?, $(tail -n 1 "$OUT/tests_$(tag "$v").txt")"
+  echo "tests under ${v:-the default build}: exit $?, $(tail -n 1 "$OUT/tests_$(tag "$v").txt")"
 done
 
 args=(--variant=base)

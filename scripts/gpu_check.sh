@@ -1,16 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: build the kernels, record their resource usage, run the GPU tests, benchmark.
 # Usage (on a CUDA machine, from the repo root): OUT=results_dir bash scripts/gpu_check.sh
-set -uo pipefail
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export COMET_QUANT_CACHE=${COMET_QUANT_CACHE:-/tmp/comet-quant-cache}
-if ! python3 -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh" gpu_out
 python3 - <<'PY' 2>&1 | tee "$OUT/build.txt"
 import time
 from comet_quant import ops
