@@ -748,8 +748,9 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // Group i (fragments a, scales ws) has both halves in flight: rescale its first half while
     // its second half runs, then build group i + 1's fragments in a (group i's last use of them
     // is waited for first) and rescale group i's second half while i + 1's first half runs.
-    // (Written as a for loop with the wait at its top, ptxas serialized every wgmma of the
-    // kernel, C7514.)
+    // (ptxas is particular about this loop's shape. Written as a for loop with the wait at its
+    // top, or with the last-group test at the top and `drain` below for the last group, it
+    // serialized every wgmma of the kernel, C7514. This form compiles clean.)
     auto rescaled_run1 = [&](int& i, int& g, int end) {
       if (g >= end) return;
       __half2 ws, wn;
