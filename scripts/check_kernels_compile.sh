@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Compile every CUDA kernel source for sm_80 (int4 tensor-core path) and sm_90a (Hopper), with
 # nvcc only (no GPU and no torch needed: the CUDA core never includes torch headers). Fails on
-# any compiler error; ptxas reports spills. The torch binding is built by the JIT on a GPU.
+# any compiler error, and on any wgmma that ptxas serializes (its C7510-C7519 notes: a silent
+# slowdown of the Hopper GEMM); ptxas reports spills. The torch binding is built by the JIT on a
+# GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-nvcc}
@@ -15,17 +17,31 @@ TORCH_FLAGS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUD
   -D__CUDA_NO_HALF2_OPERATORS__)
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
+# compile SRC OBJ NVCC-ARGS...: ptxas's verbose report goes to a log; what it warns of is shown.
+compile() {
+  local src=$1 obj=$2
+  shift 2
+  if ! "$NVCC" -std=c++17 -O3 -Ikernels "${TORCH_FLAGS[@]}" -Xptxas -v,-warn-spills "$@" -c "$src" -o "$obj" \
+    > "$obj.log" 2>&1; then
+    cat "$obj.log" >&2
+    return 1
+  fi
+  grep -v "ptxas info\|bytes stack frame\|^$" "$obj.log" || true
+  if grep -q "wgmma.mma_async instructions are serialized" "$obj.log"; then
+    grep "wgmma.mma_async instructions are serialized" "$obj.log" >&2
+    echo "check_kernels_compile: ptxas serializes wgmma in ${src} ($*)" >&2
+    return 1
+  fi
+}
 for src in kernels/*.cu scripts/read_pattern_bench.cu; do
   for arch in 80 90a; do
     echo "nvcc sm_${arch}: ${src}"
-    "$NVCC" -std=c++17 -O3 -Ikernels "-gencode=arch=compute_${arch},code=sm_${arch}" "${TORCH_FLAGS[@]}" \
-      -Xptxas -warn-spills -c "$src" -o "$out/$(basename "$src").sm${arch}.o"
+    compile "$src" "$out/$(basename "$src").sm${arch}.o" "-gencode=arch=compute_${arch},code=sm_${arch}"
   done
 done
 # Experiment switches whose code is otherwise never compiled (docs/BENCHMARKS.md): sm_90a only.
 for flag in -DCOMET_WIDE_EARLY_SCALES -DCOMET_WIDE_PIPELINE=1 -DCOMET_WIDE_PIPELINE=2; do
   echo "nvcc sm_90a ${flag}: kernels/w4ax_wgmma.cu"
-  "$NVCC" -std=c++17 -O3 -Ikernels "-gencode=arch=compute_90a,code=sm_90a" "${TORCH_FLAGS[@]}" "$flag" \
-    -Xptxas -warn-spills -c kernels/w4ax_wgmma.cu -o "$out/w4ax_wgmma.variant.o"
+  compile kernels/w4ax_wgmma.cu "$out/w4ax_wgmma.variant.o" "-gencode=arch=compute_90a,code=sm_90a" "$flag"
 done
 echo "kernel sources compile"
