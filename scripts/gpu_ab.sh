@@ -7,7 +7,7 @@
 # VARIANTS: nvcc flag sets separated by ';'. PYTEST_K: the tests run under each variant (default:
 # the wgmma GEMM's). BENCH: bench_variants.py runs, separated by ';', each its arguments without
 # --variant (default: integer scales at M = 256 / 1024 / 4096, then free scales at 1024 / 4096).
-# TEST_BASE=0 skips the tests of the default build. TEST_S / BENCH_S: time limits of each test
+# TEST_BASE=0 skips the tests of the default build, TESTS=0 all tests. TEST_S / BENCH_S: time limits of each test
 # run and each benchmark run, seconds. Everything
 # goes to $OUT: gpu.txt, build_*.txt, tests_*.txt, bench_*.txt.
 IFS=';' read -r -a variants <<< "${VARIANTS:?set VARIANTS to the nvcc flag sets to compare, ';'-separated}"
@@ -26,6 +26,7 @@ tail -n 2 "$OUT"/build_*.txt
 
 tested=("${variants[@]}")
 [ "${TEST_BASE:-1}" = 1 ] && tested=("" "${variants[@]}")
+[ "${TESTS:-1}" = 0 ] && tested=()
 for v in "${tested[@]}"; do
   COMET_QUANT_NVCC_FLAGS="$v" timeout "${TEST_S:-150}" python3 -m pytest -q -x tests/test_kernels.py -k "$PYTEST_K" \
     > "$OUT/tests_$(tag "$v").txt" 2>&1
