@@ -528,6 +528,11 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       release(i);
     };
 
+    // A group's wgmma run as two halves of the token tile: accumulators [0, kHalf) and
+    // [kHalf, kAccRegs), the second half's tokens kHiRows descriptor units (of 16 bytes, TOKENS / 2
+    // rows of 128) further.
+    constexpr int kHalf = kAccRegs / 2;
+    constexpr uint64_t kHiRows = (TOKENS / 2) * kGroup / 16;
     auto issue = [&](int i, int g, int (&d)[kAccRegs], __half2& ws) {
       const int s = i % kStages;
       ws = __halves2half2(ws_row[0][g], ws_row[1][g]);
@@ -538,10 +543,8 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       // Tokens [0, TOKENS / 2), then the other half (TOKENS / 2 rows of 128 bytes further), one
       // commit each, so that the caller can rescale the first half while the second runs.
 #ifndef COMET_WIDE_SKIP_MMA  // experiment switch: time the pipeline without the tensor cores
-      constexpr int kHalf = kAccRegs / 2;
       int(&lo)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d);
       int(&hi)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d + kHalf);
-      constexpr uint64_t kHiRows = (TOKENS / 2) * kGroup / 16;  // descriptor units of 16 bytes
       wgmma_fence();
       mma(kFresh, lo, a, s, 0, desc[0]);
 #pragma unroll
@@ -659,10 +662,8 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       mbar_wait(&full[s], (i / kStages) & 1);
       uint64_t desc[4];
       operands(s, a, desc, m0, m1, true);
-      constexpr int kHalf = kAccRegs / 2;
       int(&lo)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d0);
       int(&hi)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d0 + kHalf);
-      constexpr uint64_t kHiRows = (TOKENS / 2) * kGroup / 16;
 #ifndef COMET_WIDE_SKIP_MMA  // experiment switch: the CUDA-core work alone (wrong results)
       wgmma_fence();
       constexpr std::bool_constant<!decltype(first)::value> kAccumulate{};
@@ -673,7 +674,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
 #pragma unroll
       for (int k = 1; k < 4; ++k) mma(kAdd, hi, a, s, k, desc[k] + kHiRows);
 #else
-      (void)lo, (void)hi, (void)kHiRows;
+      (void)lo, (void)hi;
 #pragma unroll
       for (int e = 0; e < kAccRegs; ++e) d0[e] ^= static_cast<int>(a[e & 3][(e >> 2) & 3] ^ desc[e & 3]);
 #endif
@@ -718,8 +719,6 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // registers of group()); 2: two, fa and fb alternating as in the integer loop, the next
     // group's built while the second half runs (free scales only: the integer kernels spill with
     // it, 340 bytes at 128 tokens, and run 1).
-    constexpr int kHalfRegs = kAccRegs / 2;
-    constexpr uint64_t kHiDesc = (TOKENS / 2) * kGroup / 16;  // the second half, descriptor units
     auto prep = [&](int i, int g, uint32_t (&a)[4][4], __half2& ws) {
       const int s = i % kStages;
       ws = __halves2half2(ws_row[0][g], ws_row[1][g]);
@@ -729,8 +728,8 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     };
     auto issue_half = [&](auto hi, int i, const uint32_t (&a)[4][4]) {
       const int s = i % kStages;
-      int(&dh)[kHalfRegs] = *reinterpret_cast<int(*)[kHalfRegs]>(d0 + (decltype(hi)::value ? kHalfRegs : 0));
-      const uint64_t desc = desc0 + ((s * sizeof(WideStage)) >> 4) + (decltype(hi)::value ? kHiDesc : 0);
+      int(&dh)[kHalf] = *reinterpret_cast<int(*)[kHalf]>(d0 + (decltype(hi)::value ? kHalf : 0));
+      const uint64_t desc = desc0 + ((s * sizeof(WideStage)) >> 4) + (decltype(hi)::value ? kHiRows : 0);
       wgmma_fence();
       mma(kFresh, dh, a, s, 0, desc);
 #pragma unroll
