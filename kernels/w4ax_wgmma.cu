@@ -291,8 +291,13 @@ __device__ __forceinline__ WideSegment wide_segment(int it, int end, int G, int 
 // gate+up M = 1024 / 4096 1.11 / 1.10x faster, 70B gate+up 1.06 / 1.11x, 70B o M = 4096 1.14x,
 // 70B qkv / down 1.00-1.04x; on the smaller 8B matrices, whose weights a wave already shares,
 // 0.92-1.05x.
-#ifndef COMET_WIDE_PIPELINE  // experiment switch: 0, 1 or 2 (the consumers' `rescaled_run`)
-#define COMET_WIDE_PIPELINE 0
+// The rescaled groups pipelined by token halves (`rescaled_run1`, below): 1, the default; 0 the
+// older one-group-at-a-time loop (`group`), 2 the two-fragment-array form. Measured on H100
+// (docs/BENCHMARKS.md, "Session 20"): free scales 6-10% faster at M = 1024 (128-token tiles) and
+// 0-8% at M = 256; integer scales, where only the 8-bit groups are rescaled, within 1% (8B down
+// M = 1024 4% faster); =2 no faster than =1.
+#ifndef COMET_WIDE_PIPELINE
+#define COMET_WIDE_PIPELINE 1
 #endif
 #ifndef COMET_WIDE_RASTER_MIN_BYTES
 #define COMET_WIDE_RASTER_MIN_BYTES (32ll << 20)
@@ -567,9 +572,8 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     // FMA (0x4B400000 + d is the float 1.5 * 2^23 + d, exact for |d| < 2^22, and 1.5 * 2^23 * ws
     // is exact: ws has 11 significant bits), then acc += t * as. Three instructions.
     float acc[kAccRegs];
-    // pre: the scales of columns j0 .. j1 - 1, loaded earlier (or nullptr: loaded here).
     auto rescale = [&](int i, int (&d)[kAccRegs], __half2 ws_h, int j0 = 0, int j1 = TOKENS / 8,
-                       bool release_stage = true, const float2* pre = nullptr) {
+                       bool release_stage = true) {
 #pragma unroll
       for (int e = 4 * j0; e < 4 * j1; ++e) fence_operand(d[e]);
       constexpr float kUnscale = 1.f / 16.f;  // the weights enter as code * 16
@@ -579,7 +583,7 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       const uint32_t base = stage0 + (i % kStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
 #pragma unroll
       for (int j = j0; j < j1; ++j) {
-        const float2 as = pre ? pre[j - j0] : lds64f(base + 32 * j);
+        const float2 as = lds64f(base + 32 * j);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
 #ifndef COMET_WIDE_SKIP_RESCALE
@@ -625,24 +629,6 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     };
     auto group = [&](int i, int g) {
       issue(i, g, d0, ws0);
-#ifdef COMET_WIDE_EARLY_SCALES  // experiment switch (compiled, not yet run on a GPU)
-      // The second half's activation scales loaded while the wgmma run, so that their loads are
-      // long complete when the release's proxy fence waits for them (it costs the free-scale
-      // kernel 1-6%: docs/BENCHMARKS.md, "Session 15"). 16 registers more at 128 tokens; the
-      // 192-token kernel, 11 registers short of its limit, keeps loading them late.
-      if constexpr (TOKENS <= 128) {
-        constexpr int kHalfTiles = kTokenTiles / 2;
-        float2 hi_as[kHalfTiles];
-        const uint32_t base = stage0 + (i % kStages) * static_cast<uint32_t>(sizeof(WideStage)) + as_off;
-#pragma unroll
-        for (int j = 0; j < kHalfTiles; ++j) hi_as[j] = lds64f(base + 32 * (kHalfTiles + j));
-        wgmma_wait<1>();
-        rescale(i, d0, ws0, 0, kHalfTiles, false);
-        wgmma_wait<0>();
-        rescale(i, d0, ws0, kHalfTiles, kTokenTiles, true, hi_as);
-        return;
-      }
-#endif
       wgmma_wait<1>();
       rescale(i, d0, ws0, 0, kTokenTiles / 2, false);
       wgmma_wait<0>();
@@ -710,10 +696,11 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     [[maybe_unused]] uint32_t fa[4][4], fb[4][4];
     [[maybe_unused]] constexpr std::true_type kFirst{};
     [[maybe_unused]] constexpr std::false_type kNext{};
-    // Experiment (COMET_WIDE_PIPELINE=1 or 2; compiled, not yet run on a GPU): the rescaled groups
-    // [g, end) pipelined by token halves instead of group() one by one, which waits for both
-    // halves of a group before it issues the next, so that the tensor cores idle through the
-    // second half's rescale and the next group's operands. Pipelined, a group's first half is
+    // COMET_WIDE_PIPELINE=1 (default) or 2: the rescaled groups [g, end) pipelined by token
+    // halves instead of group() one by one, which waits for both halves of a group before it
+    // issues the next, so that the tensor cores idle through the second half's rescale and the
+    // next group's operands (group() stays for the 192-token free-scale kernel and
+    // COMET_WIDE_PIPELINE=0). Pipelined, a group's first half is
     // rescaled while its second half runs, and its second half while the next group's first half
     // runs. 1: one fragment array (the next group's built after its last user is waited for: the
     // registers of group()); 2: two, fa and fb alternating as in the integer loop, the next

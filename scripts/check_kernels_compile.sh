@@ -40,7 +40,7 @@ for src in kernels/*.cu scripts/read_pattern_bench.cu; do
   done
 done
 # Experiment switches whose code is otherwise never compiled (docs/BENCHMARKS.md): sm_90a only.
-for flag in -DCOMET_WIDE_EARLY_SCALES -DCOMET_WIDE_PIPELINE=1 -DCOMET_WIDE_PIPELINE=2; do
+for flag in -DCOMET_WIDE_PIPELINE=0 -DCOMET_WIDE_PIPELINE=2; do
   echo "nvcc sm_90a ${flag}: kernels/w4ax_wgmma.cu"
   compile kernels/w4ax_wgmma.cu "$out/w4ax_wgmma.variant.o" "-gencode=arch=compute_90a,code=sm_90a" "$flag"
 done

@@ -2,7 +2,7 @@
 # One GPU call for an experiment switch: build the default kernels and every variant at once,
 # check each variant's results against the references, then time them side by side.
 #
-#   VARIANTS="-DCOMET_WIDE_PIPELINE=1;-DCOMET_WIDE_PIPELINE=2" OUT=ab_out bash scripts/gpu_ab.sh
+#   VARIANTS="-DCOMET_WIDE_PIPELINE=0;-DCOMET_WIDE_PIPELINE=2" OUT=ab_out bash scripts/gpu_ab.sh
 #
 # VARIANTS: nvcc flag sets separated by ';'. PYTEST_K: the tests run under each variant (default:
 # the wgmma GEMM's). BENCH: bench_variants.py runs, separated by ';', each its arguments without
