@@ -293,8 +293,8 @@ __device__ __forceinline__ WideSegment wide_segment(int it, int end, int G, int 
 // 0.92-1.05x.
 // The rescaled groups pipelined by token halves (`rescaled_run1`, below): 1, the default; 0 the
 // older one-group-at-a-time loop (`group`), 2 the two-fragment-array form. Measured on H100
-// (docs/BENCHMARKS.md, "Session 20"): free scales 6-10% faster at M = 1024 (128-token tiles) and
-// 0-8% at M = 256; integer scales, where only the 8-bit groups are rescaled, within 1% (8B down
+// (docs/BENCHMARKS.md, "Session 20"): free scales 6-9% faster at M = 1024 (128-token tiles) and
+// 1-8% at M = 256; integer scales, where only the 8-bit groups are rescaled, within 1% (8B down
 // M = 1024 4% faster); =2 no faster than =1.
 #ifndef COMET_WIDE_PIPELINE
 #define COMET_WIDE_PIPELINE 1
