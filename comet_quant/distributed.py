@@ -41,10 +41,11 @@ def _worker(rank: int, world: int, port: int, ref, samples, cfg, device: str, ou
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    # Leave without interpreter finalization. A C++ thread (gloo's, or torch's thread pools) that
-    # reaches for the GIL while Python finalizes is unwound by pthread_exit, and the unwind through
-    # a noexcept frame aborts the process ("terminate called without an active exception") after
-    # all of its work is done. Every file this rank wrote is closed by now.
+    # Leave without interpreter finalization. CI once saw a rank abort there ("terminate called
+    # without an active exception") after all of its work was done; the likely cause (inferred,
+    # never reproduced here) is a C++ thread (gloo's, or torch's thread pools) that reaches for the
+    # GIL while Python finalizes and is unwound through a noexcept frame. Every file this rank
+    # wrote is closed by now.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
