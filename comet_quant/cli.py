@@ -111,12 +111,16 @@ def calibrate(model, dataset, nsamples, seqlen, seed, batch_size, device, worker
               help="Group scales as a row's (a token span's) scale times an integer 1-16, which "
                    "the Hopper GEMM sums in int32 (faster, slightly less accurate; docs/SCHEME.md) "
                    "[default: the preset's].")
+@click.option("--a8-span-scales/--a8-group-scales", default=None,
+              help="With integer group scales: the 8-bit activation groups of each span share one "
+                   "scale, so the Hopper GEMM sums them in int32 too (docs/SCHEME.md) "
+                   "[default: the preset's].")
 @_calib_options
 @click.option("--out", default=None, help="Output directory [default: comet_quant_out/MODEL-SCHEME]")
 @overwrite_opt
 @resume_opt
 def export(model, calib, scheme, a8_budget, a8_select, a8_threshold, a8_criterion, a8_layer_cap,
-           act_order, clip, group_size, w_method, asymmetric, kv_bits, int_group_scales, dataset,
+           act_order, clip, group_size, w_method, asymmetric, kv_bits, int_group_scales, a8_span_scales, dataset,
            nsamples, seqlen, seed, batch_size, device, workers, out, overwrite, resume):
     """Run FMPQ and write a quantized checkpoint."""
     from .export import export as run
@@ -128,7 +132,7 @@ def export(model, calib, scheme, a8_budget, a8_select, a8_threshold, a8_criterio
                         group_size=group_size, w_method=w_method,
                         w_symmetric=(False if asymmetric else None),
                         kv_bits=int(kv_bits) if kv_bits else None,
-                        int_group_scales=int_group_scales)
+                        int_group_scales=int_group_scales, a8_span_scales=a8_span_scales)
     run(model, calib, chosen, out, overwrite,
         _calib_config(dataset, nsamples, seqlen, seed, batch_size, device, workers), resume=resume)
 
@@ -233,7 +237,8 @@ def scheme_summary(s) -> str:
         a = f"a4/a8<= {s.a8_budget:.0%}"
     else:
         a = f"a{s.a_bits}"
-    extras = [t for t, on in (("hadamard", s.rotate), ("int-group-scales", s.int_group_scales)) if on]
+    extras = [t for t, on in (("hadamard", s.rotate), ("int-group-scales", s.int_group_scales),
+                              ("a8-span-scales", s.a8_span_scales)) if on]
     return (f"w4 {s.w_method:<4} {'sym ' if s.w_symmetric else 'asym'} {a:<14} kv{s.kv_bits:<3} "
             f"group {s.group_size}" + (f"  {' '.join(extras)}" if extras else ""))
 

@@ -48,18 +48,20 @@ WIDE_ORDER[torch.tensor([_wide_position(c) for c in range(GROUP)])] = torch.aran
 # ---------------------------------------------------------------------------------------------
 
 def quantize_act_reference(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool = False,
-                           int_scales: bool = False):
+                           int_scales: bool = False, a8_spans: bool = False):
     """Reference of ``comet::quantize_act``.
 
     Args:
         x: float16/bfloat16 [M, K]; perm: int32 [K_pad]; groups8: leading 8-bit groups;
         rotate: multiply each permuted group by the orthonormal Hadamard matrix first;
-        int_scales: integer group scales for the 4-bit groups (``int_group_scales``).
+        int_scales: integer group scales for the 4-bit groups (``int_group_scales``);
+        a8_spans: one scale per token for the 8-bit groups of each span (``a8_span_scales``).
     Returns:
         q8 int8 [M, groups8*128], q4 uint8 [M, (K_pad - groups8*128)/2] packed, scales f32 [M, G].
     """
     identity = torch.arange(perm.numel(), device=perm.device)
-    q8, q4, scales = quantize_activation(_permuted(x, perm, rotate), identity, groups8, GROUP, int_scales=int_scales)
+    q8, q4, scales = quantize_activation(_permuted(x, perm, rotate), identity, groups8, GROUP, int_scales=int_scales,
+                                         a8_spans=a8_spans)
     return q8, pack_int4(q4), scales
 
 
@@ -93,7 +95,7 @@ def spans(groups: int) -> int:
 
 
 def quantize_act_wide_reference(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool = False,
-                                int_scales: bool = False):
+                                int_scales: bool = False, a8_spans: bool = False):
     """Reference of ``comet::quantize_act_wide``: the codes of :func:`quantize_act_reference`
     laid out for the Hopper GEMM.
 
@@ -103,7 +105,7 @@ def quantize_act_wide_reference(x: torch.Tensor, perm: torch.Tensor, groups8: in
         WIDE_ORDER; scales_t f32 [G, M_pad]: the scales transposed, M_pad = M rounded up to 4,
         padding zero; with ``int_scales`` [G + spans, M_pad], row G + s the scale of span s.
     """
-    q8, q4, scales = quantize_act_reference(x, perm, groups8, rotate, int_scales)
+    q8, q4, scales = quantize_act_reference(x, perm, groups8, rotate, int_scales, a8_spans)
     q4 = unpack_int4(q4, signed=True)
     m, g = scales.shape
     # A span without 4-bit groups still gets the kernel's value: the scale of an all-zero span.
@@ -124,14 +126,19 @@ def quantize_act_wide_reference(x: torch.Tensor, perm: torch.Tensor, groups8: in
 
 
 def w4ax_gemm_wide_reference(qa, scales_t, qweight, wscale, out_dtype: torch.dtype = torch.float16,
-                             wscale_row: torch.Tensor | None = None, groups8: int = 0) -> torch.Tensor:
+                             wscale_row: torch.Tensor | None = None, groups8: int = 0,
+                             a8_spans: bool = False) -> torch.Tensor:
     """Reference of ``comet::w4ax_gemm_wide``: :func:`w4ax_gemm_reference` with every group
     treated as int8, after undoing the wide channel order.
 
     With ``wscale_row`` (integer group scales) the 4-bit groups (from ``groups8`` on) hold
     code * m: their weights enter as code * (wscale / wscale_row) and each span's integer sum is
     scaled by the span's activation scale (row G + span of ``scales_t``) times ``wscale_row``.
+    ``a8_spans``: the kernel sums the 8-bit groups of each span in int32 too and scales the sum
+    by their span's shared scale (the rows of ``scales_t`` of those groups hold it, all equal),
+    which is the same sum as here, group by group.
     """
+    del a8_spans  # the same exact value either way (float64, every product exact)
     m, kp = qa.shape
     g = kp // GROUP
     inverse = torch.argsort(WIDE_ORDER).to(qa.device)
@@ -225,21 +232,21 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("comet::quantize_act")
-    def _(x, perm, groups8, rotate=False, int_scales=False):
+    def _(x, perm, groups8, rotate=False, int_scales=False, a8_spans=False):
         m, kp = x.shape[0], perm.shape[0]
         k8 = groups8 * GROUP
         return (x.new_empty(m, k8, dtype=torch.int8), x.new_empty(m, (kp - k8) // 2, dtype=torch.uint8),
                 x.new_empty(m, kp // GROUP, dtype=torch.float32))
 
     @torch.library.register_fake("comet::quantize_act_wide")
-    def _(x, perm, groups8, rotate=False, int_scales=False):
+    def _(x, perm, groups8, rotate=False, int_scales=False, a8_spans=False):
         m, kp = x.shape[0], perm.shape[0]
         g = kp // GROUP
         return (x.new_empty(m, kp, dtype=torch.int8),
                 x.new_empty(g + (spans(g) if int_scales else 0), -(-m // 4) * 4, dtype=torch.float32))
 
     @torch.library.register_fake("comet::w4ax_gemm_wide")
-    def _(qa, scales_t, qweight, wscale, split_k, out_dtype, wscale_row=None, groups8=0, expand=0):
+    def _(qa, scales_t, qweight, wscale, split_k, out_dtype, wscale_row=None, groups8=0, expand=0, a8_spans=False):
         return qweight.new_empty(qa.shape[0], qweight.shape[0], dtype=out_dtype)
 
     @torch.library.register_fake("comet::kv4_append")
@@ -274,11 +281,11 @@ def _kernel_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_act(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool = False,
-                 int_scales: bool = False):
+                 int_scales: bool = False, a8_spans: bool = False):
     """Fused permute (+ rotation) + per-token per-group quantization (see the reference)."""
     if x.is_cuda and kernels_available():
-        return torch.ops.comet.quantize_act(_kernel_input(x), perm, groups8, rotate, int_scales)
-    return quantize_act_reference(x, perm, groups8, rotate, int_scales)
+        return torch.ops.comet.quantize_act(_kernel_input(x), perm, groups8, rotate, int_scales, a8_spans)
+    return quantize_act_reference(x, perm, groups8, rotate, int_scales, a8_spans)
 
 
 def w4ax_gemm(q8, q4, ascale, qweight, wscale, groups8: int, out_dtype=torch.float16,
@@ -300,34 +307,39 @@ def uses_wide_gemm(x: torch.Tensor, qweight: torch.Tensor | None = None) -> bool
 
 
 def quantize_linear_input(x: torch.Tensor, perm: torch.Tensor, groups8: int, rotate: bool, wide: bool,
-                          int_scales: bool = False) -> tuple:
+                          int_scales: bool = False, a8_spans: bool = False) -> tuple:
     """The activation quantization of :func:`w4ax_linear`: (qa, scales_t) for the wgmma path
     (``wide``), (q8, q4, scales) for the packed one."""
     if wide:
-        return torch.ops.comet.quantize_act_wide(_kernel_input(x), perm, groups8, rotate, int_scales)
-    return quantize_act(x, perm, groups8, rotate, int_scales)
+        return torch.ops.comet.quantize_act_wide(_kernel_input(x), perm, groups8, rotate, int_scales, a8_spans)
+    return quantize_act(x, perm, groups8, rotate, int_scales, a8_spans)
 
 
 def w4ax_linear_quantized(qx: tuple, groups8: int, qweight: torch.Tensor, wscale: torch.Tensor,
-                          out_dtype: torch.dtype, wscale_row: torch.Tensor | None = None) -> torch.Tensor:
+                          out_dtype: torch.dtype, wscale_row: torch.Tensor | None = None,
+                          a8_spans: bool = False) -> torch.Tensor:
     """The GEMM of :func:`w4ax_linear` on :func:`quantize_linear_input`'s output (with
-    ``wscale_row``: quantized with ``int_scales``)."""
+    ``wscale_row``: quantized with ``int_scales``; ``a8_spans``: and ``a8_spans``)."""
     if len(qx) == 2:
-        return torch.ops.comet.w4ax_gemm_wide(*qx, qweight, wscale, 0, out_dtype, wscale_row, groups8)
+        return torch.ops.comet.w4ax_gemm_wide(*qx, qweight, wscale, 0, out_dtype, wscale_row, groups8, 0, a8_spans)
     # The packed kernels take every group scale as it is (for integer group scales, the products).
     return w4ax_gemm(*qx, qweight, wscale, groups8, out_dtype)
 
 
 def w4ax_linear(x: torch.Tensor, perm: torch.Tensor, groups8: int, qweight: torch.Tensor,
                 wscale: torch.Tensor, out_dtype=None, rotate: bool = False,
-                wscale_row: torch.Tensor | None = None) -> torch.Tensor:
+                wscale_row: torch.Tensor | None = None, a8_spans: bool = False) -> torch.Tensor:
     """y = W4Ax(x): x float16/bfloat16 [M, K] (original channel order) -> [M, N].
 
     With ``rotate`` the activation groups are Hadamard-rotated (the weights already are). On
     sm_90 from WIDE_MIN_M tokens on (WIDE_MIN_M_LARGE on large weight matrices), the activations
     are quantized into the wide layout and multiplied by the wgmma kernel; elsewhere the packed
     layout and the mma.sync kernels. ``wscale_row`` (fp16 [N]): the weights have integer group
-    scales (``int_group_scales``), and so do the activations' 4-bit groups."""
+    scales (``int_group_scales``), and so do the activations' 4-bit groups; ``a8_spans`` (with
+    ``wscale_row`` only): the 8-bit groups of each span share one activation scale
+    (``a8_span_scales``), and the wgmma kernel sums them in int32 too."""
     ints = wscale_row is not None
-    qx = quantize_linear_input(x, perm, groups8, rotate, uses_wide_gemm(x, qweight), ints)
-    return w4ax_linear_quantized(qx, groups8, qweight, wscale, out_dtype or x.dtype, wscale_row)
+    if a8_spans and not ints:
+        raise CometError("a8_spans (a8_span_scales) needs integer group scales (wscale_row)")
+    qx = quantize_linear_input(x, perm, groups8, rotate, uses_wide_gemm(x, qweight), ints, a8_spans)
+    return w4ax_linear_quantized(qx, groups8, qweight, wscale, out_dtype or x.dtype, wscale_row, a8_spans)

@@ -79,8 +79,21 @@ def int_token_scales(amax: torch.Tensor, qmax: int, first_group: int = 0) -> tup
     return span, mult
 
 
+def shared_span_scales(amax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """One scale for all groups of each span (``a8_span_scales``): float32 [R, G], every group
+    of span s (groups 16s .. 16s + 15 of ``amax``, counted from its first column) gets
+    ``max(amax over those groups) / qmax`` (floored at MIN_SCALE), with IEEE division as the
+    kernels compute it."""
+    r, g = amax.shape
+    total = -(-g // SCALE_SPAN) * SCALE_SPAN
+    padded = torch.nn.functional.pad(amax, (0, total - g))
+    smax = padded.reshape(r, -1, SCALE_SPAN).amax(-1, keepdim=True).expand(-1, -1, SCALE_SPAN)
+    smax = smax.reshape(r, total)[:, :g]
+    return (smax / torch.full_like(smax, qmax)).clamp_min(MIN_SCALE)
+
+
 def quantize_symmetric(x: torch.Tensor, bits: int, group_size: int, int_scales: bool = False,
-                       first_group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                       first_group: int = 0, span_shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric round-to-nearest quantization with one scale per row and group.
 
     Args:
@@ -88,6 +101,8 @@ def quantize_symmetric(x: torch.Tensor, bits: int, group_size: int, int_scales: 
         int_scales: every group scale is its span's scale times an integer in [1, 16]
             (:func:`int_token_scales`; ``x`` holds groups ``first_group ..`` of the row)
             instead of the group's own absmax / qmax.
+        span_shared: the groups of each span of 16 (counted from ``x``'s first group) share
+            one scale, their largest absmax / qmax (:func:`shared_span_scales`).
     Returns:
         q: int8 [R, K], values in [-qmax, qmax] (qmax = 7 for 4 bits, 127 for 8 bits).
         scale: float32 [R, K // group_size], ``x ~= q * scale`` group-wise.
@@ -101,6 +116,8 @@ def quantize_symmetric(x: torch.Tensor, bits: int, group_size: int, int_scales: 
     if int_scales and g:
         span, mult = int_token_scales(amax, qmax, first_group)
         scale = span * mult
+    elif span_shared:
+        scale = shared_span_scales(amax, qmax)
     else:
         # A tensor divisor keeps true IEEE division on every device (CUDA turns a scalar
         # divisor into a reciprocal multiply), so the reference and the kernels agree bitwise.
@@ -285,7 +302,8 @@ def pad_channels(x: torch.Tensor, k_padded: int) -> torch.Tensor:
 
 
 def quantize_activation(x: torch.Tensor, perm: torch.Tensor, groups8: int, group_size: int,
-                        low_bits: int = 4, high_bits: int = 8, int_scales: bool = False):
+                        low_bits: int = 4, high_bits: int = 8, int_scales: bool = False,
+                        a8_spans: bool = False):
     """Reference of the fused activation-quantization kernel.
 
     Args:
@@ -294,7 +312,10 @@ def quantize_activation(x: torch.Tensor, perm: torch.Tensor, groups8: int, group
         groups8: number of leading permuted groups quantized with ``high_bits``.
         int_scales: the low-precision groups of each span of 16 groups of a token share one
             scale times integer multipliers (``int_group_scales``, :func:`int_token_scales`);
-            the 8-bit groups keep their own scales.
+            the 8-bit groups keep their own scales, unless
+        a8_spans: the 8-bit groups of each span of 16 share one scale per token, the largest
+            absmax of them / 127 (``a8_span_scales``: the Hopper GEMM then sums them in int32
+            too; the 8-bit groups are the row's first, so their spans start at group 0).
     Returns:
         q8: int8 [M, groups8 * g] codes of the high-precision groups.
         q4: int8 [M, K_pad - groups8 * g] codes in [-7, 7] of the low-precision groups
@@ -303,7 +324,7 @@ def quantize_activation(x: torch.Tensor, perm: torch.Tensor, groups8: int, group
     """
     xp = pad_channels(x, perm.numel()).index_select(-1, perm.long())
     k8 = groups8 * group_size
-    q8, s8 = quantize_symmetric(xp[:, :k8], high_bits, group_size)
+    q8, s8 = quantize_symmetric(xp[:, :k8], high_bits, group_size, span_shared=a8_spans)
     q4, s4 = quantize_symmetric(xp[:, k8:], low_bits, group_size, int_scales, groups8)
     return q8, q4, torch.cat((s8, s4), dim=1)
 
@@ -325,7 +346,7 @@ def rotate_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def fake_quantize_activation(x: torch.Tensor, perm: torch.Tensor, groups8: int, group_size: int,
                              low_bits: int = 4, high_bits: int = 8, rotate: bool = False,
-                             int_scales: bool = False) -> torch.Tensor:
+                             int_scales: bool = False, a8_spans: bool = False) -> torch.Tensor:
     """Permuted, padded (optionally group-rotated) activations after quantize -> dequantize:
     float [..., K_pad]."""
     shape = x.shape
@@ -333,7 +354,8 @@ def fake_quantize_activation(x: torch.Tensor, perm: torch.Tensor, groups8: int, 
     if rotate:
         x2 = rotate_groups(pad_channels(x2, perm.numel()).index_select(-1, perm.long()), group_size)
         perm = torch.arange(perm.numel(), device=perm.device)
-    q8, q4, scale = quantize_activation(x2, perm, groups8, group_size, low_bits, high_bits, int_scales)
+    q8, q4, scale = quantize_activation(x2, perm, groups8, group_size, low_bits, high_bits, int_scales,
+                                        a8_spans)
     g8 = groups8
     parts = []
     if q8.shape[1]:

@@ -50,6 +50,7 @@ class W4AxLinear(nn.Module):
         self.a_bits, self.a_high_bits = scheme.a_bits, scheme.a_high_bits
         self.rotate = scheme.rotate
         self.int_scales = scheme.int_group_scales
+        self.a8_spans = scheme.a8_span_scales
         self.groups8 = int(tensors["act_groups8"][0])
         for key in ("qweight", "wscale", "wscale_row", "wzero", "act_perm", "bias"):
             self.register_buffer(key, tensors.get(key))
@@ -76,7 +77,7 @@ class W4AxLinear(nn.Module):
             xp = pad_channels(x, self.k_padded).index_select(-1, self.act_perm.long())
             return rotate_groups(xp, self.group_size) if self.rotate else xp
         return fake_quantize_activation(x, self.act_perm, self.groups8, self.group_size,
-                                        self.a_bits, self.a_high_bits, self.rotate, self.int_scales)
+                                        self.a_bits, self.a_high_bits, self.rotate, self.int_scales, self.a8_spans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernels and x.is_cuda:
@@ -100,7 +101,7 @@ class W4AxLinear(nn.Module):
             if x2.dtype not in (torch.float16, torch.bfloat16):
                 x2 = x2.to(torch.float16)
             y = ops.w4ax_linear(x2.contiguous(), self.act_perm, self.kernel_groups8, self.qweight, self.wscale,
-                                x.dtype, self.rotate, self.wscale_row if self.int_scales else None)
+                                x.dtype, self.rotate, self.wscale_row if self.int_scales else None, self.a8_spans)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

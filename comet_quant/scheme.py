@@ -65,6 +65,9 @@ class QuantScheme:
             free values (docs/SCHEME.md, "Integer group scales"): on Hopper the GEMM can then
             sum the 4-bit groups of a row in integer, without a float rescale per group.
             Needs symmetric weights.
+        a8_span_scales: with ``int_group_scales``, the 8-bit activation groups of each span of
+            16 groups of a token share one scale (their largest absmax / 127) instead of one
+            each, so that the Hopper GEMM sums them in int32 too (docs/SCHEME.md).
         kv_bits: KV-cache bits: 4, 8, or 16 (unquantized); asymmetric per token per head.
         k_policy: what to do when a linear's K is not a multiple of ``group_size``: ``pad``
             with zero channels up to the next multiple (stated in the export log and recorded
@@ -91,6 +94,7 @@ class QuantScheme:
     permute: bool = True
     rotate: bool = False
     int_group_scales: bool = False
+    a8_span_scales: bool = False
     kv_bits: int = 4
     k_policy: str = "pad"
 
@@ -132,6 +136,9 @@ class QuantScheme:
         if self.int_group_scales and self.a_bits == 8:
             raise bad("int_group_scales applies to 4-bit activation groups; with a_bits=8 "
                       "leave it off")
+        if self.a8_span_scales and not self.int_group_scales:
+            raise bad("a8_span_scales shares the 8-bit groups' scales for the integer-scale GEMM; "
+                      "it needs int_group_scales=true")
         if self.kv_bits not in (4, 8, 16):
             raise bad(f"kv_bits must be 4, 8 or 16 (got {self.kv_bits!r})")
         if self.k_policy not in K_POLICIES:
@@ -205,6 +212,9 @@ register_preset(QuantScheme(name="w4ax-rot-kv4-25", rotate=True, a8_budget=0.25)
 # The fast Hopper path: rotation and integer group scales (the GEMM sums each span of 16 groups
 # in int32; with the rotation its accuracy cost was 0.1-1.3% perplexity on SmolLM2, docs/SCHEME.md).
 register_preset(QuantScheme(name="w4ax-rot-kv4-int", rotate=True, int_group_scales=True))
+# ... and its 8-bit groups summed in int32 too: one scale per span of them (docs/SCHEME.md).
+register_preset(QuantScheme(name="w4ax-rot-kv4-int-a8span", rotate=True, int_group_scales=True,
+                            a8_span_scales=True))
 register_preset(QuantScheme(name="w4a16", a_bits=16, a8_budget=0.0, permute=False, kv_bits=16))
 register_preset(QuantScheme(name="w4a16-rtn", w_method="rtn", a_bits=16, a8_budget=0.0,
                             permute=False, kv_bits=16))

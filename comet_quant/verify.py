@@ -54,8 +54,9 @@ def verify_checkpoint(path, tolerance: float = DEFAULT_TOLERANCE, tokens: int = 
             x = _activations(perm, k, tokens, gen).cuda()
             perm = perm.cuda()
             rows = tensors[f"{p}.wscale_row"].cuda() if s.int_group_scales else None
-            y = ops.w4ax_linear(x, perm, g8, qw, ws, torch.float32, s.rotate, rows)
-            ref = ops.w4ax_gemm_reference(*ops.quantize_act_reference(x, perm, g8, s.rotate, s.int_group_scales),
+            y = ops.w4ax_linear(x, perm, g8, qw, ws, torch.float32, s.rotate, rows, s.a8_span_scales)
+            ref = ops.w4ax_gemm_reference(*ops.quantize_act_reference(x, perm, g8, s.rotate, s.int_group_scales,
+                                                                      s.a8_span_scales),
                                           qw, ws, g8, torch.float32)
             err = float((y - ref).norm() / ref.norm().clamp_min(1e-12))
             if not math.isfinite(err):

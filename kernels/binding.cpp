@@ -67,7 +67,8 @@ std::array<int64_t, 3> check_act_input(const at::Tensor& x, const at::Tensor& pe
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, const at::Tensor& perm,
-                                                            int64_t groups8, bool rotate, bool int_scales) {
+                                                            int64_t groups8, bool rotate, bool int_scales,
+                                                            bool a8_spans) {
   const auto [M, K, Kpad] = check_act_input(x, perm, groups8);
   const int64_t G = Kpad / comet::kGroup;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -76,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x,
   at::Tensor q4 = at::empty({M, (Kpad - groups8 * comet::kGroup) / 2}, opts.dtype(at::kByte));
   at::Tensor scales = at::empty({M, G}, opts.dtype(at::kFloat));
   check_cuda(comet::quantize_act_host(x.data_ptr(), to_dtype(x.scalar_type()), perm.data_ptr<int32_t>(),
-                                      M, K, Kpad, groups8, rotate, int_scales, q8.data_ptr<int8_t>(),
+                                      M, K, Kpad, groups8, rotate, int_scales, a8_spans, q8.data_ptr<int8_t>(),
                                       q4.data_ptr<uint8_t>(),
                                       scales.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
              "quantize_act");
@@ -128,7 +129,7 @@ int64_t wide_scale_rows(int64_t G, bool int_scales) {
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_act_wide(const at::Tensor& x, const at::Tensor& perm, int64_t groups8,
-                                                     bool rotate, bool int_scales) {
+                                                     bool rotate, bool int_scales, bool a8_spans) {
   const auto [M, K, Kpad] = check_act_input(x, perm, groups8);
   const int64_t G = Kpad / comet::kGroup, Mpad = (M + 3) / 4 * 4, rows = wide_scale_rows(G, int_scales);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -137,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_act_wide(const at::Tensor& x, const 
   at::Tensor scales_t = Mpad == M ? at::empty({rows, Mpad}, opts.dtype(at::kFloat))
                                   : at::zeros({rows, Mpad}, opts.dtype(at::kFloat));
   check_cuda(comet::quantize_act_wide_host(x.data_ptr(), to_dtype(x.scalar_type()), perm.data_ptr<int32_t>(), M, K,
-                                           Kpad, groups8, rotate, int_scales, qa.data_ptr<int8_t>(),
+                                           Kpad, groups8, rotate, int_scales, a8_spans, qa.data_ptr<int8_t>(),
                                            scales_t.data_ptr<float>(), Mpad, at::cuda::getCurrentCUDAStream()),
              "quantize_act_wide");
   return {qa, scales_t};
@@ -145,7 +146,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_act_wide(const at::Tensor& x, const 
 
 at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, const at::Tensor& qweight,
                           const at::Tensor& wscale, int64_t split_k, at::ScalarType out_dtype,
-                          const c10::optional<at::Tensor>& wscale_row, int64_t groups8, int64_t expand) {
+                          const c10::optional<at::Tensor>& wscale_row, int64_t groups8, int64_t expand,
+                          bool a8_spans) {
   check(qa, "qa", at::kChar, 2);
   check(scales_t, "scales_t", at::kFloat, 2);
   check(qweight, "qweight", at::kByte, 2);
@@ -167,6 +169,7 @@ at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, cons
     TORCH_CHECK(wscale_row->size(0) == N, "comet: wscale_row must be [N]");
     TORCH_CHECK(groups8 >= 0 && groups8 <= G, "comet: groups8 out of range");
   }
+  TORCH_CHECK(!a8_spans || ints, "comet: a8_spans needs integer group scales (wscale_row)");
   TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major == 9, "comet: w4ax_gemm_wide needs an sm_90 GPU");
   const c10::cuda::CUDAGuard guard(qweight.device());
   at::Tensor out = at::empty({M, N}, qweight.options().dtype(out_dtype));
@@ -182,7 +185,7 @@ at::Tensor w4ax_gemm_wide(const at::Tensor& qa, const at::Tensor& scales_t, cons
   at::Tensor w8 = plan.expand ? at::empty({N, Kpad}, qweight.options().dtype(at::kChar)) : at::Tensor();
   check_cuda(comet::w4ax_gemm_wide_host(qa.data_ptr<int8_t>(), scales_t.data_ptr<float>(), Mpad,
                                         qweight.data_ptr<uint8_t>(), wscale.data_ptr(),
-                                        ints ? wscale_row->data_ptr() : nullptr, static_cast<int>(groups8),
+                                        ints ? wscale_row->data_ptr() : nullptr, static_cast<int>(groups8), a8_spans,
                                         out.data_ptr(), to_dtype(out_dtype), M, N, Kpad, split_k,
                                         static_cast<int>(expand), work_floats ? work.data_ptr<float>() : nullptr,
                                         plan.expand ? w8.data_ptr<int8_t>() : nullptr,
@@ -270,14 +273,14 @@ at::Tensor kv4_decode_attention(const at::Tensor& q, const at::Tensor& k_codes, 
 }  // namespace
 
 TORCH_LIBRARY(comet, m) {
-  m.def("quantize_act(Tensor x, Tensor perm, int groups8, bool rotate=False, bool int_scales=False) -> "
-        "(Tensor, Tensor, Tensor)");
+  m.def("quantize_act(Tensor x, Tensor perm, int groups8, bool rotate=False, bool int_scales=False, "
+        "bool a8_spans=False) -> (Tensor, Tensor, Tensor)");
   m.def("w4ax_gemm(Tensor q8, Tensor q4, Tensor ascale, Tensor qweight, Tensor wscale, int groups8, "
         "int split_k, bool int4_mma, ScalarType out_dtype) -> Tensor");
-  m.def("quantize_act_wide(Tensor x, Tensor perm, int groups8, bool rotate=False, bool int_scales=False) -> "
-        "(Tensor, Tensor)");
+  m.def("quantize_act_wide(Tensor x, Tensor perm, int groups8, bool rotate=False, bool int_scales=False, "
+        "bool a8_spans=False) -> (Tensor, Tensor)");
   m.def("w4ax_gemm_wide(Tensor qa, Tensor scales_t, Tensor qweight, Tensor wscale, int split_k, "
-        "ScalarType out_dtype, Tensor? wscale_row=None, int groups8=0, int expand=0) -> Tensor");
+        "ScalarType out_dtype, Tensor? wscale_row=None, int groups8=0, int expand=0, bool a8_spans=False) -> Tensor");
   m.def("wide_tile(int M, int N, int K, int split_k=0, bool int_scales=False, int expand=0) -> int[]", &wide_tile);
   m.def("kv4_append(Tensor x, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!) zero, int start, "
         "Tensor? start_tensor=None) -> ()");

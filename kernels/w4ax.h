@@ -57,16 +57,18 @@ inline cudaError_t allow_dynamic_smem(Kernel kernel, size_t bytes) {
 //           the scale of its span of kSpanGroups groups (the span's largest 4-bit absmax / 112,
 //           rounded up to 20 significant bits) times the smallest integer m in [1, 16] that
 //           holds the group (primitives.int_token_scales)
+//   a8_spans  (the scheme's a8_span_scales) the 8-bit groups of each span share one scale, their
+//           largest absmax / 127 (primitives.shared_span_scales), stored as each one's scale
 cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm, int M, int K,
-                              int Kpad, int groups8, bool rotate, bool int_scales, int8_t* q8, uint8_t* q4,
-                              float* scales, cudaStream_t stream);
+                              int Kpad, int groups8, bool rotate, bool int_scales, bool a8_spans, int8_t* q8,
+                              uint8_t* q4, float* scales, cudaStream_t stream);
 
 // Activation quantization into the wide layout (see wide_position): qa [M, Kpad] int8,
 // scales_t [G, Mpad] float32 (Mpad >= M, a multiple of 4; columns past M are not written).
 // With int_scales the 4-bit groups hold code * m and scales_t is [G + spans, Mpad]: row G + s
 // the scale of span s (spans = ceil(G / kSpanGroups)).
 cudaError_t quantize_act_wide_host(const void* x, DType x_dtype, const int32_t* perm, int M, int K,
-                                   int Kpad, int groups8, bool rotate, bool int_scales, int8_t* qa,
+                                   int Kpad, int groups8, bool rotate, bool int_scales, bool a8_spans, int8_t* qa,
                                    float* scales_t, int Mpad, cudaStream_t stream);
 constexpr int kSpanGroups = 16;  // groups per span of integer group scales (primitives.SCALE_SPAN)
 
@@ -100,12 +102,14 @@ int choose_split_k(int M, int N, int Kpad, int num_sms);
 // floats (none needs clearing). Returns cudaErrorNotSupported off sm_90.
 // Integer group scales (wscale_row non-null: fp16 [N], every wscale[n, g] = wscale_row[n] * an
 // integer in [1, 16]; activations from quantize_act_wide with int_scales): the 4-bit groups (from
-// groups8 on) of each span are summed in int32 and scaled once per span.
+// groups8 on) of each span are summed in int32 and scaled once per span. a8_spans (with
+// wscale_row; activations from quantize_act_wide with a8_spans): the 8-bit groups of each span
+// share one activation scale per token, and are summed in int32 and scaled once too.
 // expand: 0 automatic (wide_plan), 1 always, -1 never: the weights are first expanded to int8
 // into w8 (int8 [N, Kpad], needed where wide_plan(...).expand), and wgmma reads them from
 // shared memory instead of every token tile building them in registers.
 cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
-                                const void* wscale, const void* wscale_row, int groups8, void* out,
+                                const void* wscale, const void* wscale_row, int groups8, bool a8_spans, void* out,
                                 DType out_dtype, int M, int N, int Kpad, int split_k, int expand,
                                 float* workspace, int8_t* w8, cudaStream_t stream);
 

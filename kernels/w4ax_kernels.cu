@@ -116,7 +116,8 @@ __device__ __forceinline__ uint32_t nibbles(uint32_t lo, uint32_t hi) {
 // With int_scales (the scheme's int_group_scales) a 4-bit group's scale is its span's scale
 // times an integer m in [1, 16] (primitives.int_token_scales; a span is 16 groups of the row),
 // the wide layout stores code * m, and the span scales follow the group scales: rows G ..
-// G + spans - 1 of the transposed scales.
+// G + spans - 1 of the transposed scales. With a8_spans (the scheme's a8_span_scales) the 8-bit
+// groups of each span share one scale, stored as each one's (primitives.shared_span_scales).
 struct ActOut {
   int8_t* q8;
   uint8_t* q4;
@@ -124,6 +125,7 @@ struct ActOut {
   int G, K8, K4;
   int Kpad, Mpad;
   bool int_scales = false;
+  bool a8_spans = false;
 };
 constexpr int kMaxHalves = 32;   // half-warps of the largest block (512 threads)
 
@@ -139,9 +141,9 @@ __device__ __forceinline__ float round_up_20(float v) {
 // amax, and s = amax / qmax and 1 / s are each correctly rounded, so |x * (1 / s)| <= qmax *
 // (1 + 2^-24)^3 < qmax + 1/2 (s = kMinScale only lowers it). `store` = false (a half-warp past
 // the last group) still takes part in the shuffles.
-// int_scales: every thread of the block calls this at once (one group per half-warp, groups g
-// of a round aligned to spans: the round starts at a multiple of 16 groups), since the span's
-// groups exchange their absmax through shared memory.
+// int_scales or a8_spans: every thread of the block calls this at once (one group per half-warp,
+// groups g of a round aligned to spans: the round starts at a multiple of 16 groups), since the
+// span's groups exchange their absmax through shared memory.
 template <bool WIDE>
 __device__ __forceinline__ void quantize_group(float (&v)[8], size_t row, int g, int l, int groups8, bool rotate,
                                                bool store, const ActOut& o) {
@@ -152,21 +154,30 @@ __device__ __forceinline__ void quantize_group(float (&v)[8], size_t row, int g,
   amax = half_warp_max(amax);
   const bool high = g < groups8;
   float s, mult = 1.f;  // int_scales: the 4-bit group's multiplier (the wide layout stores code * mult)
-  if (o.int_scales) {
+  if (o.int_scales || o.a8_spans) {
+    // The span's largest absmax among the groups of this one's precision (the 8-bit groups are
+    // the row's first groups8; spans start at multiples of 16 groups, as the rounds do).
     __shared__ float span_amax[kMaxHalves];
-    const int half = threadIdx.x / kHalfLanes;
-    if (l == 0) span_amax[half] = store && !high ? amax : 0.f;
+    const int half = threadIdx.x / kHalfLanes, first = half & ~(kSpanGroups - 1);
+    if (l == 0) span_amax[half] = store ? amax : 0.f;
     __syncthreads();
     float smax = 0.f;
 #pragma unroll
-    for (int i = 0; i < kSpanGroups; ++i) smax = fmaxf(smax, span_amax[(half & ~(kSpanGroups - 1)) + i]);
+    for (int i = 0; i < kSpanGroups; ++i)
+      if ((g - half + first + i < groups8) == high) smax = fmaxf(smax, span_amax[first + i]);
     __syncthreads();  // read before the next round writes
-    const float span = round_up_20(fmaxf(__fdiv_rn(smax, 7.f * 16.f), kMinScale));
     if (!store) return;
-    if (WIDE && l == 0 && g % kSpanGroups == 0)
-      o.scales[static_cast<size_t>(o.G + g / kSpanGroups) * o.Mpad + row] = span;
-    mult = fminf(fmaxf(ceilf(__fdiv_rn(amax, span * 7.f)), 1.f), 16.f);
-    s = high ? fmaxf(__fdiv_rn(amax, 127.f), kMinScale) : span * mult;
+    if (high) {
+      s = fmaxf(__fdiv_rn(o.a8_spans ? smax : amax, 127.f), kMinScale);
+    } else if (o.int_scales) {
+      const float span = round_up_20(fmaxf(__fdiv_rn(smax, 7.f * 16.f), kMinScale));
+      if (WIDE && l == 0 && g % kSpanGroups == 0)
+        o.scales[static_cast<size_t>(o.G + g / kSpanGroups) * o.Mpad + row] = span;
+      mult = fminf(fmaxf(ceilf(__fdiv_rn(amax, span * 7.f)), 1.f), 16.f);
+      s = span * mult;
+    } else {
+      s = fmaxf(__fdiv_rn(amax, 7.f), kMinScale);
+    }
   } else {
     if (!store) return;
     s = fmaxf(__fdiv_rn(amax, high ? 127.f : 7.f), kMinScale);
@@ -1181,17 +1192,17 @@ int tile_m(int M) { return M <= kSmallM ? 16 : 64; }
 }  // namespace
 
 cudaError_t quantize_act_host(const void* x, DType x_dtype, const int32_t* perm, int M, int K,
-                              int Kpad, int groups8, bool rotate, bool int_scales, int8_t* q8, uint8_t* q4,
-                              float* scales, cudaStream_t stream) {
+                              int Kpad, int groups8, bool rotate, bool int_scales, bool a8_spans, int8_t* q8,
+                              uint8_t* q4, float* scales, cudaStream_t stream) {
   const int K8 = groups8 * kGroup;
-  const ActOut o{q8, q4, scales, Kpad / kGroup, K8, Kpad - K8, Kpad, 0, int_scales};
+  const ActOut o{q8, q4, scales, Kpad / kGroup, K8, Kpad - K8, Kpad, 0, int_scales, a8_spans};
   return dispatch_quantize_act<false>(x, x_dtype, perm, M, K, groups8, rotate, o, stream);
 }
 
 cudaError_t quantize_act_wide_host(const void* x, DType x_dtype, const int32_t* perm, int M, int K,
-                                   int Kpad, int groups8, bool rotate, bool int_scales, int8_t* qa,
+                                   int Kpad, int groups8, bool rotate, bool int_scales, bool a8_spans, int8_t* qa,
                                    float* scales_t, int Mpad, cudaStream_t stream) {
-  const ActOut o{qa, nullptr, scales_t, Kpad / kGroup, 0, 0, Kpad, Mpad, int_scales};
+  const ActOut o{qa, nullptr, scales_t, Kpad / kGroup, 0, 0, Kpad, Mpad, int_scales, a8_spans};
   return dispatch_quantize_act<true>(x, x_dtype, perm, M, K, groups8, rotate, o, stream);
 }
 

@@ -334,7 +334,7 @@ template <int TOKENS, bool STREAMK, bool INTS, bool W8>
 __global__ void __launch_bounds__(kWideThreads, 1)
 w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_constant__ CUtensorMap w_map,
                       const float* __restrict__ scales_t, int Mpad, const __half* __restrict__ wscale,
-                      const __half* __restrict__ wscale_row, int groups8,
+                      const __half* __restrict__ wscale_row, int groups8, bool a8_runs,
                       void* __restrict__ out, DType out_dtype, float* __restrict__ workspace, int M, int N,
                       int Kpad, int split_k, int dp_tiles, unsigned long long nonce) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -798,7 +798,8 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
     };
     auto run = [&](int i, const WideSegment& sg) {
       int g = sg.g0;
-      const int rescaled_end = INTS ? min(sg.g1, max(sg.g0, groups8)) : sg.g1;
+      // (a8_runs: none; the 8-bit groups are integer runs of their own, below.)
+      const int rescaled_end = !INTS ? sg.g1 : a8_runs ? sg.g0 : min(sg.g1, max(sg.g0, groups8));
       // (192-token free scales stay on group(): pipelined they spill 52 bytes.)
       constexpr int kPipe = !COMET_WIDE_PIPELINE || (!INTS && TOKENS > 128) ? 0 : COMET_WIDE_PIPELINE == 2 && !INTS ? 2 : 1;
       if constexpr (kPipe == 2) rescaled_run2(i, g, rescaled_end);
@@ -806,7 +807,10 @@ w4ax_gemm_wide_kernel(const __grid_constant__ CUtensorMap act_map, const __grid_
       else for (; g < rescaled_end; ++g, ++i) group(i, g);
       if constexpr (INTS) {
         while (g < sg.g1) {
-          const int span = g / kSpanGroups, span_end = min(sg.g1, (span + 1) * kSpanGroups);
+          const int span = g / kSpanGroups;
+          // a8_runs: a span's 8-bit groups (the row's first) are a run of their own, folded with
+          // their shared scale (the stage of the run's last group carries it: row g of scales_t).
+          const int span_end = min(min(sg.g1, (span + 1) * kSpanGroups), g < groups8 ? groups8 : sg.g1);
           issue_int(kFirst, i++, g++, fa);  // in flight: one group, on fa
 #ifdef COMET_INTS_ONE_IN_FLIGHT  // experiment switch: session 11's loop, each group waited for alone
           for (; g < span_end; ++g, ++i) {
@@ -1197,8 +1201,9 @@ namespace {
 // W8: qweight is the expanded int8 [N, Kpad] (expand_weights_kernel).
 template <int TOKENS, bool STREAMK, bool INTS, bool W8>
 cudaError_t launch_wide_as(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
-                           const void* wscale, const void* wscale_row, int groups8, void* out, DType out_dtype,
-                           int M, int N, int Kpad, const WidePlan& plan, float* workspace, cudaStream_t stream) {
+                           const void* wscale, const void* wscale_row, int groups8, bool a8_runs, void* out,
+                           DType out_dtype, int M, int N, int Kpad, const WidePlan& plan, float* workspace,
+                           cudaStream_t stream) {
   CUtensorMap act_map, w_map;
   const bool mapped =
       make_map(&act_map, qa, M, Kpad, TOKENS, kGroup, CU_TENSOR_MAP_SWIZZLE_128B) &&
@@ -1224,7 +1229,8 @@ cudaError_t launch_wide_as(const int8_t* qa, const float* scales_t, int Mpad, co
   cfg.numAttrs = 1;
 #endif
   return cudaLaunchKernelEx(&cfg, kernel, act_map, w_map, scales_t, Mpad, static_cast<const __half*>(wscale),
-                            static_cast<const __half*>(wscale_row), groups8, out, out_dtype, workspace, M, N, Kpad,
+                            static_cast<const __half*>(wscale_row), groups8, a8_runs, out, out_dtype, workspace, M, N,
+                            Kpad,
                             plan.split_k, plan.dp_tiles, STREAMK ? next_nonce() : 0ull);
 }
 
@@ -1232,36 +1238,39 @@ cudaError_t launch_wide_as(const int8_t* qa, const float* scales_t, int Mpad, co
 // on the expanded weights where w8 is given.
 template <int TOKENS, bool STREAMK, bool W8>
 cudaError_t launch_wide_w(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
-                          const void* wscale, const void* wscale_row, int groups8, void* out, DType out_dtype, int M,
-                          int N, int Kpad, const WidePlan& plan, float* workspace, cudaStream_t stream) {
+                          const void* wscale, const void* wscale_row, int groups8, bool a8_runs, void* out,
+                          DType out_dtype, int M, int N, int Kpad, const WidePlan& plan, float* workspace,
+                          cudaStream_t stream) {
   if constexpr (TOKENS > 128 && !W8) {  // wide_plan gives integer group scales at most 128-token tiles
     if (wscale_row) return cudaErrorInvalidValue;
   } else if (wscale_row) {
-    return launch_wide_as<TOKENS, STREAMK, true, W8>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out,
-                                                     out_dtype, M, N, Kpad, plan, workspace, stream);
+    return launch_wide_as<TOKENS, STREAMK, true, W8>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8,
+                                                     a8_runs, out, out_dtype, M, N, Kpad, plan, workspace, stream);
   }
-  return launch_wide_as<TOKENS, STREAMK, false, W8>(qa, scales_t, Mpad, qweight, wscale, nullptr, 0, out, out_dtype,
-                                                    M, N, Kpad, plan, workspace, stream);
+  return launch_wide_as<TOKENS, STREAMK, false, W8>(qa, scales_t, Mpad, qweight, wscale, nullptr, 0, false, out,
+                                                    out_dtype, M, N, Kpad, plan, workspace, stream);
 }
 template <int TOKENS, bool STREAMK>
 cudaError_t launch_wide(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
-                        const void* wscale, const void* wscale_row, int groups8, void* out, DType out_dtype, int M,
-                        int N, int Kpad, const WidePlan& plan, float* workspace, int8_t* w8, cudaStream_t stream) {
+                        const void* wscale, const void* wscale_row, int groups8, bool a8_runs, void* out,
+                        DType out_dtype, int M, int N, int Kpad, const WidePlan& plan, float* workspace, int8_t* w8,
+                        cudaStream_t stream) {
   if (w8)
     return launch_wide_w<TOKENS, STREAMK, true>(qa, scales_t, Mpad, reinterpret_cast<const uint8_t*>(w8), wscale,
-                                                wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace,
-                                                stream);
-  return launch_wide_w<TOKENS, STREAMK, false>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out,
-                                               out_dtype, M, N, Kpad, plan, workspace, stream);
+                                                wscale_row, groups8, a8_runs, out, out_dtype, M, N, Kpad, plan,
+                                                workspace, stream);
+  return launch_wide_w<TOKENS, STREAMK, false>(qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, a8_runs,
+                                               out, out_dtype, M, N, Kpad, plan, workspace, stream);
 }
 
 }  // namespace
 
 cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpad, const uint8_t* qweight,
-                                const void* wscale, const void* wscale_row, int groups8, void* out,
+                                const void* wscale, const void* wscale_row, int groups8, bool a8_spans, void* out,
                                 DType out_dtype, int M, int N, int Kpad, int split_k, int expand,
                                 float* workspace, int8_t* w8, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
+  const bool a8_runs = a8_spans && wscale_row != nullptr && groups8 > 0;
   int major = 0, sms = 0;
   cudaError_t e = current_device_attribute(cudaDevAttrComputeCapabilityMajor, &major);
   if (e != cudaSuccess) return e;
@@ -1274,7 +1283,8 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
     const int G = Kpad / kGroup;
     const long long threads = static_cast<long long>(N) * G * 4;
     expand_weights_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
-        qweight, static_cast<const __half*>(wscale), static_cast<const __half*>(wscale_row), groups8, w8, N, G);
+        qweight, static_cast<const __half*>(wscale), static_cast<const __half*>(wscale_row), a8_runs ? 0 : groups8, w8,
+        N, G);
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   } else {
@@ -1286,8 +1296,8 @@ cudaError_t w4ax_gemm_wide_host(const int8_t* qa, const float* scales_t, int Mpa
   }
   auto go = [&](auto tokens, auto streamk) {
     return launch_wide<decltype(tokens)::value, decltype(streamk)::value>(
-        qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, out, out_dtype, M, N, Kpad, plan, workspace, w8,
-        stream);
+        qa, scales_t, Mpad, qweight, wscale, wscale_row, groups8, a8_runs, out, out_dtype, M, N, Kpad, plan, workspace,
+        w8, stream);
   };
   using std::integral_constant;
   if (plan.split_k == kWideStreamK) {

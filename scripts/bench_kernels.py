@@ -146,6 +146,10 @@ def bench_shape(name, n, k, m, results, split_k_off: bool):
                 row["int10"] = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(
                     qai, sti, qws[i], wsi[i], 0, torch.float16, rows[i], g8) for i in range(nc)])
                 row["actq_int"] = timeit([lambda: torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)])
+                # ... with a8_span_scales: the 8-bit groups of a span share a scale, summed in int32.
+                qas, sts = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True, True)
+                row["int10_a8span"] = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(
+                    qas, sts, qws[i], wsi[i], 0, torch.float16, rows[i], g8, 0, True) for i in range(nc)])
         else:
             row[f"ours{pct}"] = timeit(tiled)
             if pct == 10 and not split_k_off:
@@ -171,7 +175,8 @@ def fmt(v, digits=3):
 def table(results) -> str:
     head = ("| shape | M | fp16 ms | fp8 ms | int8 ms | path | ours 0% | ours 10% | ours 25% | 10% no split/stream-K |"
             " 10% mma.sync tiled | x fp16 | x fp8 | weight TB/s | TOPS | act-quant TB/s |"
-            " int scales 10% | int path | int x fp16 | int x fp8 | int act-quant ms |")
+            " int scales 10% | int path | int x fp16 | int x fp8 | int act-quant ms |"
+            " int a8span 10% | a8span x fp16 | a8span x fp8 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         fp8 = r.get("fp8")
@@ -183,7 +188,10 @@ def table(results) -> str:
             f"{r['ours10_wbw_tbps']:.2f} | {r['ours10_tops']:.0f} | {r['actq_tbps']:.2f} | "
             f"{fmt(r.get('int10'))} | {r.get('int_path', 'n/a')} | "
             f"{fmt(r['fp16'] / r['int10'] if r.get('int10') else None, 2)} | "
-            f"{fmt(fp8 / r['int10'] if fp8 and r.get('int10') else None, 2)} | {fmt(r.get('actq_int'), 4)} |")
+            f"{fmt(fp8 / r['int10'] if fp8 and r.get('int10') else None, 2)} | {fmt(r.get('actq_int'), 4)} | "
+            f"{fmt(r.get('int10_a8span'))} | "
+            f"{fmt(r['fp16'] / r['int10_a8span'] if r.get('int10_a8span') else None, 2)} | "
+            f"{fmt(fp8 / r['int10_a8span'] if fp8 and r.get('int10_a8span') else None, 2)} |")
     return "\n".join(lines)
 
 
@@ -204,7 +212,8 @@ def main():
         n, k = SHAPES[name]
         for m in map(int, args.ms.split(",")):
             r = bench_shape(name, n, k, m, results, split_k_off=False)
-            print(f"{name} M={m}: fp16 {r['fp16']:.3f} fp8 {fmt(r['fp8'])} ours10 {r['ours10']:.3f} ms", flush=True)
+            print(f"{name} M={m}: fp16 {r['fp16']:.3f} fp8 {fmt(r['fp8'])} ours10 {r['ours10']:.3f} "
+                  f"int10 {fmt(r.get('int10'))} a8span {fmt(r.get('int10_a8span'))} ms", flush=True)
             torch.cuda.empty_cache()
     md = f"GPU: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}\n\n" + table(results)
     (out / "bench_kernels.md").write_text(md + "\n")

@@ -74,18 +74,22 @@ def int_case(m, k, n, groups8, seed=0, device="cpu", dtype=torch.float16):
     return x, perm, pack_int4(q).to(device), s.to(torch.float16).to(device), rows.to(torch.float16).to(device)
 
 
+@pytest.mark.parametrize("a8_spans", [False, True])
 @pytest.mark.parametrize("groups8", [0, 3, 17, 20])
-def test_int_scales_wide_reference_matches_packed(groups8):
+def test_int_scales_wide_reference_matches_packed(groups8, a8_spans):
     """Integer group scales: the wide layout (4-bit groups as code x multiplier, span scales in
-    the extra rows of scales_t, spans summed in integer) computes what the packed layout does."""
+    the extra rows of scales_t, spans summed in integer) computes what the packed layout does;
+    with a8_spans the 8-bit groups' rows of scales_t hold their span's shared scale."""
     x, perm, qw, ws, wr = int_case(5, 20 * GROUP, 48, groups8, seed=groups8)
-    q8, q4, s = ops.quantize_act_reference(x, perm, groups8, int_scales=True)
+    q8, q4, s = ops.quantize_act_reference(x, perm, groups8, int_scales=True, a8_spans=a8_spans)
     ref = ops.w4ax_gemm_reference(q8, q4, s, qw, ws, groups8, torch.float32)
-    qa, scales_t = ops.quantize_act_wide_reference(x, perm, groups8, int_scales=True)
+    qa, scales_t = ops.quantize_act_wide_reference(x, perm, groups8, int_scales=True, a8_spans=a8_spans)
     assert scales_t.shape == (20 + 2, 8)
     if groups8 < 20:
         assert qa[:, groups8 * GROUP:].abs().max() > 7  # codes times multipliers
-    wide = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, wr, groups8)
+    if a8_spans and groups8 > 1:
+        assert torch.equal(scales_t[:min(groups8, 16)], scales_t[:1].expand(min(groups8, 16), -1))
+    wide = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, wr, groups8, a8_spans)
     torch.testing.assert_close(wide, ref, rtol=1e-6, atol=1e-6)
     m = ws.float() / wr.float()[:, None]
     assert torch.equal(m, m.round()) and m.min() >= 1 and m.max() <= 16 and m.min() < 16
@@ -1013,19 +1017,23 @@ def test_bench_cuda_graphs_without_kv4(kernels, tiny_model, calib_dir, tmp_path,
 
 
 @gpu
+@pytest.mark.parametrize("a8_spans", [False, True])
 @pytest.mark.parametrize("m", [1, 7, 64, 300])  # gather (M < 64), streaming rows, rows
 @pytest.mark.parametrize("k", [576, 4096, 14336, 28672])
-def test_quantize_act_int_scales_bitwise(kernels, m, k):
-    """Integer group scales: the span exchange of both layouts' kernels, bit for bit."""
+def test_quantize_act_int_scales_bitwise(kernels, m, k, a8_spans):
+    """Integer group scales: the span exchange of both layouts' kernels, bit for bit (a8_spans:
+    the 8-bit groups' own exchange too)."""
     x, perm, _, _, _ = make_case(m, k, 8, 0, seed=m + k, device="cuda")
     g = perm.numel() // GROUP
-    for g8 in sorted({0, 1, min(17, g), g // 2, g}):
-        got = torch.ops.comet.quantize_act(x, perm, g8, False, True)
-        want = ops.quantize_act_reference(x.cpu(), perm.cpu(), g8, False, True)
+    for g8 in sorted({0, 1, 3, min(17, g), g // 2, g}):
+        got = torch.ops.comet.quantize_act(x, perm, g8, False, True, a8_spans)
+        want = ops.quantize_act_reference(x.cpu(), perm.cpu(), g8, False, True, a8_spans)
         for a, b in zip(got, want):
             assert torch.equal(a.cpu(), b), (m, k, g8)
-        qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
-        want_qa, want_s = ops.quantize_act_wide_reference(x.cpu(), perm.cpu(), g8, False, True)
+        if a8_spans and g8 >= 3:
+            assert torch.equal(want[2][:, 0], want[2][:, 2])  # one scale for the span's 8-bit groups
+        qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True, a8_spans)
+        want_qa, want_s = ops.quantize_act_wide_reference(x.cpu(), perm.cpu(), g8, False, True, a8_spans)
         assert torch.equal(qa.cpu(), want_qa), (m, k, g8)
         assert torch.equal(scales_t.cpu(), want_s), (m, k, g8)
 
@@ -1044,6 +1052,34 @@ def test_gemm_wide_int_scales(kernels, m, g8):
     for split in (0, 1, 3, -1, -2):
         y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, split, torch.float32, wr, g8)
         assert rel_err(y, ref) < 1e-5, (m, g8, split, rel_err(y, ref))
+
+
+@sm90
+@pytest.mark.parametrize("m", [40, 200, 1000])
+@pytest.mark.parametrize("g8", [1, 3, 17, 40])
+def test_gemm_wide_a8_spans(kernels, m, g8):
+    """a8_spans: the 8-bit groups of each span share one activation scale and the wgmma GEMM sums
+    them in int32 as runs of their own (K = 5120 is 40 groups: 17 8-bit groups are a run of 16
+    and one of 1 in the next span; 40 is all 8-bit), on every grid kind and on expanded weights.
+    Against the reference with the real scales (a wrong scale row or a group counted twice shows),
+    and bit for bit against the same codes with unit scales (every output an integer sum)."""
+    x, perm, qw, ws, wr = int_case(m, 40 * GROUP, 520, g8, seed=m + g8, device="cuda")
+    qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True, True)
+    ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, wr, g8, True)
+    assert ref.abs().max() > 1
+    if g8 > 1:  # per-group 8-bit scales (a8_spans off) give another result: the test tells them apart
+        qa_off, scales_off = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
+        assert rel_err(ops.w4ax_gemm_wide_reference(qa_off, scales_off, qw, ws, torch.float32, wr, g8), ref) > 1e-4
+    mult = (ws.float() / wr.float()[:, None]).half()  # the integer multipliers
+    ones_t, ones_r = torch.ones_like(scales_t), torch.ones_like(wr)
+    exact = ops.w4ax_gemm_wide_reference(qa, ones_t, qw, mult, torch.float32, ones_r, g8, True)
+    assert exact.abs().max() > 100
+    for split in (0, 1, 3, -1, -2):
+        for expand in (0, 1):
+            y = torch.ops.comet.w4ax_gemm_wide(qa, scales_t, qw, ws, split, torch.float32, wr, g8, expand, True)
+            assert rel_err(y, ref) < 1e-5, (m, g8, split, expand, rel_err(y, ref))
+            y = torch.ops.comet.w4ax_gemm_wide(qa, ones_t, qw, mult, split, torch.float32, ones_r, g8, expand, True)
+            assert torch.equal(y, exact), (m, g8, split, expand, (y - exact).abs().max())
 
 
 @sm90
@@ -1070,15 +1106,17 @@ def test_gemm_wide_int_scales_every_token_tile(kernels):
 
 
 @gpu
+@pytest.mark.parametrize("a8_spans", [False, True])
 @pytest.mark.parametrize("shape", ["8b-qkv", "8b-down", "smol-down"])
 @pytest.mark.parametrize("m", [1, 16, 24, 64, 300])
-def test_linear_int_scales_matches_reference(kernels, shape, m):
-    """Whatever path w4ax_linear takes, integer group scales give the reference's result."""
+def test_linear_int_scales_matches_reference(kernels, shape, m, a8_spans):
+    """Whatever path w4ax_linear takes, integer group scales (and a8_spans) give the
+    reference's result."""
     n, k = SHAPES[shape]
     g8 = max(1, -(-k // GROUP) // 10)
     x, perm, qw, ws, wr = int_case(m, k, n, g8, seed=5, device="cuda")
-    y = ops.w4ax_linear(x, perm, g8, qw, ws, torch.float16, False, wr)
-    codes = [t.cuda() for t in ops.quantize_act_reference(x.cpu(), perm.cpu(), g8, False, True)]
+    y = ops.w4ax_linear(x, perm, g8, qw, ws, torch.float16, False, wr, a8_spans)
+    codes = [t.cuda() for t in ops.quantize_act_reference(x.cpu(), perm.cpu(), g8, False, True, a8_spans)]
     ref = ops.w4ax_gemm_reference(*codes, qw, ws, g8, torch.float32)
     assert rel_err(y, ref) < 2e-3, rel_err(y, ref)
 
@@ -1089,11 +1127,19 @@ def test_opcheck_wide_int_scales(kernels):
     torch.library.opcheck(torch.ops.comet.quantize_act_wide.default, (x, perm, 1, False, True))
     qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, 1, False, True)
     torch.library.opcheck(torch.ops.comet.w4ax_gemm_wide.default, (qa, scales_t, qw, ws, 0, torch.float16, wr, 1))
+    x, perm, qw, ws, wr = int_case(130, 512, 256, 2, device="cuda")
+    torch.library.opcheck(torch.ops.comet.quantize_act_wide.default, (x, perm, 2, False, True, True))
+    torch.library.opcheck(torch.ops.comet.quantize_act.default, (x, perm, 2, False, True, True))
+    qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, 2, False, True, True)
+    torch.library.opcheck(torch.ops.comet.w4ax_gemm_wide.default,
+                          (qa, scales_t, qw, ws, 0, torch.float16, wr, 2, 0, True))
 
 
 @gpu
-def test_kernel_backend_int_scales(kernels, tiny_model, text_file, tmp_path):
-    """A checkpoint of integer group scales on the kernels equals its simulation, and verifies."""
+@pytest.mark.parametrize("a8_spans", [False, True])
+def test_kernel_backend_int_scales(kernels, tiny_model, text_file, tmp_path, a8_spans):
+    """A checkpoint of integer group scales (and a8_span_scales) on the kernels equals its
+    simulation, and verifies."""
     from comet_quant import data
     from comet_quant.calibrate import CalibrationConfig
     from comet_quant.evaluate import perplexity
@@ -1102,7 +1148,8 @@ def test_kernel_backend_int_scales(kernels, tiny_model, text_file, tmp_path):
     from comet_quant.scheme import get_scheme
     from comet_quant.verify import verify_checkpoint
 
-    ck = export(str(tiny_model), None, get_scheme("w4ax-kv4-rtn", a8_budget=0.25, int_group_scales=True),
+    ck = export(str(tiny_model), None, get_scheme("w4ax-kv4-rtn", a8_budget=0.25, int_group_scales=True,
+                                                  a8_span_scales=a8_spans),
                 tmp_path / "ck",
                 calib_config=CalibrationConfig(dataset=str(text_file), nsamples=4, seqlen=64, device="cpu"))
     fast, tok = load_quantized(ck, device="cuda")

@@ -121,3 +121,28 @@ def test_kv_round_trip_bound(bits):
     err = (P.dequantize_kv(q, s, z) - x).abs()
     assert (err <= s / 2 + 1e-5).all()
     assert torch.equal(P.fake_quantize_kv(x, 16), x)
+
+
+@pytest.mark.parametrize("groups8", [1, 3, 17, 20])
+def test_a8_span_scales_share_one_scale_per_span(groups8):
+    """a8_spans: the 8-bit groups of each span of 16 share one scale per token (their largest
+    absmax / 127), every code stays in [-127, 127] with the error bound of that scale, and the
+    4-bit groups are quantized exactly as without it."""
+    m, g = 6, 20
+    x = randn(m, g * 128, seed=groups8)
+    x[:, :128 * groups8] *= torch.linspace(0.05, 3, groups8).repeat_interleave(128)  # groups of unlike ranges
+    perm = torch.arange(g * 128)
+    q8, q4, s = P.quantize_activation(x, perm, groups8, 128, int_scales=True, a8_spans=True)
+    b8, b4, bs = P.quantize_activation(x, perm, groups8, 128, int_scales=True)
+    assert torch.equal(q4, b4) and torch.equal(s[:, groups8:], bs[:, groups8:])
+    amax = x[:, :128 * groups8].reshape(m, groups8, 128).abs().amax(-1)
+    for first in range(0, groups8, 16):
+        span = slice(first, min(groups8, first + 16))
+        want = amax[:, span].amax(-1, keepdim=True) / 127
+        torch.testing.assert_close(s[:, span], want.expand_as(s[:, span]), rtol=1e-6, atol=0)
+    if groups8 > 16:  # a second span: its own scale
+        assert not torch.equal(s[:, 15], s[:, 16])
+    assert not torch.equal(s[:, :groups8], bs[:, :groups8]) or groups8 == 1  # shared, not per group
+    assert int(q8.abs().max()) <= 127 and int(q8.abs().max()) == 127
+    err = (P.dequantize_symmetric(q8, s[:, :groups8], 128) - x[:, :128 * groups8]).abs()
+    assert (err.reshape(m, groups8, 128) <= s[:, :groups8, None] / 2 + 1e-6).all()

@@ -44,24 +44,41 @@ def test_int_group_scales_needs_symmetric_4bit():
         QuantScheme(int_group_scales=True, w_symmetric=False)
     with pytest.raises(CometError, match="4-bit"):
         QuantScheme(int_group_scales=True, a_bits=8)
+    with pytest.raises(CometError, match="a8_span_scales .* needs int_group_scales=true"):
+        QuantScheme(a8_span_scales=True)
+    assert get_scheme("w4ax-rot-kv4-int-a8span").a8_span_scales
 
 
-def test_int_group_scales_checkpoint_roundtrip(tiny_model, text_file, tmp_path):
+@pytest.mark.parametrize("a8_spans", [False, True])
+def test_int_group_scales_checkpoint_roundtrip(tiny_model, text_file, tmp_path, a8_spans):
     """Export with integer group scales: wscale_row stored, the load check passes, and the
-    simulated model runs; a tampered wscale_row is refused."""
+    simulated model runs; a tampered wscale_row is refused. a8_span_scales: recorded, and the
+    loaded linears quantize their 8-bit groups with one scale per span."""
     import torch
 
     from comet_quant.calibrate import CalibrationConfig
     from comet_quant.errors import CometError
     from comet_quant.export import export
+    from comet_quant.primitives import fake_quantize_activation, quantize_activation
     from comet_quant.qmodules import check_int_scales, load_quantized
     from comet_quant.scheme import get_scheme
 
-    ck = export(str(tiny_model), None, get_scheme("w4ax-kv4-rtn", int_group_scales=True), tmp_path / "ck",
+    scheme = get_scheme("w4ax-kv4-rtn", int_group_scales=True, a8_span_scales=a8_spans, a8_budget=0.5)
+    ck = export(str(tiny_model), None, scheme, tmp_path / "ck",
                 calib_config=CalibrationConfig(dataset=str(text_file), nsamples=2, seqlen=32, device="cpu"))
     model, _ = load_quantized(ck)
     q = model.model.layers[0].self_attn.q_proj
     assert q.int_scales and q.wscale_row.shape == (q.out_features,)
+    assert q.a8_spans == a8_spans
+    downs = [layer.mlp.down_proj for layer in model.model.layers]
+    d = max(downs, key=lambda m: m.groups8)
+    assert d.groups8 >= 2
+    x = torch.randn(3, d.in_features) * torch.linspace(0.1, 4, d.in_features)
+    _, _, s = quantize_activation(x, d.act_perm, d.groups8, d.group_size, int_scales=True, a8_spans=a8_spans)
+    assert torch.equal(s[:, 0], s[:, 1]) == a8_spans
+    sim = {a: fake_quantize_activation(x, d.act_perm, d.groups8, d.group_size, int_scales=True, a8_spans=a)
+           for a in (False, True)}
+    assert torch.equal(d.quantized_input(x), sim[a8_spans]) and not torch.equal(sim[False], sim[True])
     out = model(torch.randint(0, 100, (1, 8))).logits
     assert torch.isfinite(out).all()
     with pytest.raises(CometError, match="corrupt"):
@@ -79,6 +96,8 @@ def test_schemes_listing_names_every_preset_and_its_options():
     lines = {l.split()[0]: l for l in out.output.splitlines()}
     assert set(lines) == set(PRESETS)
     assert "hadamard int-group-scales" in lines["w4ax-rot-kv4-int"]
+    assert "a8-span" not in lines["w4ax-rot-kv4-int"]
+    assert "hadamard int-group-scales a8-span-scales" in lines["w4ax-rot-kv4-int-a8span"]
     assert "hadamard" in lines["quarot-like"] and "int-group" not in lines["w4ax-rot-kv4"]
     assert "a4/a8 x1 grp" in lines["atom-like"] and "a4/a8<= 25%" in lines["w4ax-kv4-25"]
     assert "a16" in lines["w4a16"] and "kv16" in lines["w4a16"]
