@@ -7,7 +7,9 @@ same way as scripts/bench_kernels.py (CUDA-graph replays, weights rotating past 
 compute wrong results on purpose: they only say where the time goes.
 
 --kernel picks what is timed: the wgmma GEMM (M = 256 / 1024 / 4096), its integer-group-scale
-form ("ints": all LLaMA-3 shapes, 10% 8-bit groups, the plan in brackets), the decode GEMM
+form ("ints": all LLaMA-3 shapes, 10% 8-bit groups, the plan in brackets; "a8span": the same
+with per-group and with span-shared 8-bit scales, a8_span_scales, next to cuBLAS fp16 and fp8
+_scaled_mm, --ms as ints), the decode GEMM
 (M = 1 / 16 on all LLaMA-3 shapes, 24 on those that take it there), the activation
 quantization (M = 4096, both layouts), or
 "tiles": the wgmma GEMM at M = 128 / 256 / 512 on all LLaMA-3 shapes under every split_k (auto,
@@ -153,6 +155,32 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = (), splits: tupl
                                  f"{2 * m * n * k / t / 1e9:.0f}")
                 print(f"| {tag} | {name} | {m} | " + " | ".join(cells) + " |", flush=True)
         return
+    if kernel == "a8span":  # integer group scales, 10% 8-bit groups: per group vs span scales (a8_span_scales)
+        for name, (n, k) in ALL_SHAPES.items():
+            g, nc, qws, _, perm = weights(n, k)
+            g8 = g // 10
+            rows, wsi = int_scale_weights(n, g, nc, "cuda")
+            w16 = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies(n * k * 2))]
+            w8 = [w.to(torch.float8_e4m3fn) for w in w16[:copies(n * k)]]
+            sb = torch.ones(1, n, device="cuda")
+            for m in ms or (256, 1024, 4096):
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                t16 = timeit([lambda w=w: torch.nn.functional.linear(x, w) for w in w16])
+                mp = max(16, -(-m // 16) * 16)
+                xa, sa = torch.randn(mp, k, device="cuda").to(torch.float8_e4m3fn), torch.ones(mp, 1, device="cuda")
+                t8 = timeit([lambda w=w: torch._scaled_mm(xa, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+                             for w in w8])
+                t = []
+                for a8 in (False, True):
+                    qa, sti = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True, a8)
+                    t.append(timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(
+                        qa, sti, qws[i], wsi[i], 0, torch.float16, rows[i], g8, 0, a8) for i in range(nc)]))
+                print(f"| {tag} | {name} | {m} | {t16 * 1e3:.1f} | {t8 * 1e3:.1f} | {t[0] * 1e3:.1f} "
+                      f"({plan_label(m, n, k, int_scales=True)}) | {t[1] * 1e3:.1f} | {t[0] / t[1]:.3f} | "
+                      f"{t16 / t[0]:.2f} / {t8 / t[0]:.2f} | {t16 / t[1]:.2f} / {t8 / t[1]:.2f} |", flush=True)
+            del w16, w8
+            torch.cuda.empty_cache()
+        return
     if kernel == "sizes":
         for name, (n, k) in ALL_SHAPES.items():
             g, nc, qws, ws, perm = weights(n, k)
@@ -180,7 +208,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", action="append", metavar="FLAGS",
                     help="nvcc flags of one build, written --variant=FLAGS ('base': none); repeatable")
-    ap.add_argument("--kernel", choices=["wgmma", "decode", "actq", "tiles", "sizes", "crossover", "streamk", "ints"],
+    ap.add_argument("--kernel", choices=["wgmma", "decode", "actq", "tiles", "sizes", "crossover", "streamk", "ints",
+                                         "a8span"],
                     default="wgmma")
     ap.add_argument("--quick", action="store_true", help="wgmma: 8B gate+up at M = 4096 only")
     ap.add_argument("--ms", default="", help="streamk / sizes / ints: the token counts, comma-separated (default 64 / 256 ... 4096)")
@@ -198,6 +227,9 @@ def main():
     elif args.kernel == "streamk":
         print("| build flags | shape | M | us (plan), automatic | one block per tile | stream-K |\n|---|---|---|---|---|---|",
               flush=True)
+    elif args.kernel == "a8span":
+        print("| build flags | shape | M | fp16 us | fp8 us | int scales us (plan) | + a8_span_scales us | speedup |"
+              " int x fp16 / x fp8 | a8span x fp16 / x fp8 |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
     elif args.kernel in ("ints", "sizes"):
         names = {"0": "automatic plan", "-1": "stream-K", "-2": "persistent tiles"}
         cols = [names.get(s, f"split {s}") for s in args.splits.split(",")]
