@@ -155,28 +155,30 @@ __device__ __forceinline__ void quantize_group(float (&v)[8], size_t row, int g,
   const bool high = g < groups8;
   float s, mult = 1.f;  // int_scales: the 4-bit group's multiplier (the wide layout stores code * mult)
   if (o.int_scales || o.a8_spans) {
-    // The span's largest absmax among the groups of this one's precision (the 8-bit groups are
-    // the row's first groups8; spans start at multiples of 16 groups, as the rounds do).
+    // The span's largest absmax among its 8-bit groups and among its 4-bit groups (the 8-bit
+    // groups are the row's first groups8; spans start at multiples of 16 groups, as the rounds do).
     __shared__ float span_amax[kMaxHalves];
     const int half = threadIdx.x / kHalfLanes, first = half & ~(kSpanGroups - 1);
     if (l == 0) span_amax[half] = store ? amax : 0.f;
     __syncthreads();
-    float smax = 0.f;
+    float smax4 = 0.f, smax8 = 0.f;
 #pragma unroll
-    for (int i = 0; i < kSpanGroups; ++i)
-      if ((g - half + first + i < groups8) == high) smax = fmaxf(smax, span_amax[first + i]);
+    for (int i = 0; i < kSpanGroups; ++i) {
+      const float a = span_amax[first + i];
+      if (g - half + first + i < groups8) smax8 = fmaxf(smax8, a);
+      else smax4 = fmaxf(smax4, a);
+    }
     __syncthreads();  // read before the next round writes
     if (!store) return;
-    if (high) {
-      s = fmaxf(__fdiv_rn(o.a8_spans ? smax : amax, 127.f), kMinScale);
-    } else if (o.int_scales) {
-      const float span = round_up_20(fmaxf(__fdiv_rn(smax, 7.f * 16.f), kMinScale));
+    s = fmaxf(__fdiv_rn(high && o.a8_spans ? smax8 : amax, high ? 127.f : 7.f), kMinScale);
+    if (o.int_scales) {
+      // The span scale of the 4-bit groups; its row G + span is written by the span's first
+      // group, whichever its precision (a span without 4-bit groups: the all-zero value).
+      const float span = round_up_20(fmaxf(__fdiv_rn(smax4, 7.f * 16.f), kMinScale));
       if (WIDE && l == 0 && g % kSpanGroups == 0)
         o.scales[static_cast<size_t>(o.G + g / kSpanGroups) * o.Mpad + row] = span;
       mult = fminf(fmaxf(ceilf(__fdiv_rn(amax, span * 7.f)), 1.f), 16.f);
-      s = span * mult;
-    } else {
-      s = fmaxf(__fdiv_rn(amax, 7.f), kMinScale);
+      if (!high) s = span * mult;
     }
   } else {
     if (!store) return;
