@@ -61,6 +61,13 @@ def test_group_size_policy_error(tiny_model, text_file, tmp_path):
                           "group_size must be a positive multiple of 16")
 
 
+def test_a8_span_scales_needs_integer_group_scales(tiny_model, tmp_path):
+    assert_one_line_error(*run("export", "--model", str(tiny_model), "--a8-span-scales", "--out", str(tmp_path / "o")),
+                          "a8_span_scales shares the 8-bit groups' scales for the integer-scale GEMM; "
+                          "it needs int_group_scales=true")
+    assert not (tmp_path / "o").exists()
+
+
 def test_empty_dataset(tiny_model, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
