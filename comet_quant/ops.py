@@ -126,19 +126,17 @@ def quantize_act_wide_reference(x: torch.Tensor, perm: torch.Tensor, groups8: in
 
 
 def w4ax_gemm_wide_reference(qa, scales_t, qweight, wscale, out_dtype: torch.dtype = torch.float16,
-                             wscale_row: torch.Tensor | None = None, groups8: int = 0,
-                             a8_spans: bool = False) -> torch.Tensor:
+                             wscale_row: torch.Tensor | None = None, groups8: int = 0) -> torch.Tensor:
     """Reference of ``comet::w4ax_gemm_wide``: :func:`w4ax_gemm_reference` with every group
     treated as int8, after undoing the wide channel order.
 
     With ``wscale_row`` (integer group scales) the 4-bit groups (from ``groups8`` on) hold
     code * m: their weights enter as code * (wscale / wscale_row) and each span's integer sum is
     scaled by the span's activation scale (row G + span of ``scales_t``) times ``wscale_row``.
-    ``a8_spans``: the kernel sums the 8-bit groups of each span in int32 too and scales the sum
-    by their span's shared scale (the rows of ``scales_t`` of those groups hold it, all equal),
-    which is the same sum as here, group by group.
+    Also the reference of the kernel's ``a8_spans`` (activations from ``quantize_act_wide`` with
+    it): the kernel sums a span's 8-bit groups in int32 and scales the sum by their shared scale,
+    which the rows of ``scales_t`` of those groups all hold; here the same sum, group by group.
     """
-    del a8_spans  # the same exact value either way (float64, every product exact)
     m, kp = qa.shape
     g = kp // GROUP
     inverse = torch.argsort(WIDE_ORDER).to(qa.device)

@@ -57,6 +57,17 @@ def round_up_significant(x: torch.Tensor, bits: int) -> torch.Tensor:
     return ((v + ((1 << drop) - 1)) & ~((1 << drop) - 1)).view(torch.float32)
 
 
+def span_max(amax: torch.Tensor, first_group: int = 0) -> torch.Tensor:
+    """float32 [R, G]: for each group of ``amax`` [R, G] (groups ``first_group ..`` of the row),
+    the largest ``amax`` among the groups here of its span (:data:`SCALE_SPAN` groups, counted
+    from group 0 of the row)."""
+    r, g = amax.shape
+    total = -(-(first_group + g) // SCALE_SPAN) * SCALE_SPAN
+    padded = torch.nn.functional.pad(amax, (first_group, total - first_group - g))
+    smax = padded.reshape(r, -1, SCALE_SPAN).amax(-1, keepdim=True).expand(-1, -1, SCALE_SPAN)
+    return smax.reshape(r, total)[:, first_group:first_group + g]
+
+
 def int_token_scales(amax: torch.Tensor, qmax: int, first_group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Group scales of activations as span scales times integer multipliers (``int_group_scales``).
 
@@ -69,11 +80,7 @@ def int_token_scales(amax: torch.Tensor, qmax: int, first_group: int = 0) -> tup
             float32); mult: float32 [R, G] integers in [1, 16], ``ceil(amax / (qmax * span))``:
             the smallest multiplier whose range holds the group.
     """
-    r, g = amax.shape
-    total = -(-(first_group + g) // SCALE_SPAN) * SCALE_SPAN
-    padded = torch.nn.functional.pad(amax, (first_group, total - first_group - g))
-    smax = padded.reshape(r, -1, SCALE_SPAN).amax(-1, keepdim=True).expand(-1, -1, SCALE_SPAN)
-    smax = smax.reshape(r, total)[:, first_group:first_group + g]
+    smax = span_max(amax, first_group)
     span = round_up_significant((smax / torch.full_like(smax, qmax * SCALE_MULT_MAX)).clamp_min(MIN_SCALE), 20)
     mult = torch.ceil(amax / (span * qmax)).clamp_(1, SCALE_MULT_MAX)
     return span, mult
@@ -84,11 +91,7 @@ def shared_span_scales(amax: torch.Tensor, qmax: int) -> torch.Tensor:
     of span s (groups 16s .. 16s + 15 of ``amax``, counted from its first column) gets
     ``max(amax over those groups) / qmax`` (floored at MIN_SCALE), with IEEE division as the
     kernels compute it."""
-    r, g = amax.shape
-    total = -(-g // SCALE_SPAN) * SCALE_SPAN
-    padded = torch.nn.functional.pad(amax, (0, total - g))
-    smax = padded.reshape(r, -1, SCALE_SPAN).amax(-1, keepdim=True).expand(-1, -1, SCALE_SPAN)
-    smax = smax.reshape(r, total)[:, :g]
+    smax = span_max(amax)
     return (smax / torch.full_like(smax, qmax)).clamp_min(MIN_SCALE)
 
 

@@ -89,7 +89,7 @@ def test_int_scales_wide_reference_matches_packed(groups8, a8_spans):
         assert qa[:, groups8 * GROUP:].abs().max() > 7  # codes times multipliers
     if a8_spans and groups8 > 1:
         assert torch.equal(scales_t[:min(groups8, 16)], scales_t[:1].expand(min(groups8, 16), -1))
-    wide = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, wr, groups8, a8_spans)
+    wide = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, wr, groups8)
     torch.testing.assert_close(wide, ref, rtol=1e-6, atol=1e-6)
     m = ws.float() / wr.float()[:, None]
     assert torch.equal(m, m.round()) and m.min() >= 1 and m.max() <= 16 and m.min() < 16
@@ -1065,14 +1065,14 @@ def test_gemm_wide_a8_spans(kernels, m, g8):
     and bit for bit against the same codes with unit scales (every output an integer sum)."""
     x, perm, qw, ws, wr = int_case(m, 40 * GROUP, 520, g8, seed=m + g8, device="cuda")
     qa, scales_t = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True, True)
-    ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, wr, g8, True)
+    ref = ops.w4ax_gemm_wide_reference(qa, scales_t, qw, ws, torch.float32, wr, g8)
     assert ref.abs().max() > 1
     if g8 > 1:  # per-group 8-bit scales (a8_spans off) give another result: the test tells them apart
         qa_off, scales_off = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
         assert rel_err(ops.w4ax_gemm_wide_reference(qa_off, scales_off, qw, ws, torch.float32, wr, g8), ref) > 1e-4
     mult = (ws.float() / wr.float()[:, None]).half()  # the integer multipliers
     ones_t, ones_r = torch.ones_like(scales_t), torch.ones_like(wr)
-    exact = ops.w4ax_gemm_wide_reference(qa, ones_t, qw, mult, torch.float32, ones_r, g8, True)
+    exact = ops.w4ax_gemm_wide_reference(qa, ones_t, qw, mult, torch.float32, ones_r, g8)
     assert exact.abs().max() > 100
     for split in (0, 1, 3, -1, -2):
         for expand in (0, 1):
