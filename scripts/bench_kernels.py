@@ -81,30 +81,36 @@ def int_scale_weights(n, g, nc, dev):
     return rows, [(r[:, None].float() * torch.randint(1, 17, (n, g), device=dev)).half() for r in rows]
 
 
+def time_fp16(x, n) -> float:
+    """Median ms of cuBLAS fp16 x [M, K] @ W.T, W [n, K] (weights rotating past L2)."""
+    k = x.shape[1]
+    w16 = [torch.randn(n, k, device=x.device, dtype=torch.float16) for _ in range(copies(n * k * 2))]
+    return timeit([lambda w=w: torch.nn.functional.linear(x, w) for w in w16])
+
+
+def time_fp8(m, n, k) -> float:
+    """Median ms of fp8 e4m3 ``torch._scaled_mm`` with row-wise scales (Hopper wgmma), M padded to
+    16 as _scaled_mm requires. Raises RuntimeError where the device or build has none."""
+    mp = max(16, -(-m // 16) * 16)
+    xa = torch.randn(mp, k, device="cuda").to(torch.float8_e4m3fn)
+    sa = torch.ones(mp, 1, device="cuda")
+    sb = torch.ones(1, n, device="cuda")
+    w8 = [torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(copies(n * k))]
+    return timeit([lambda w=w: torch._scaled_mm(xa, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+                   for w in w8])
+
+
 def bench_shape(name, n, k, m, results, split_k_off: bool):
     g = k // ops.GROUP
     dev = "cuda"
     x = torch.randn(m, k, device=dev, dtype=torch.float16)
     row = {"shape": name, "M": m, "N": n, "K": k}
-    # cuBLAS fp16
-    nc = copies(n * k * 2)
-    w16 = [torch.randn(n, k, device=dev, dtype=torch.float16) for _ in range(nc)]
-    row["fp16"] = timeit([lambda w=w: torch.nn.functional.linear(x, w) for w in w16])
-    del w16
-    # fp8 e4m3 with row-wise scales (Hopper wgmma); M padded to 16 as _scaled_mm requires.
-    mp = max(16, -(-m // 16) * 16)
-    xa = torch.randn(mp, k, device=dev).to(torch.float8_e4m3fn)
-    sa = torch.ones(mp, 1, device=dev)
-    nc = copies(n * k)
-    w8 = [torch.randn(n, k, device=dev).to(torch.float8_e4m3fn) for _ in range(nc)]
-    sb = torch.ones(1, n, device=dev)
+    row["fp16"] = time_fp16(x, n)
     try:
-        row["fp8"] = timeit([lambda w=w: torch._scaled_mm(xa, w.t(), scale_a=sa, scale_b=sb,
-                                                           out_dtype=torch.bfloat16) for w in w8])
+        row["fp8"] = time_fp8(m, n, k)
     except RuntimeError as exc:
         row["fp8"] = None
         row["fp8_error"] = str(exc).splitlines()[0][:120]
-    del w8
     # int8 cuBLASLt
     mi = max(17, m)
     xi = torch.randint(-127, 127, (mi, k), device=dev, dtype=torch.int8)

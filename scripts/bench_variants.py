@@ -47,7 +47,7 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = (), splits: tupl
     import torch
 
     from bench_kernels import SHAPES as ALL_SHAPES
-    from bench_kernels import copies, int_scale_weights, plan_label, timeit
+    from bench_kernels import copies, int_scale_weights, plan_label, time_fp8, time_fp16, timeit
     from comet_quant import ops
 
     ops.build()
@@ -72,9 +72,7 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = (), splits: tupl
                 t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm(q8, q4, s, qws[i], ws, g // 10, 0, False,
                                                                   torch.float16) for i in range(nc)])
                 tbps = (n * k // 2 + n * g * 2) / t / 1e9
-                w16 = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies(n * k * 2))]
-                t16 = timeit([lambda w=w: torch.nn.functional.linear(x, w) for w in w16])
-                del w16
+                t16 = time_fp16(x, n)
                 print(f"| {tag} | {name} | {m} | {t * 1e3:.1f} us | {tbps:.2f} TB/s, {t16 / t:.2f}x fp16 |",
                       flush=True)
         return
@@ -160,16 +158,9 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = (), splits: tupl
             g, nc, qws, _, perm = weights(n, k)
             g8 = g // 10
             rows, wsi = int_scale_weights(n, g, nc, "cuda")
-            w16 = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies(n * k * 2))]
-            w8 = [w.to(torch.float8_e4m3fn) for w in w16[:copies(n * k)]]
-            sb = torch.ones(1, n, device="cuda")
             for m in ms or (256, 1024, 4096):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                t16 = timeit([lambda w=w: torch.nn.functional.linear(x, w) for w in w16])
-                mp = max(16, -(-m // 16) * 16)
-                xa, sa = torch.randn(mp, k, device="cuda").to(torch.float8_e4m3fn), torch.ones(mp, 1, device="cuda")
-                t8 = timeit([lambda w=w: torch._scaled_mm(xa, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
-                             for w in w8])
+                t16, t8 = time_fp16(x, n), time_fp8(m, n, k)
                 t = []
                 for a8 in (False, True):
                     qa, sti = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True, a8)
@@ -178,7 +169,6 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = (), splits: tupl
                 print(f"| {tag} | {name} | {m} | {t16 * 1e3:.1f} | {t8 * 1e3:.1f} | {t[0] * 1e3:.1f} "
                       f"({plan_label(m, n, k, int_scales=True)}) | {t[1] * 1e3:.1f} | {t[0] / t[1]:.3f} | "
                       f"{t16 / t[0]:.2f} / {t8 / t[0]:.2f} | {t16 / t[1]:.2f} / {t8 / t[1]:.2f} |", flush=True)
-            del w16, w8
             torch.cuda.empty_cache()
         return
     if kernel == "sizes":
