@@ -221,10 +221,15 @@ def main():
             print(f"{name} M={m}: fp16 {r['fp16']:.3f} fp8 {fmt(r['fp8'])} ours10 {r['ours10']:.3f} "
                   f"int10 {fmt(r.get('int10'))} a8span {fmt(r.get('int10_a8span'))} ms", flush=True)
             torch.cuda.empty_cache()
+            md = write_tables(out, props, results)  # after every row: a run cut short keeps its rows
+    print(md)
+
+
+def write_tables(out: Path, props, results) -> str:
     md = f"GPU: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}\n\n" + table(results)
     (out / "bench_kernels.md").write_text(md + "\n")
     (out / "bench_kernels.json").write_text(json.dumps(results, indent=1))
-    print(md)
+    return md
 
 
 if __name__ == "__main__":
