@@ -136,40 +136,40 @@ def run_variant(kernel: str, quick: bool, ms: tuple[int, ...] = (), splits: tupl
                 tw = timeit([lambda i=i: wide(i) for i in range(nc)]) * 1e3
                 print(f"| {tag} | {name} | {m} | {tp:.1f} us | {tw:.1f} us |", flush=True)
         return
-    if kernel == "ints":  # the integer-group-scale GEMM (int_group_scales), 10% 8-bit groups
+
+    def int_scale_cases():
+        """Per LLaMA-3 shape and M (--ms, default 256 / 1024 / 4096): integer-group-scale weights
+        (int_group_scales), 10% 8-bit groups, and fp16 activations."""
         for name, (n, k) in ALL_SHAPES.items():
             g, nc, qws, _, perm = weights(n, k)
             g8 = g // 10
             rows, wsi = int_scale_weights(n, g, nc, "cuda")
             for m in ms or (256, 1024, 4096):
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                qa, sti = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
-                cells = []
-                for split in splits:
-                    t = timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(qa, sti, qws[i], wsi[i], split,
-                                                                           torch.float16, rows[i], g8)
-                                for i in range(nc)])
-                    cells.append(f"{t * 1e3:.1f} us ({plan_label(m, n, k, split, int_scales=True)}) | "
-                                 f"{2 * m * n * k / t / 1e9:.0f}")
-                print(f"| {tag} | {name} | {m} | " + " | ".join(cells) + " |", flush=True)
+
+                def gemm(qa, sti, split=0, a8=False):  # median ms over the weight copies
+                    return timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(
+                        qa, sti, qws[i], wsi[i], split, torch.float16, rows[i], g8, 0, a8) for i in range(nc)])
+                yield name, n, k, m, x, perm, g8, gemm
+            torch.cuda.empty_cache()
+
+    if kernel == "ints":  # the integer-group-scale GEMM (int_group_scales), 10% 8-bit groups
+        for name, n, k, m, x, perm, g8, gemm in int_scale_cases():
+            qa, sti = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True)
+            cells = []
+            for split in splits:
+                t = gemm(qa, sti, split)
+                cells.append(f"{t * 1e3:.1f} us ({plan_label(m, n, k, split, int_scales=True)}) | "
+                             f"{2 * m * n * k / t / 1e9:.0f}")
+            print(f"| {tag} | {name} | {m} | " + " | ".join(cells) + " |", flush=True)
         return
     if kernel == "a8span":  # integer group scales, 10% 8-bit groups: per group vs span scales (a8_span_scales)
-        for name, (n, k) in ALL_SHAPES.items():
-            g, nc, qws, _, perm = weights(n, k)
-            g8 = g // 10
-            rows, wsi = int_scale_weights(n, g, nc, "cuda")
-            for m in ms or (256, 1024, 4096):
-                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                t16, t8 = time_fp16(x, n), time_fp8(m, n, k)
-                t = []
-                for a8 in (False, True):
-                    qa, sti = torch.ops.comet.quantize_act_wide(x, perm, g8, False, True, a8)
-                    t.append(timeit([lambda i=i: torch.ops.comet.w4ax_gemm_wide(
-                        qa, sti, qws[i], wsi[i], 0, torch.float16, rows[i], g8, 0, a8) for i in range(nc)]))
-                print(f"| {tag} | {name} | {m} | {t16 * 1e3:.1f} | {t8 * 1e3:.1f} | {t[0] * 1e3:.1f} "
-                      f"({plan_label(m, n, k, int_scales=True)}) | {t[1] * 1e3:.1f} | {t[0] / t[1]:.3f} | "
-                      f"{t16 / t[0]:.2f} / {t8 / t[0]:.2f} | {t16 / t[1]:.2f} / {t8 / t[1]:.2f} |", flush=True)
-            torch.cuda.empty_cache()
+        for name, n, k, m, x, perm, g8, gemm in int_scale_cases():
+            t16, t8 = time_fp16(x, n), time_fp8(m, n, k)
+            t = [gemm(*torch.ops.comet.quantize_act_wide(x, perm, g8, False, True, a8), a8=a8) for a8 in (False, True)]
+            print(f"| {tag} | {name} | {m} | {t16 * 1e3:.1f} | {t8 * 1e3:.1f} | {t[0] * 1e3:.1f} "
+                  f"({plan_label(m, n, k, int_scales=True)}) | {t[1] * 1e3:.1f} | {t[0] / t[1]:.3f} | "
+                  f"{t16 / t[0]:.2f} / {t8 / t[0]:.2f} | {t16 / t[1]:.2f} / {t8 / t[1]:.2f} |", flush=True)
         return
     if kernel == "sizes":
         for name, (n, k) in ALL_SHAPES.items():
