@@ -170,15 +170,20 @@ __device__ __forceinline__ void quantize_group(float (&v)[8], size_t row, int g,
     }
     __syncthreads();  // read before the next round writes
     if (!store) return;
-    s = fmaxf(__fdiv_rn(high && o.a8_spans ? smax8 : amax, high ? 127.f : 7.f), kMinScale);
+    // Each group computes only the scale it keeps: 8-bit groups their own (or, with a8_spans,
+    // the span's), 4-bit groups amax / 7 or, with int_scales, span * mult.
+    if (high) s = fmaxf(__fdiv_rn(o.a8_spans ? smax8 : amax, 127.f), kMinScale);
+    else if (!o.int_scales) s = fmaxf(__fdiv_rn(amax, 7.f), kMinScale);
     if (o.int_scales) {
       // The span scale of the 4-bit groups; its row G + span is written by the span's first
       // group, whichever its precision (a span without 4-bit groups: the all-zero value).
       const float span = round_up_20(fmaxf(__fdiv_rn(smax4, 7.f * 16.f), kMinScale));
       if (WIDE && l == 0 && g % kSpanGroups == 0)
         o.scales[static_cast<size_t>(o.G + g / kSpanGroups) * o.Mpad + row] = span;
-      mult = fminf(fmaxf(ceilf(__fdiv_rn(amax, span * 7.f)), 1.f), 16.f);
-      if (!high) s = span * mult;
+      if (!high) {
+        mult = fminf(fmaxf(ceilf(__fdiv_rn(amax, span * 7.f)), 1.f), 16.f);
+        s = span * mult;
+      }
     }
   } else {
     if (!store) return;

@@ -89,7 +89,12 @@ def main():
                          "depend on weight values, so the benchmark skips it by default)")
     ap.add_argument("--int-group-scales", action="store_true",
                     help="the scheme with integer group scales (the wgmma GEMM's integer loop at prefill)")
+    ap.add_argument("--a8-span-scales", action="store_true",
+                    help="with --int-group-scales: one activation scale per span for the 8-bit groups "
+                         "(the integer loop sums them in int32 too)")
     args = ap.parse_args()
+    if args.a8_span_scales and not args.int_group_scales:
+        ap.error("--a8-span-scales needs --int-group-scales")
     from memory_profile import build
 
     work, out = Path(args.work), Path(args.out)
@@ -99,9 +104,11 @@ def main():
     build(work / "model", args.layers)
     times["build_model_s"] = round(time.time() - t, 1)
     t = time.time()
-    ck = work / f"ck-{args.scheme}{'-int' if args.int_group_scales else ''}"
+    suffix = ("-int" if args.int_group_scales else "") + ("-a8span" if args.a8_span_scales else "")
+    ck = work / f"ck-{args.scheme}{suffix}"
     if not (ck / "comet_manifest.json").is_file():
-        scheme = get_scheme(args.scheme, w_clip=args.clip, int_group_scales=args.int_group_scales or None)
+        scheme = get_scheme(args.scheme, w_clip=args.clip, int_group_scales=args.int_group_scales or None,
+                            a8_span_scales=args.a8_span_scales or None)
         export(str(work / "model"), None, scheme, ck, overwrite=True,
                calib_config=CalibrationConfig(nsamples=8, seqlen=256, batch_size=8, device="cuda"))
     times["export_s"] = round(time.time() - t, 1)
