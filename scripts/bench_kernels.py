@@ -3,7 +3,8 @@
 Medians of CUDA-event timings of CUDA-graph replays (so host launch overhead is not counted,
 for any library); each timed call uses a different copy of its weights so the
 working set exceeds L2 and weights stream from HBM as they do in a real model. Prints a
-markdown table and writes it (plus JSON) to --out.
+markdown table and writes it (plus JSON) to --out, then each row against the H100 targets
+(bench_targets.md: speedups per scheme, met or not, and how near the byte and tensor-core bounds).
 
     python scripts/bench_kernels.py --out $OUT
 """
@@ -27,7 +28,7 @@ SHAPES = {  # name: (N, K)
 MS = [1, 16, 64, 256, 1024, 4096]
 L2_FLUSH_BYTES = 256 << 20
 COPY_TBPS = 3.0       # measured device-to-device copy, read + write (DESIGN.md)
-INT8_MMA_TOPS = 1310  # measured mma.sync int8 rate (DESIGN.md)
+INT8_WGMMA_TOPS = 1979  # dense int8 wgmma, H100 SXM datasheet (DESIGN.md)
 
 
 def timeit(fns, reps: int = 15, warmup: int = 3, per_graph: int = 24) -> float:
@@ -169,7 +170,7 @@ def bench_shape(name, n, k, m, results, split_k_off: bool):
     wbytes = n * k / 2 + n * g * 2
     row["ours10_wbw_tbps"] = wbytes / (row["ours10"] * 1e-3) / 1e12
     row["ours10_tops"] = 2 * m * n * k / (row["ours10"] * 1e-3) / 1e12
-    row["roofline_ms"] = wbytes / (COPY_TBPS / 2 * 1e12) * 1e3  # reads at half the r+w copy rate
+    row["roofline_ms"] = wbytes / (COPY_TBPS * 1e12) * 1e3  # weight reads at the measured copy traffic rate
     results.append(row)
     return row
 
@@ -201,6 +202,50 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
+TARGETS = [  # (applies to M, what, speedup over fp16, speedup over fp8): the issue's H100 targets
+    (lambda m: m <= 16, "M <= 16", 3.0, 1.5),
+    (lambda m: m == 256, "M = 256", 2.0, None),
+    (lambda m: m >= 1024, "M >= 1024", 1.6, 1.0),
+]
+
+
+def targets_table(results) -> str:
+    """Each row against its target (10% 8-bit groups), per scheme: free group scales (the
+    default), integer group scales, integer + a8_span_scales (the wgmma path; the decode kernels
+    take every scheme's scales as products, so M <= 16 has one column). For the fastest scheme:
+    "bytes %", its packed weight + scale bytes per second over the measured 3.0 TB/s copy traffic
+    rate; "int8 TC %", its TOPS over the 1,979 TOPS int8 wgmma peak. Together they say which
+    bound is nearer."""
+    head = ("| shape | M | target (x fp16 / x fp8) | free scales | int scales | int + a8span |"
+            " best | met | bytes % | int8 TC % |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        target = next((t for t in TARGETS if t[0](r["M"])), None)
+        if target is None:
+            continue
+        _, what, t16, t8 = target
+        fp8 = r.get("fp8")
+        cells, best = [], None
+        for key in ("ours10", "int10", "int10_a8span"):
+            ms = r.get(key)
+            if ms is None:
+                cells.append("n/a")
+                continue
+            x16, x8 = r["fp16"] / ms, (fp8 / ms if fp8 else None)
+            cells.append(f"{x16:.2f} / {fmt(x8, 2)}")
+            if best is None or ms < best[0]:
+                best = (ms, key, x16, x8)
+        ms, key, x16, x8 = best
+        met = x16 >= t16 and (t8 is None or (x8 is not None and x8 >= t8))
+        label = {"ours10": "free", "int10": "int", "int10_a8span": "a8span"}[key]
+        tops = 2 * r["M"] * r["N"] * r["K"] / (ms * 1e-3) / 1e12
+        lines.append(
+            f"| {r['shape']} | {r['M']} | {what}: {t16} / {t8 if t8 else '-'} | " + " | ".join(cells)
+            + f" | {label} | {'yes' if met else 'no'} | {100 * r['roofline_ms'] / ms:.0f} |"
+            f" {100 * tops / INT8_WGMMA_TOPS:.0f} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_out")
@@ -223,12 +268,15 @@ def main():
             torch.cuda.empty_cache()
             md = write_tables(out, props, results)  # after every row: a run cut short keeps its rows
     print(md)
+    print("\n" + targets_table(results))
+    print(f"tables written to {out / 'bench_kernels.md'} and {out / 'bench_targets.md'}")
 
 
 def write_tables(out: Path, props, results) -> str:
     md = f"GPU: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}\n\n" + table(results)
     (out / "bench_kernels.md").write_text(md + "\n")
     (out / "bench_kernels.json").write_text(json.dumps(results, indent=1))
+    (out / "bench_targets.md").write_text(md.split("\n\n")[0] + "\n\n" + targets_table(results) + "\n")
     return md
 
 
