@@ -39,6 +39,20 @@ def test_decode_attention_reference_matches_naive_gqa():
             torch.testing.assert_close(out[bi, hq], p @ vd[bi, hq // rep], rtol=1e-5, atol=1e-5)
 
 
+def _assert_same_logits(cached, full, tight=1e-4, loose=0.05, share=0.8):
+    """Same K/V values; only the GEMMs' token counts and the attention's summation order
+    differ. Those move values by float rounding (~1e-7), and the 4-bit activation quantization
+    can turn one such difference into a code one step over, which moves that token's logits by
+    a few percent (the tiny model: 2 of 36 positions, 2.7% of the largest logit, the same with
+    transformers' own DynamicCache). So: most positions equal to float rounding, every position
+    within a few percent. A wrong cache (codes, scales, zero points, lengths) misses both."""
+    top = float(full.abs().max())
+    per_pos = (cached - full).abs().amax(-1).flatten()
+    close = (per_pos <= tight * top).float().mean().item()
+    assert close >= share, f"only {close:.0%} of positions match: {per_pos.tolist()}"
+    assert per_pos.max().item() <= loose * top, per_pos.tolist()
+
+
 def test_cache_grows_and_matches_simulated_kv4(checkpoint, tiny_model):
     """Prefill + token-by-token decode through the 4-bit cache = the simulated KV4 model."""
     model, tok = load_quantized(checkpoint)
@@ -53,8 +67,7 @@ def test_cache_grows_and_matches_simulated_kv4(checkpoint, tiny_model):
         steps.append(model(ids[:, i:i + 1], **{cache_keyword(): cache}, use_cache=True).logits)
     cached = torch.cat(steps, 1)
     assert cache.get_seq_length() == ids.shape[1]
-    # Same K/V values; only the attention's summation order differs.
-    torch.testing.assert_close(cached, full, rtol=0, atol=1e-4 * float(full.abs().max()))
+    _assert_same_logits(cached, full)
     # The cache really is 4-bit: codes + fp16 scale and zero per token and head.
     from comet_quant.bench import _kv_bytes
 
