@@ -124,7 +124,8 @@ class SharedInputGroup:
     FMPQ gives them one permutation and one set of 8-bit groups, so their activations are
     quantized once, and up to :data:`FUSED_GEMM_MAX_TOKENS` tokens multiplied in one W4Ax GEMM
     over their concatenated weights, each member taking its slice of the output. The members'
-    ``qweight`` / ``wscale`` become views of the concatenated tensors (no extra memory). The first
+    ``qweight`` / ``wscale`` (and ``wscale_row`` under integer group scales) become views of the
+    concatenated tensors (no extra memory). The first
     member called with an input does the shared work and keeps the rest until the others ask for
     it with that same tensor (as LLaMA's attention and MLP do, one after the other); a member
     called with any other input, or once a member's buffers were replaced (``.to()`` to another
@@ -134,10 +135,12 @@ class SharedInputGroup:
     def __init__(self, members: list[W4AxLinear]):
         self.members = members
         self.sizes = [m.out_features for m in members]
-        qweight, wscale = torch.cat([m.qweight for m in members]), torch.cat([m.wscale for m in members])
+        self.keys = self._KEYS + (("wscale_row",) if members[0].int_scales else ())
+        whole = {key: torch.cat([getattr(m, key) for m in members]) for key in self.keys}
         start = 0
         for m, n in zip(members, self.sizes):
-            m.qweight, m.wscale = qweight[start:start + n], wscale[start:start + n]
+            for key in self.keys:
+                setattr(m, key, whole[key][start:start + n])
             m._group = self
             start += n
         self._input: torch.Tensor | None = None
@@ -145,13 +148,17 @@ class SharedInputGroup:
         self._pending: dict[int, torch.Tensor | None] = {}
         self._quantized: dict[bool, tuple] = {}
 
+    _KEYS = ("qweight", "wscale")  # the weight tensors concatenated along N (+ wscale_row)
+
     @staticmethod
     def same_input(members: list) -> bool:
         """Whether ``members`` quantize their input alike (one permutation, the same 8-bit groups,
-        rotation and group size) with symmetric weights, so that one GEMM can serve them all."""
+        rotation, group size and kind of scales: free, integer, integer with shared 8-bit span
+        scales) with symmetric weights, so that one GEMM can serve them all."""
         first = members[0]
         return len(members) > 1 and all(
-            isinstance(m, W4AxLinear) and m.wzero is None and not m.int_scales
+            isinstance(m, W4AxLinear) and m.wzero is None
+            and m.int_scales == first.int_scales and m.a8_spans == first.a8_spans
             and m.in_features == first.in_features
             and m.kernel_groups8 == first.kernel_groups8 and m.rotate == first.rotate
             and m.group_size == first.group_size and torch.equal(m.act_perm, first.act_perm) for m in members)
@@ -161,14 +168,15 @@ class SharedInputGroup:
         """:meth:`same_input`, and all on the CUDA kernels (the only backend the grouping serves)."""
         return SharedInputGroup.same_input(members) and all(m.use_kernels and m.qweight.is_cuda for m in members)
 
-    def concatenated(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(qweight, wscale) of all members, or None once a member's buffers were replaced. The
-        group holds them only through the members' views, so replaced buffers free them."""
-        qweight, wscale = self.members[0].qweight._base, self.members[0].wscale._base
-        if qweight is None or wscale is None or any(
-                m.qweight._base is not qweight or m.wscale._base is not wscale for m in self.members):
+    def concatenated(self) -> tuple[torch.Tensor, ...] | None:
+        """(qweight, wscale) of all members, with wscale_row under integer group scales, or None
+        once a member's buffers were replaced. The group holds them only through the members'
+        views, so replaced buffers free them."""
+        whole = tuple(getattr(self.members[0], key)._base for key in self.keys)
+        if any(t is None for t in whole) or any(
+                getattr(m, key)._base is not t for m in self.members for key, t in zip(self.keys, whole)):
             return None
-        return qweight, wscale
+        return whole
 
     def output(self, member: W4AxLinear, x: torch.Tensor) -> torch.Tensor | None:
         """``member``'s output for ``x`` [..., K] (None: let the member run alone)."""
@@ -182,7 +190,9 @@ class SharedInputGroup:
             x2 = x.reshape(-1, member.in_features).contiguous()
             self._input, self._x2, self._quantized = x, x2, {}
             if x2.shape[0] <= FUSED_GEMM_MAX_TOKENS:
-                y = ops.w4ax_linear(x2, member.act_perm, member.kernel_groups8, *weights, x.dtype, member.rotate)
+                qweight, wscale, *row = weights
+                y = ops.w4ax_linear(x2, member.act_perm, member.kernel_groups8, qweight, wscale, x.dtype,
+                                    member.rotate, wscale_row=row[0] if row else None, a8_spans=member.a8_spans)
                 self._pending = dict(enumerate(y.reshape(*x.shape[:-1], -1).split(self.sizes, dim=-1)))
             else:
                 self._pending = dict.fromkeys(range(len(self.members)))
@@ -191,9 +201,11 @@ class SharedInputGroup:
             wide = ops.uses_wide_gemm(self._x2, member.qweight)
             if wide not in self._quantized:
                 self._quantized[wide] = ops.quantize_linear_input(self._x2, member.act_perm, member.kernel_groups8,
-                                                                  member.rotate, wide)
+                                                                  member.rotate, wide, member.int_scales,
+                                                                  member.a8_spans)
             y = ops.w4ax_linear_quantized(self._quantized[wide], member.kernel_groups8, member.qweight,
-                                          member.wscale, x.dtype).reshape(*x.shape[:-1], -1)
+                                          member.wscale, x.dtype, member.wscale_row if member.int_scales else None,
+                                          member.a8_spans).reshape(*x.shape[:-1], -1)
         if not self._pending:  # every member served: hold no references
             self._input = self._x2 = None
             self._quantized = {}

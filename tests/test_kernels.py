@@ -130,40 +130,54 @@ def test_cpu_wrappers_fall_back_to_reference():
                                                        torch.float32))
 
 
-def _shared_input_linears(k=300, sizes=(40, 24, 24), groups8=1, device="cpu", m=6):
+SCALES = {"free": {}, "int": {"int_group_scales": True},
+          "a8span": {"int_group_scales": True, "a8_span_scales": True}}
+
+
+def _shared_input_linears(k=300, sizes=(40, 24, 24), groups8=1, device="cpu", m=6, scales="free"):
     """Linears of one site (one permutation, one set of 8-bit groups) on the kernel backend, and
-    an input [2, m / 2, k]."""
+    an input [2, m / 2, k]; ``scales``: free group scales, integer ones, or integer with shared
+    8-bit span scales (SCALES)."""
     from comet_quant.qmodules import W4AxLinear
     from comet_quant.scheme import get_scheme
 
     x, perm, g8, _, _ = make_case(m, k, 8, groups8, seed=1, device=device)
     lins = []
     for i, n in enumerate(sizes):
-        _, _, _, qw, ws = make_case(1, k, n, groups8, seed=10 + i, device=device)
-        lins.append(W4AxLinear(k, {"qweight": qw, "wscale": ws, "act_perm": perm,
-                                   "act_groups8": torch.tensor([g8])}, get_scheme("w4ax-kv4-rtn"), True))
+        if scales == "free":
+            _, _, _, qw, ws = make_case(1, k, n, groups8, seed=10 + i, device=device)
+            tensors = {"qweight": qw, "wscale": ws}
+        else:
+            _, _, qw, ws, wr = int_case(1, k, n, groups8, seed=10 + i, device=device)
+            tensors = {"qweight": qw, "wscale": ws, "wscale_row": wr}
+        lins.append(W4AxLinear(k, {**tensors, "act_perm": perm, "act_groups8": torch.tensor([g8])},
+                               get_scheme("w4ax-kv4-rtn", **SCALES[scales]), True))
     return x.reshape(2, m // 2, k), lins
 
 
+@pytest.mark.parametrize("scales", list(SCALES))
 @pytest.mark.parametrize("m", [6, 600])
-def test_shared_input_group_matches_members_alone(m, monkeypatch):
+def test_shared_input_group_matches_members_alone(m, scales, monkeypatch):
     """q / k / v (or gate / up) as one group: one activation quantization, then (up to 256
     tokens) one GEMM over the concatenated weights, each member its slice, or (above) a GEMM per
     member on the shared quantized input; in any call order; the members' weights become views
     (no copy); a member asked with another input, or whose buffers were replaced, runs alone.
+    For free and integer group scales (the integer ones with wscale_row concatenated too).
     CPU: the reference ops."""
     from comet_quant import qmodules
     from comet_quant.qmodules import SharedInputGroup
 
-    x, lins = _shared_input_linears(m=m)
+    x, lins = _shared_input_linears(k=600, groups8=3, m=m, scales=scales)  # 3 of 5 groups in 8 bit
     fused = m <= qmodules.FUSED_GEMM_MAX_TOKENS
     alone = [m._forward_kernels(x) for m in lins]
     assert SharedInputGroup.same_input(lins)
     assert not SharedInputGroup.compatible(lins)  # CPU tensors: load_quantized groups kernel linears only
     group = SharedInputGroup(lins)
-    qweight, wscale = group.concatenated()
+    qweight, wscale, *row = group.concatenated()
+    assert len(row) == (scales != "free")
     assert qweight.shape[0] == wscale.shape[0] == sum(m.out_features for m in lins)
     assert all(m._group is group and m.qweight._base is qweight and m.wscale._base is wscale for m in lins)
+    assert not row or all(m.wscale_row._base is row[0] for m in lins)
     quantized = []
     real = ops.quantize_linear_input
     monkeypatch.setattr(ops, "quantize_linear_input", lambda *a: quantized.append(1) or real(*a))
@@ -190,6 +204,10 @@ def test_shared_input_group_needs_one_quantized_input():
     from comet_quant.qmodules import SharedInputGroup
 
     _, lins = _shared_input_linears()
+    _, ints = _shared_input_linears(scales="int")
+    _, spans = _shared_input_linears(scales="a8span")
+    assert not SharedInputGroup.same_input(lins[:2] + ints[2:])  # free and integer group scales
+    assert not SharedInputGroup.same_input(ints[:2] + spans[2:])  # per-group and shared 8-bit scales
     assert SharedInputGroup.same_input(lins) and not SharedInputGroup.same_input(lins[:1])
     perm = lins[1].act_perm
     lins[1].act_perm = perm.flip(0)
@@ -803,13 +821,16 @@ def test_kernel_backend_matches_simulated(kernels, tiny_model, text_file, tmp_pa
 
 
 @gpu
+@pytest.mark.parametrize("scales", list(SCALES))
 @pytest.mark.parametrize("m", [2, 32, 128, 600])
-def test_shared_input_group_on_kernels(kernels, m):
+def test_shared_input_group_on_kernels(kernels, m, scales):
     """The grouped GEMM (one activation quantization, concatenated weights) gives each member
-    what it computes alone on the kernels, on the decode, packed and wgmma paths."""
+    what it computes alone on the kernels, on the decode, packed and wgmma paths, for free and
+    integer group scales."""
     from comet_quant.qmodules import SharedInputGroup
 
-    x, lins = _shared_input_linears(k=1024, sizes=(512, 128, 128), groups8=2, device="cuda", m=m)
+    x, lins = _shared_input_linears(k=1024, sizes=(512, 128, 128), groups8=2, device="cuda", m=m,
+                                    scales=scales)
     for lin in lins:
         lin.to("cuda")
     alone = [lin(x) for lin in lins]
