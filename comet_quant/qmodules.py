@@ -88,6 +88,11 @@ class W4AxLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     @property
+    def kernel_wscale_row(self) -> torch.Tensor | None:
+        """The row scales the kernels take: ``wscale_row`` under integer group scales, else None."""
+        return self.wscale_row if self.int_scales else None
+
+    @property
     def kernel_groups8(self) -> int:
         """The leading 8-bit groups the kernels take (all of them for 8-bit activations)."""
         return self.k_padded // self.group_size if self.a_bits == 8 else self.groups8
@@ -101,7 +106,7 @@ class W4AxLinear(nn.Module):
             if x2.dtype not in (torch.float16, torch.bfloat16):
                 x2 = x2.to(torch.float16)
             y = ops.w4ax_linear(x2.contiguous(), self.act_perm, self.kernel_groups8, self.qweight, self.wscale,
-                                x.dtype, self.rotate, self.wscale_row if self.int_scales else None, self.a8_spans)
+                                x.dtype, self.rotate, self.kernel_wscale_row, self.a8_spans)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -132,6 +137,8 @@ class SharedInputGroup:
     device, ``.float()``), runs on its own.
     """
 
+    _KEYS = ("qweight", "wscale")  # the weight tensors concatenated along N (+ wscale_row)
+
     def __init__(self, members: list[W4AxLinear]):
         self.members = members
         self.sizes = [m.out_features for m in members]
@@ -147,8 +154,6 @@ class SharedInputGroup:
         self._x2: torch.Tensor | None = None
         self._pending: dict[int, torch.Tensor | None] = {}
         self._quantized: dict[bool, tuple] = {}
-
-    _KEYS = ("qweight", "wscale")  # the weight tensors concatenated along N (+ wscale_row)
 
     @staticmethod
     def same_input(members: list) -> bool:
@@ -204,7 +209,7 @@ class SharedInputGroup:
                                                                   member.rotate, wide, member.int_scales,
                                                                   member.a8_spans)
             y = ops.w4ax_linear_quantized(self._quantized[wide], member.kernel_groups8, member.qweight,
-                                          member.wscale, x.dtype, member.wscale_row if member.int_scales else None,
+                                          member.wscale, x.dtype, member.kernel_wscale_row,
                                           member.a8_spans).reshape(*x.shape[:-1], -1)
         if not self._pending:  # every member served: hold no references
             self._input = self._x2 = None
