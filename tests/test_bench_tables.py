@@ -10,7 +10,7 @@ import bench_kernels as bk  # noqa: E402
 def _row(shape, m, fp16, fp8, free, ints=None, a8span=None):
     n, k = bk.SHAPES[shape]
     r = {"shape": shape, "M": m, "N": n, "K": k, "fp16": fp16, "fp8": fp8, "ours10": free,
-         "roofline_ms": (n * k / 2 + n * k // 128 * 2) / (bk.COPY_TBPS * 1e12) * 1e3}
+         "roofline_ms": bk.weight_bytes(n, k) / (bk.COPY_TBPS * 1e12) * 1e3}
     if ints is not None:
         r["int10"], r["int10_a8span"] = ints, a8span
     return r
